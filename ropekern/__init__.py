@@ -1,0 +1,22 @@
+"""ropekern: scaled rotary position embeddings fused into FlashAttention-style kernels.
+
+Public API (DESIGN §1): ``RopeConfig``, ``apply_rope``, ``rope_attention``,
+``rope_attention_with_kvcache``, ``available_backends`` and ``reference`` (the fp64-angle oracle).
+"""
+
+from . import reference
+from .api import apply_rope, available_backends, rope_attention, rope_attention_with_kvcache
+from .scaling import ROPE_TYPES, RopeConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RopeConfig",
+    "ROPE_TYPES",
+    "apply_rope",
+    "rope_attention",
+    "rope_attention_with_kvcache",
+    "available_backends",
+    "reference",
+    "__version__",
+]

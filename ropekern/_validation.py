@@ -1,0 +1,456 @@
+"""Input validation shared by every backend: raw user arguments -> one normalised call object.
+
+Every public entry point (``ropekern.api`` and ``ropekern.reference``) goes through here, so the
+backends can assume well-formed inputs: matching dtypes and devices, contiguous last dimensions,
+int32 positions materialised on the device, int32 ``cu_seqlens`` and host-side maxima.
+Checks that need the data (negative positions, monotonic ``cu_seqlens``, cache overflow) cost
+one host synchronisation and are skipped while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .scaling import MAX_POSITION, RopeConfig
+
+__all__ = ["AttentionCall", "KVCacheCall", "RopeCall", "attention_call", "kvcache_call", "rope_call"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@dataclass
+class AttentionCall:
+    """A validated ``rope_attention`` call.
+
+    Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, Sq]`` / ``[B, Sk]``.
+    Varlen: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, positions int32 ``[Tq]`` / ``[Tk]``,
+    ``cu_seqlens_*`` int32 ``[B + 1]``. ``seq_lens`` is the per-sequence scaling length
+    (int64 ``[B]`` on the device, ``max(k_positions[b]) + 1``) or None when the rope type does
+    not depend on length.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rope: RopeConfig
+    causal: bool
+    softmax_scale: float
+    q_positions: torch.Tensor
+    k_positions: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seq_lens: torch.Tensor | None
+    return_lse: bool
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inv_freq64 [nT, R/2], split [nT, 3, R/2] fp32)`` on the device; nT in {1, batch}."""
+        return self.rope.tables(self.seq_lens, self.q.device)
+
+
+@dataclass
+class KVCacheCall:
+    """A validated ``rope_attention_with_kvcache`` call.
+
+    q ``[B, Sq, Hq, D]``; dense cache ``[B, Smax, Hkv, D]`` or paged ``[num_blocks, block_size,
+    Hkv, D]`` with ``block_table`` int32 ``[B, max_blocks]``; ``cache_seqlens`` int32 ``[B]``;
+    ``k_new``/``v_new`` ``[B, S_new, Hkv, D]`` or None. Sequence b holds ``n_b = cache_seqlens[b]
+    + S_new`` keys after the append; ``seq_lens`` = n (int64 ``[B]``) when the rope type depends
+    on length, else None.
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    k_new: torch.Tensor | None
+    v_new: torch.Tensor | None
+    block_table: torch.Tensor | None
+    rope: RopeConfig
+    causal: bool
+    softmax_scale: float
+    return_lse: bool
+    seq_lens: torch.Tensor | None
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def s_new(self) -> int:
+        return 0 if self.k_new is None else self.k_new.shape[1]
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope.tables(self.seq_lens, self.q.device)
+
+
+@dataclass
+class RopeCall:
+    """A validated ``apply_rope`` call: x ``[B, S, H, D]`` with positions int32 ``[B, S]``, or
+    x ``[T, H, D]`` with positions ``[T]``; ``seq_lens`` as in ``AttentionCall`` (per batch row)."""
+
+    x: torch.Tensor
+    rope: RopeConfig
+    positions: torch.Tensor
+    seq_lens: torch.Tensor | None
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope.tables(self.seq_lens, self.x.device)
+
+
+def _checking() -> bool:
+    """Data-dependent checks need a host sync; they are skipped while torch.compile traces."""
+    return not torch.compiler.is_compiling()
+
+
+def _tensor(name: str, t: Any, ndims: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        want = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"`{name}` must have {want} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def _float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"`{name}` must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def _same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], what: str) -> None:
+    first = getattr(tensors[0], what)
+    for name, t in zip(names[1:], tensors[1:]):
+        if getattr(t, what) != first:
+            raise ValueError(f"`{name}` {what} {getattr(t, what)} differs from `{names[0]}` {what} {first}")
+
+
+def _scale(softmax_scale: Any, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"`softmax_scale` must be a float, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"`softmax_scale` must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _rope(rope: Any, head_dim: int) -> RopeConfig:
+    if not isinstance(rope, RopeConfig):
+        raise TypeError(f"`rope` must be a ropekern.RopeConfig, got {type(rope).__name__}")
+    if rope.head_dim != head_dim:
+        raise ValueError(f"head dim {head_dim} of the inputs differs from `rope.head_dim` {rope.head_dim}")
+    return rope
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}")
+    return value
+
+
+def _positions(name: str, pos: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"`{name}` must be an integer torch.Tensor, got {type(pos).__name__}")
+    if pos.dtype not in INT_DTYPES:
+        raise TypeError(f"`{name}` must be an integer tensor (int32/int64), got {pos.dtype}")
+    if tuple(pos.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(pos.shape)}")
+    if pos.device != device:
+        raise ValueError(f"`{name}` is on {pos.device} but the inputs are on {device}")
+    if _checking() and pos.numel():
+        lo, hi = torch.aminmax(pos)
+        lo, hi = int(lo), int(hi)
+        if lo < 0:
+            raise ValueError(f"`{name}` must be >= 0, got a minimum of {lo}")
+        if hi > MAX_POSITION:
+            raise ValueError(f"`{name}` must be < 2**31, got {hi}")
+    return pos.to(torch.int32).contiguous()
+
+
+def _cu_seqlens(name: str, cu: Any, total: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"`{name}` must be an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`{name}` must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"`{name}` must have shape [batch + 1], got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"`{name}` is on {cu.device} but the inputs are on {device}")
+    if _checking():
+        host = cu.tolist()
+        if host[0] != 0:
+            raise ValueError(f"`{name}` must start at 0, got {host[0]}")
+        if any(b < a for a, b in zip(host, host[1:])):
+            raise ValueError(f"`{name}` must be non-decreasing, got {host}")
+        if host[-1] != total:
+            raise ValueError(f"`{name}` must end at the token count {total}, got {host[-1]}")
+    return cu.to(torch.int32).contiguous()
+
+
+def _max_seqlen(name: str, value: Any, cu: torch.Tensor) -> int:
+    actual = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if value is None:
+        return actual
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < actual:
+        raise ValueError(f"`{name}` ({value}) is smaller than the longest sequence ({actual})")
+    return value
+
+
+def _varlen_default_positions(cu: torch.Tensor, total: int, offsets: torch.Tensor | None) -> torch.Tensor:
+    """Positions restarting at 0 per sequence (plus a per-sequence offset), int32 ``[total]``."""
+    lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
+    pos = torch.arange(total, device=cu.device, dtype=torch.int64) - cu[:-1].to(torch.int64)[seq]
+    if offsets is not None:
+        # DESIGN §2 default Sk - Sq + i; negative when Sq > Sk, clamped to 0 as in the dense layout.
+        pos = (pos + offsets[seq]).clamp_min(0)
+    return pos.to(torch.int32)
+
+
+def _segment_max(values: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """max(values[cu[b]:cu[b+1]]) per sequence, int64 ``[B]``; -1 for empty sequences."""
+    batch = cu.numel() - 1
+    lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+    seq = torch.repeat_interleave(torch.arange(batch, device=cu.device), lengths, output_size=values.numel())
+    out = torch.full((batch,), -1, dtype=torch.int64, device=values.device)
+    return out.scatter_reduce(0, seq, values.to(torch.int64), reduce="amax", include_self=True)
+
+
+def attention_call(
+    q: Any,
+    k: Any,
+    v: Any,
+    rope: Any,
+    *,
+    causal: bool = False,
+    softmax_scale: Any = None,
+    q_positions: Any = None,
+    k_positions: Any = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: Any = None,
+    max_seqlen_k: Any = None,
+    return_lse: bool = False,
+) -> AttentionCall:
+    """Validate ``rope_attention`` arguments (see ``ropekern.rope_attention``)."""
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError("`cu_seqlens_q` and `cu_seqlens_k` must be given together")
+    if not varlen and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("`max_seqlen_q`/`max_seqlen_k` are only meaningful with `cu_seqlens_q`/`cu_seqlens_k`")
+    ndim = (3,) if varlen else (4,)
+    q, k, v = (_tensor(n, t, ndim) for n, t in (("q", q), ("k", k), ("v", v)))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _float(name, t)
+    names = ("q", "k", "v")
+    _same(names, (q, k, v), "dtype")
+    _same(names, (q, k, v), "device")
+    if k.shape != v.shape:
+        raise ValueError(f"`k` shape {tuple(k.shape)} differs from `v` shape {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dim of `q` ({q.shape[-1]}) differs from `k` ({k.shape[-1]})")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    rope = _rope(rope, q.shape[-1])
+    causal = _bool("causal", causal)
+    return_lse = _bool("return_lse", return_lse)
+    scale = _scale(softmax_scale, q.shape[-1])
+    device = q.device
+
+    if varlen:
+        cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device)
+        cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device)
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"`cu_seqlens_q` has {cu_q.numel()} entries but `cu_seqlens_k` has {cu_k.numel()}")
+        mq = _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
+        mk = _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
+        if k_positions is None:
+            k_pos = _varlen_default_positions(cu_k, k.shape[0], None)
+        else:
+            k_pos = _positions("k_positions", k_positions, (k.shape[0],), device)
+        if q_positions is None:
+            offset = ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])).to(torch.int64)
+            q_pos = _varlen_default_positions(cu_q, q.shape[0], offset)
+        else:
+            q_pos = _positions("q_positions", q_positions, (q.shape[0],), device)
+        seq_lens = _segment_max(k_pos, cu_k) + 1 if rope.is_length_dependent else None
+        return AttentionCall(q, k, v, rope, causal, scale, q_pos, k_pos, cu_q, cu_k, mq, mk, seq_lens, return_lse)
+
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch size of `q` ({q.shape[0]}) differs from `k` ({k.shape[0]})")
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    if k_positions is None:
+        k_pos = torch.arange(sk, device=device, dtype=torch.int32).expand(b, sk)
+    else:
+        k_pos = _positions("k_positions", k_positions, (b, sk), device)
+    if q_positions is None:
+        # DESIGN §2: q_positions[b, i] = Sk - Sq + i; clamped at 0 when Sq > Sk.
+        q_pos = (torch.arange(sq, device=device, dtype=torch.int32) + (sk - sq)).clamp_min(0).expand(b, sq)
+    else:
+        q_pos = _positions("q_positions", q_positions, (b, sq), device)
+    seq_lens = None
+    if rope.is_length_dependent:
+        if k_positions is None:
+            seq_lens = torch.full((b,), sk, dtype=torch.int64, device=device)
+        else:
+            seq_lens = (
+                (k_pos.amax(dim=1).to(torch.int64) + 1) if sk else torch.zeros(b, dtype=torch.int64, device=device)
+            )
+    return AttentionCall(q, k, v, rope, causal, scale, q_pos, k_pos, None, None, sq, sk, seq_lens, return_lse)
+
+
+def kvcache_call(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    rope: Any,
+    *,
+    cache_seqlens: Any,
+    k_new: Any = None,
+    v_new: Any = None,
+    block_table: Any = None,
+    causal: bool = True,
+    softmax_scale: Any = None,
+    return_lse: bool = False,
+) -> KVCacheCall:
+    """Validate ``rope_attention_with_kvcache`` arguments (see ``ropekern.rope_attention_with_kvcache``)."""
+    q = _tensor("q", q, (4,))
+    k_cache = _tensor("k_cache", k_cache, (4,))
+    v_cache = _tensor("v_cache", v_cache, (4,))
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _float(name, t)
+    tensors, names = [q, k_cache, v_cache], ["q", "k_cache", "v_cache"]
+    if (k_new is None) != (v_new is None):
+        raise ValueError("`k_new` and `v_new` must be given together")
+    if k_new is not None:
+        k_new = _tensor("k_new", k_new, (4,))
+        v_new = _tensor("v_new", v_new, (4,))
+        _float("k_new", k_new)
+        _float("v_new", v_new)
+        tensors += [k_new, v_new]
+        names += ["k_new", "v_new"]
+    _same(tuple(names), tuple(tensors), "dtype")
+    _same(tuple(names), tuple(tensors), "device")
+    device = q.device
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"`k_cache` shape {tuple(k_cache.shape)} differs from `v_cache` shape {tuple(v_cache.shape)}")
+    b, sq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"head dim of `q` ({d}) differs from `k_cache` ({k_cache.shape[3]})")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    rope = _rope(rope, d)
+    causal = _bool("causal", causal)
+    return_lse = _bool("return_lse", return_lse)
+    scale = _scale(softmax_scale, d)
+    if k_new is not None:
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"`k_new` shape {tuple(k_new.shape)} differs from `v_new` shape {tuple(v_new.shape)}")
+        if k_new.shape[0] != b or k_new.shape[2] != hkv or k_new.shape[3] != d:
+            raise ValueError(f"`k_new` must have shape [{b}, S_new, {hkv}, {d}], got {tuple(k_new.shape)}")
+    s_new = 0 if k_new is None else k_new.shape[1]
+
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"`cache_seqlens` must be an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`cache_seqlens` must be int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (b,):
+        raise ValueError(f"`cache_seqlens` must have shape [{b}], got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"`cache_seqlens` is on {cache_seqlens.device} but the inputs are on {device}")
+
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"`block_table` must be an int32 torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"`block_table` must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != b:
+            raise ValueError(f"`block_table` must have shape [{b}, max_blocks], got {tuple(block_table.shape)}")
+        if block_table.device != device:
+            raise ValueError(f"`block_table` is on {block_table.device} but the inputs are on {device}")
+        block_table = block_table.to(torch.int32).contiguous()
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        if k_cache.shape[0] != b:
+            raise ValueError(
+                f"dense `k_cache` batch ({k_cache.shape[0]}) differs from `q` batch ({b}); "
+                "pass `block_table` for a paged cache"
+            )
+        capacity = k_cache.shape[1]
+
+    if _checking():
+        lens = cache_seqlens.tolist()
+        for i, n0 in enumerate(lens):
+            if n0 < 0:
+                raise ValueError(f"`cache_seqlens[{i}]` must be >= 0, got {n0}")
+            if n0 + s_new > capacity:
+                raise ValueError(
+                    f"cache overflow in sequence {i}: cache_seqlens {n0} + {s_new} new tokens exceeds "
+                    f"the cache capacity of {capacity} tokens"
+                )
+            if n0 + s_new < sq:
+                raise ValueError(
+                    f"sequence {i} holds {n0 + s_new} keys after the append but has {sq} queries; "
+                    "queries are the last Sq tokens of each sequence"
+                )
+        if block_table is not None and b:
+            nb = k_cache.shape[0]
+            bs = k_cache.shape[1]
+            used = [(n0 + s_new + bs - 1) // bs for n0 in lens]
+            rows = block_table.tolist()
+            for i, (row, u) in enumerate(zip(rows, used)):
+                bad = [x for x in row[:u] if not 0 <= x < nb]
+                if bad:
+                    raise ValueError(f"`block_table[{i}]` refers to block {bad[0]} outside [0, {nb})")
+    cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+    seq_lens = (cache_seqlens.to(torch.int64) + s_new) if rope.is_length_dependent else None
+    return KVCacheCall(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, rope, causal, scale, return_lse, seq_lens
+    )
+
+
+def rope_call(x: Any, rope: Any, positions: Any = None, seq_len: Any = None) -> RopeCall:
+    """Validate ``apply_rope`` arguments (see ``ropekern.apply_rope``)."""
+    x = _tensor("x", x, (3, 4))
+    _float("x", x)
+    rope = _rope(rope, x.shape[-1])
+    lead = tuple(x.shape[:-2])
+    if positions is None:
+        s = x.shape[-3]
+        positions = torch.arange(s, device=x.device, dtype=torch.int32).expand(lead)
+    else:
+        positions = _positions("positions", positions, lead, x.device)
+    seq_lens = None
+    if rope.is_length_dependent:
+        rows = 1 if x.dim() == 3 else x.shape[0]
+        if seq_len is not None:
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+                raise ValueError(f"`seq_len` must be a non-negative int, got {seq_len!r}")
+            seq_lens = torch.full((rows,), seq_len, dtype=torch.int64, device=x.device)
+        elif positions.numel():
+            seq_lens = positions.reshape(rows, -1).amax(dim=1).to(torch.int64) + 1
+        else:
+            seq_lens = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    elif seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
+        raise ValueError(f"`seq_len` must be a non-negative int, got {seq_len!r}")
+    return RopeCall(x, rope, positions, seq_lens)

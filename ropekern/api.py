@@ -1,0 +1,162 @@
+"""Public entry points: validate, pick a backend, run (DESIGN §1–§2)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from ._validation import attention_call, kvcache_call, rope_call
+from .scaling import RopeConfig
+
+__all__ = ["apply_rope", "rope_attention", "rope_attention_with_kvcache", "available_backends"]
+
+available_backends = ops.available_backends
+
+
+def apply_rope(
+    x: torch.Tensor,
+    rope: RopeConfig,
+    positions: torch.Tensor | None = None,
+    *,
+    seq_len: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Return a rotated copy of ``x``.
+
+    Args:
+        x: ``[B, S, H, D]`` or packed ``[T, H, D]``; fp16/bf16/fp32/fp64, contiguous last dim.
+        rope: the ``RopeConfig`` (``rope.head_dim == D``).
+        positions: int ``[B, S]`` (or ``[T]``), >= 0; default ``arange(S)`` per row.
+        seq_len: scaling length for length-dependent types (dynamic NTK, LongRoPE); default
+            ``max(positions[b]) + 1`` per row (``[T]`` input: one row).
+        backend: ``"auto"`` or a name from ``available_backends()``.
+    Returns: a tensor like ``x``; channels ``>= rope.rotary_dim`` are copied bit-exact.
+    """
+    call = rope_call(x, rope, positions, seq_len)
+    if x.numel() == 0:
+        return x.clone()
+    return ops.select_backend("rope", call, x.device, backend).rope(call)
+
+
+def rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: RopeConfig,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Scaled-RoPE attention on **un-rotated** q and k: ``softmax(R(q) R(k)^T * scale) v``.
+
+    Args:
+        q: dense ``[B, Sq, Hq, D]`` or varlen ``[Tq, Hq, D]``.
+        k, v: dense ``[B, Sk, Hkv, D]`` or varlen ``[Tk, Hkv, D]``; ``Hq % Hkv == 0`` (GQA/MQA).
+        rope: the ``RopeConfig``; ``rope.head_dim == D``.
+        causal: bottom-right aligned mask, query i sees key j iff ``j <= i + Sk - Sq``.
+        softmax_scale: default ``D ** -0.5``.
+        q_positions, k_positions: int ``[B, Sq]``/``[B, Sk]`` (varlen ``[Tq]``/``[Tk]``), >= 0;
+            defaults ``Sk - Sq + i`` and ``j`` (restarting per varlen sequence). Repeats and
+            jumps are allowed (they are data, not indices).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` cumulative lengths for the varlen layout.
+        max_seqlen_q, max_seqlen_k: longest sequence (computed from ``cu_seqlens`` if omitted).
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, Sq]`` (varlen ``[Hq, Tq]``).
+        backend: ``"auto"`` or a name from ``available_backends()``.
+    Returns: ``out`` like q, or ``(out, lse)``. Rows that see no key give zeros and LSE ``-inf``.
+    Length-dependent scaling (dynamic NTK, LongRoPE) uses ``max(k_positions[b]) + 1`` per sequence.
+    """
+    call = attention_call(
+        q,
+        k,
+        v,
+        rope,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        q_positions=q_positions,
+        k_positions=k_positions,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        return_lse=return_lse,
+    )
+    if q.numel() == 0 or k.numel() == 0:
+        out, lse = _no_keys(call)
+    else:
+        out, lse = ops.select_backend("attention", call, q.device, backend).attention(call)
+    return (out, lse) if return_lse else out
+
+
+def _no_keys(call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output for calls with no queries or no keys: zeros and LSE -inf."""
+    q = call.q
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    shape = (q.shape[1], q.shape[0]) if call.varlen else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.zeros_like(q), torch.full(shape, float("-inf"), dtype=lse_dtype, device=q.device)
+
+
+def rope_attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rope: RopeConfig,
+    *,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention of the last Sq tokens of each sequence against its KV cache of **un-rotated** keys.
+
+    Args:
+        q: ``[B, Sq, Hq, D]``, un-rotated; query i of sequence b sits at position ``n_b - Sq + i``.
+        k_cache, v_cache: dense ``[B, Smax, Hkv, D]``, or paged ``[num_blocks, block_size, Hkv, D]``
+            with ``block_table``.
+        cache_seqlens: int32 ``[B]``, tokens already cached per sequence (not modified).
+        k_new, v_new: ``[B, S_new, Hkv, D]`` un-rotated, written into the caches **in place** at
+            ``cache_seqlens``; then ``n_b = cache_seqlens[b] + S_new``.
+        block_table: int32 ``[B, max_blocks]``; token t of sequence b lives in block
+            ``block_table[b, t // block_size]`` at offset ``t % block_size``.
+        causal: the Sq queries are causal among themselves (chunked prefill, speculative decoding).
+        softmax_scale, return_lse, backend: as in ``rope_attention`` (LSE ``[B, Hq, Sq]``).
+    Every key is rotated on read with the table of its sequence's current length ``n_b``, so
+    dynamic NTK and LongRoPE stay exact as the sequence grows (DESIGN §2).
+    """
+    call = kvcache_call(
+        q,
+        k_cache,
+        v_cache,
+        rope,
+        cache_seqlens=cache_seqlens,
+        k_new=k_new,
+        v_new=v_new,
+        block_table=block_table,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        return_lse=return_lse,
+    )
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = (
+            torch.zeros_like(q),
+            torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=lse_dtype, device=q.device),
+        )
+        if call.s_new and q.shape[0]:
+            from .reference import append_kv
+
+            append_kv(call)
+    else:
+        out, lse = ops.select_backend("kvcache", call, q.device, backend).kvcache(call)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,286 @@
+"""Public API: every bad input gets a clear ValueError/TypeError naming the argument; dispatch."""
+
+import pytest
+import torch
+
+import ropekern as rk
+
+ROPE = rk.RopeConfig(16)
+
+
+def qkv(b=2, sq=5, sk=7, hq=4, hkv=2, d=16, dtype=torch.float32):
+    return (
+        torch.randn(b, sq, hq, d, dtype=dtype),
+        torch.randn(b, sk, hkv, d, dtype=dtype),
+        torch.randn(b, sk, hkv, d, dtype=dtype),
+    )
+
+
+def varlen():
+    q, k, v = torch.randn(6, 4, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16)
+    return q, k, v, torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+
+
+def expect(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_attention_errors():
+    q, k, v = qkv()
+    f = rk.rope_attention
+    expect(TypeError, "`q` must be a torch.Tensor", f, q.numpy(), k, v, ROPE)
+    expect(ValueError, "`k` must have 4 dimensions", f, q, k[0], v, ROPE)
+    expect(TypeError, "`q` must be float16", f, q.to(torch.int32), k, v, ROPE)
+    expect(ValueError, "`k` dtype", f, q, k.double(), v, ROPE)
+    expect(ValueError, "`k` shape", f, q, k, v[:, :3], ROPE)
+    expect(ValueError, "head dim of `q`", f, q[..., :8], k, v, ROPE)
+    expect(ValueError, "rope.head_dim", f, *qkv(d=32), ROPE)
+    expect(ValueError, "multiple of key/value heads", f, *qkv(hq=3, hkv=2), ROPE)
+    expect(TypeError, "`rope` must be a ropekern.RopeConfig", f, q, k, v, {"head_dim": 16})
+    expect(ValueError, "batch size", f, q[:1], k, v, ROPE)
+    expect(ValueError, "contiguous last dimension", f, q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, ROPE)
+    expect(TypeError, "`causal` must be a bool", f, q, k, v, ROPE, causal=1)
+    expect(ValueError, "`softmax_scale` must be finite", f, q, k, v, ROPE, softmax_scale=float("inf"))
+    expect(TypeError, "`softmax_scale` must be a float", f, q, k, v, ROPE, softmax_scale="0.1")
+    expect(ValueError, "unknown backend 'cuda-fast'", f, q, k, v, ROPE, backend="cuda-fast")
+    expect(TypeError, "`backend` must be a string", f, q, k, v, ROPE, backend=None)
+
+
+def test_position_errors():
+    q, k, v = qkv()
+    f = rk.rope_attention
+    expect(TypeError, "`q_positions` must be an integer", f, q, k, v, ROPE, q_positions=torch.zeros(2, 5))
+    expect(TypeError, "`k_positions` must be an integer torch.Tensor", f, q, k, v, ROPE, k_positions=[0] * 7)
+    expect(
+        ValueError,
+        r"`k_positions` must have shape \(2, 7\)",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        k_positions=torch.zeros(2, 6, dtype=torch.int64),
+    )
+    expect(
+        ValueError,
+        "`q_positions` must be >= 0",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        q_positions=torch.full((2, 5), -1, dtype=torch.int64),
+    )
+    expect(
+        ValueError,
+        "`k_positions` must be < 2",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        k_positions=torch.full((2, 7), 2**31, dtype=torch.int64),
+    )
+
+
+def test_varlen_errors():
+    q, k, v, cq, ck = varlen()
+    f = rk.rope_attention
+    expect(ValueError, "given together", f, q, k, v, ROPE, cu_seqlens_q=cq)
+    expect(TypeError, "`cu_seqlens_q` must be int32", f, q, k, v, ROPE, cu_seqlens_q=cq.float(), cu_seqlens_k=ck)
+    expect(
+        ValueError,
+        "`cu_seqlens_k` must be non-decreasing",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=torch.tensor([0, 6, 5], dtype=torch.int32),
+    )
+    expect(
+        ValueError,
+        "must end at the token count 6",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        cu_seqlens_q=torch.tensor([0, 2, 5], dtype=torch.int32),
+        cu_seqlens_k=ck,
+    )
+    expect(
+        ValueError,
+        "must start at 0",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        cu_seqlens_q=torch.tensor([1, 2, 6], dtype=torch.int32),
+        cu_seqlens_k=ck,
+    )
+    expect(
+        ValueError,
+        "has 3 entries but",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=torch.tensor([0, 4, 8, 9], dtype=torch.int32),
+    )
+    expect(
+        ValueError,
+        "`max_seqlen_q` .* smaller than the longest",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=ck,
+        max_seqlen_q=3,
+    )
+    expect(ValueError, "only meaningful", rk.rope_attention, *qkv(), ROPE, max_seqlen_q=4)
+    expect(
+        ValueError,
+        r"`k_positions` must have shape \(9,\)",
+        f,
+        q,
+        k,
+        v,
+        ROPE,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=ck,
+        k_positions=torch.zeros(2, 9, dtype=torch.int64),
+    )
+
+
+def test_kvcache_errors():
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    f = rk.rope_attention_with_kvcache
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    expect(
+        ValueError,
+        "cache overflow in sequence 1",
+        f,
+        q,
+        kc,
+        vc,
+        ROPE,
+        cache_seqlens=torch.tensor([3, 8]),
+        k_new=kn,
+        v_new=vn,
+    )
+    expect(ValueError, "given together", f, q, kc, vc, ROPE, cache_seqlens=lens, k_new=kn)
+    expect(ValueError, "`k_new` dtype", f, q, kc, vc, ROPE, cache_seqlens=lens, k_new=kn.half(), v_new=vn.half())
+    expect(TypeError, "`cache_seqlens` must be int32", f, q, kc, vc, ROPE, cache_seqlens=lens.float())
+    expect(ValueError, r"`cache_seqlens` must have shape \[2\]", f, q, kc, vc, ROPE, cache_seqlens=lens[:1])
+    expect(
+        ValueError,
+        "`cache_seqlens\\[0\\]` must be >= 0",
+        f,
+        q,
+        kc,
+        vc,
+        ROPE,
+        cache_seqlens=torch.tensor([-1, 2]),
+        k_new=kn,
+        v_new=vn,
+    )
+    expect(ValueError, "has 1 queries", f, q, kc, vc, ROPE, cache_seqlens=torch.tensor([0, 2]))
+    expect(ValueError, "pass `block_table`", f, q, kc[:1], vc[:1], ROPE, cache_seqlens=lens)
+    pc, pv = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+    expect(
+        ValueError,
+        "cache overflow in sequence 0",
+        f,
+        q,
+        pc,
+        pv,
+        ROPE,
+        cache_seqlens=torch.tensor([16, 1]),
+        block_table=torch.tensor([[0], [1]], dtype=torch.int32),
+        k_new=kn,
+        v_new=vn,
+    )
+    expect(
+        ValueError,
+        "refers to block 9",
+        f,
+        q,
+        pc,
+        pv,
+        ROPE,
+        cache_seqlens=torch.tensor([3, 1]),
+        block_table=torch.tensor([[9, 0], [1, 2]], dtype=torch.int32),
+        k_new=kn,
+        v_new=vn,
+    )
+    expect(
+        ValueError,
+        r"`block_table` must have shape \[2, max_blocks\]",
+        f,
+        q,
+        pc,
+        pv,
+        ROPE,
+        cache_seqlens=lens,
+        block_table=torch.tensor([0, 1], dtype=torch.int32),
+    )
+
+
+def test_apply_rope_errors():
+    x = torch.randn(2, 5, 3, 16)
+    expect(ValueError, "`x` must have 3 or 4 dimensions", rk.apply_rope, x[0, 0], ROPE)
+    expect(
+        ValueError, r"`positions` must have shape \(2, 5\)", rk.apply_rope, x, ROPE, torch.zeros(5, dtype=torch.int64)
+    )
+    expect(ValueError, "`seq_len` must be a non-negative int", rk.apply_rope, x, ROPE, seq_len=-3)
+    expect(ValueError, "rope.head_dim", rk.apply_rope, torch.randn(2, 5, 3, 8), ROPE)
+
+
+def test_backends_and_dispatch():
+    backends = rk.available_backends()
+    assert backends["torch"] is True
+    for name, status in backends.items():
+        assert status is True or (isinstance(status, str) and status), name
+    q, k, v = qkv()
+    torch.testing.assert_close(
+        rk.rope_attention(q, k, v, ROPE, backend="torch"), rk.reference.rope_attention(q, k, v, ROPE)
+    )
+
+
+def test_empty_inputs():
+    q, k, v = qkv(b=0)
+    out, lse = rk.rope_attention(q, k, v, ROPE, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (0, 4, 5)
+    q, k, v = qkv(sq=0)
+    out, lse = rk.rope_attention(q, k, v, ROPE, causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 4, 0)
+    q, k, v, cq, ck = varlen()
+    out = rk.rope_attention(
+        q[:0],
+        k[:0],
+        v[:0],
+        ROPE,
+        cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+        cu_seqlens_k=torch.zeros(1, dtype=torch.int32),
+    )
+    assert out.shape == (0, 4, 16)
+    assert rk.apply_rope(torch.randn(0, 3, 2, 16), ROPE).shape == (0, 3, 2, 16)
+
+
+def test_strided_views_of_packed_qkv():
+    """q, k, v as views into one packed [B, S, 3, H, D] buffer (non-contiguous, last dim dense)."""
+    buf = torch.randn(2, 9, 3, 4, 16, dtype=torch.float64)
+    q, k, v = buf[:, :, 0], buf[:, :, 1], buf[:, :, 2]
+    out = rk.rope_attention(q, k, v, ROPE, causal=True)
+    ref = rk.rope_attention(q.contiguous(), k.contiguous(), v.contiguous(), ROPE, causal=True)
+    assert torch.equal(out, ref)
