@@ -48,6 +48,9 @@ class AttentionCall:
     max_seqlen_k: int
     seq_lens: torch.Tensor | None
     return_lse: bool
+    # False runs the same kernel without rotation: the benchmarks' "RoPE tax" baseline and the
+    # attention half of "separate RoPE pass + the same attention". Not part of the public API.
+    rotate: bool = True
 
     @property
     def varlen(self) -> bool:
@@ -85,6 +88,7 @@ class KVCacheCall:
     softmax_scale: float
     return_lse: bool
     seq_lens: torch.Tensor | None
+    rotate: bool = True  # as in AttentionCall (benchmarks only)
 
     @property
     def paged(self) -> bool:

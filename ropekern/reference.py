@@ -63,9 +63,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
 
 
 def _rotate_rows(
-    x: torch.Tensor, positions: torch.Tensor, inv64: torch.Tensor, rope: RopeConfig, dtype: torch.dtype, angles: str
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv64: torch.Tensor,
+    rope: RopeConfig,
+    dtype: torch.dtype,
+    angles: str,
+    enabled: bool = True,
 ) -> torch.Tensor:
     """x ``[S, H, D]`` (cast to ``dtype``) rotated at positions ``[S]`` with table ``inv64 [R/2]``."""
+    if not enabled:
+        return x.to(dtype)
     cos, sin = cos_sin(positions, inv64, rope.attention_factor, dtype, angles)
     return rotate(x.to(dtype), cos[:, None, :], sin[:, None, :], rope.rotary_dim, rope.interleaved)
 
@@ -132,8 +140,8 @@ def attention(
     outs, lses = [], []
     for b, qs, ks in _sequence_slices(call):
         table = inv64[b if inv64.shape[0] > 1 else 0]
-        q = _rotate_rows(call.q[qs], call.q_positions[qs], table, call.rope, cd, angles)
-        k = _rotate_rows(call.k[ks], call.k_positions[ks], table, call.rope, cd, angles)
+        q = _rotate_rows(call.q[qs], call.q_positions[qs], table, call.rope, cd, angles, call.rotate)
+        k = _rotate_rows(call.k[ks], call.k_positions[ks], table, call.rope, cd, angles, call.rotate)
         o, l_ = _attend(q, k, call.v[ks].to(cd), call.softmax_scale, call.causal, k.shape[0] - q.shape[0])
         outs.append(o.to(call.q.dtype))
         lses.append(l_.to(lse_dtype))
@@ -190,8 +198,8 @@ def kvcache(
         v = _gather_cache(call.v_cache, call, b, n).to(cd)
         k_pos = torch.arange(n, device=call.q.device)
         q_pos = torch.arange(n - sq, n, device=call.q.device)
-        q = _rotate_rows(call.q[b], q_pos, table, rope, cd, angles)
-        k = _rotate_rows(k, k_pos, table, rope, cd, angles)
+        q = _rotate_rows(call.q[b], q_pos, table, rope, cd, angles, call.rotate)
+        k = _rotate_rows(k, k_pos, table, rope, cd, angles, call.rotate)
         o, l_ = _attend(q, k, v, call.softmax_scale, call.causal, n - sq)
         outs.append(o)
         lses.append(l_)
