@@ -126,9 +126,11 @@ def inputs(name: str, world: int) -> dict:
     }
     g = {key: t.to(case.dtype) for key, t in g.items()}
     if case.positions == "explicit":
-        # Positions are data: near 2**20, pairs of equal positions, gaps of 3; the largest one
-        # sits on whichever rank holds the end of the sequence.
-        pos = 2**20 + 3 * (torch.arange(n) // 2)
+        # Positions are data: pairs of equal positions 2**15 apart, ending at 2**20 - 2**15 and
+        # starting at 2**20 - N/2 * 2**15 (2**19 for N = 32). Each rank's own largest key position
+        # differs from the global one by up to ~2x, so a rank using its local length for dynamic
+        # NTK would pick a base off by ~2x.
+        pos = 2**20 - (n // 2 - torch.arange(n) // 2) * 2**15
         g["pos"] = pos.expand(case.b, n).contiguous()
     g["rope"] = rk.RopeConfig(case.d, **_rope_kwargs(case, n))
     return g
@@ -405,3 +407,33 @@ def test_needs_an_initialised_process_group():
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="init_process_group"):
         ring_rope_attention(q, q, q, rk.RopeConfig(16))
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    """A world of one in this process (gloo, file store): the degenerate ring, no transfers."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_world_of_one_matches_and_leaves_inputs_alone(single_rank_group):
+    name = "zigzag-causal-dynamic"
+    case, g = CASES[name], inputs(name, 1)
+    q, k, v = (g[key].clone().requires_grad_() for key in ("q", "k", "v"))
+    before = [t.detach().clone() for t in (q, k, v)]
+    out, lse = ring_rope_attention(q, k, v, g["rope"], return_lse=True)
+    out.backward(g["do"])
+    ref = _reference(case, g)
+    got = {"out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    for key, t in got.items():
+        factor = 2.0 if key in ("out", "lse") else 3.0
+        check = error_check(t, ref["oracle"][key], ref["baseline"][key], case.dtype, factor=factor)
+        assert check.ok, f"{key}: {check}"
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, (q, k, v)))
+    with torch.no_grad():
+        again = ring_rope_attention(q, k, v, g["rope"])
+    assert torch.equal(again, out.detach())  # deterministic, and the same without autograd

@@ -50,7 +50,7 @@ __all__ = ["LAYOUTS", "block_backward", "ring_rope_attention", "shard", "shard_i
 
 LAYOUTS = ("zigzag", "contiguous")
 
-# Scores held at once per query chunk in block_backward: 2**24 elements (64 MiB fp32, ~5 live
+# Scores held at once per query chunk in block_backward: 2**24 elements (128 MiB in fp64, ~5 live
 # copies: s, p, dp, ds and a product), so the pure-PyTorch backward fits next to the activations.
 _SCORE_BUDGET = 1 << 24
 
@@ -236,13 +236,19 @@ def block_backward(
             ``[B, Hq, Sq]`` of the final output O (FlashAttention-2).
         q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
-    Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in fp32 (fp64 for fp64 inputs); dk/dv are
-    summed over each GQA group. P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - delta), dQ' = dS K'
-    · scale, dK' = dSᵀ Q' · scale on rotated Q', K' (fp64 angles), then the inverse rotation (the
-    transpose, i.e. the same cos with -sin, times the attention factor) maps dQ', dK' back;
-    pass-through channels keep the plain gradient. A fused kernel replaces this function whole.
+    Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in the compute dtype: fp32 for fp16/bf16
+    inputs, fp64 for fp32/fp64 ones; dk/dv are summed over each GQA group.
+
+    On rotated Q', K' (fp64 angles): P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - delta),
+    dQ' = dS K' · scale, dK' = dSᵀ Q' · scale; the inverse rotation (the transpose: the same cos
+    with -sin, times the attention factor) maps dQ', dK' back to the un-rotated inputs, and
+    pass-through channels keep the plain gradient. A fused backward kernel replaces this whole.
     """
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # P = exp(S - lse) takes lse from the *forward* kernel, so rounding in this S is not cancelled
+    # by the softmax normalisation as it is in a single-pass autograd backward. With fp32 S, dV of
+    # fp32 inputs reached 0.84 of the error-ratio bound (YaRN, non-causal, W = 2); with fp64 S it
+    # is 0.46, the rest being the forward's fp32 lse. Half-precision inputs are far from that.
+    cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
