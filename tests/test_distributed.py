@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -437,3 +440,24 @@ def test_world_of_one_matches_and_leaves_inputs_alone(single_rank_group):
     with torch.no_grad():
         again = ring_rope_attention(q, k, v, g["rope"])
     assert torch.equal(again, out.detach())  # deterministic, and the same without autograd
+
+
+def test_example_runs_under_torchrun():
+    """The documented launch path: examples/ring_attention.py under torchrun, checked against the
+    single-process reference by the script itself (exit status 0 only if every check passes)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(root / "examples" / "ring_attention.py"), "--seq-len", "64", "--repeats", "1", "--check"]
+    # Its own session, so that a hang kills torchrun *and* its workers (the process group).
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun still running after {_DEADLINE_S} s (hang?)")
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "check: PASS" in out
