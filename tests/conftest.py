@@ -6,8 +6,13 @@ before triton is imported anywhere (DESIGN §5), so it is set here, at collectio
 
 import os
 
-import pytest
-import torch
+# The Triton interpreter's tl.dot is a numpy matmul; multithreaded OpenBLAS on tiny matrices on a
+# shared 2-core machine made one 16x16x4096 dot take 54 ms instead of 0.2 ms (measured, load ~10).
+# Must be set before numpy is first imported (torch imports it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
