@@ -6,9 +6,8 @@ before triton is imported anywhere (DESIGN §5), so it is set here, at collectio
 
 import os
 
-# The Triton interpreter's tl.dot is a numpy matmul; multithreaded OpenBLAS on tiny matrices on a
-# shared 2-core machine made one 16x16x4096 dot take 54 ms instead of 0.2 ms (measured, load ~10).
-# Must be set before numpy is first imported (torch imports it).
+# The Triton interpreter runs tl.dot as numpy matmul; OpenBLAS threads on a shared 2-core machine
+# turn a 64x64 @ 64x128 product from 0.02 ms into ~55 ms. Must be set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
