@@ -439,3 +439,69 @@ def test_empty_batch_and_queries_skip_the_kernel():
     empty.update(cache_seqlens=case["cache_seqlens"][:0], k_new=case["k_new"][:0], v_new=case["v_new"][:0])
     out = rk.rope_attention_with_kvcache(rope=rope, backend="triton", **empty)
     assert out.shape == (0, 1, 2, 16)
+
+
+# ------------------------------------------------------------------ GPU code generation, no GPU needed
+_SM90_CHILD = r"""
+import json, re, subprocess, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from ropekern._triton import decode
+
+def report(kernel, types, constexprs, num_warps, num_stages):
+    names = kernel.arg_names
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    # a real launch marks 16-divisible pointers and strides, which enables vectorised loads
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n][0] == "*" or "stride" in n}
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", "-", "-o", "/dev/null"],
+                         input=compiled.asm["ptx"], capture_output=True, text=True, check=True).stderr
+    return [int(re.search(p, log).group(1)) for p in (r"Used (\d+) registers", r"(\d+) bytes spill stores")]
+
+out = []
+for dtype_name, d, rotary_dim, interleaved, rows in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}[dtype_name]
+    half, dp = rotary_dim // 2, decode._pow2(d)
+    block_m, block_n, warps, stages = decode._config(dtype, dp, rows)
+    ce = dict(G=4, D=d, DP=dp, HALF=half, HP=decode._pow2(half), PASS=d - rotary_dim,
+              PP=decode._pow2(d - rotary_dim), INTERLEAVED=interleaved, ROTATE=True, CAUSAL=True, PAGED=True,
+              LOG2_BS=4, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dtype == torch.float32)
+    types = dict(Q=ptr, KC=ptr, VC=ptr, OUT=ptr, SEQLENS="*i32", TABLE="*i32", SPLIT="*fp32", LSE="*fp32",
+                 qk_scale="fp32", attention_factor="fp32")
+    out.append(["decode", dtype_name, d, *report(decode._decode_kernel, types, ce, warps, stages)])
+    types = dict(OPART="*fp32", LPART="*fp32", OUT=ptr, LSE="*fp32")
+    out.append(["merge", dtype_name, d, *report(decode._merge_kernel, types, dict(D=d, DP=dp, SP=64), 4, 1)])
+    types = dict(KNEW=ptr, VNEW=ptr, KC=ptr, VC=ptr, SEQLENS="*i32", TABLE="*i32")
+    ce = dict(D=d, DP=dp, BLOCK_H=16, PAGED=True, LOG2_BS=4)
+    out.append(["append", dtype_name, d, *report(decode._append_kernel, types, ce, 4, 1)])
+print(json.dumps(out))
+"""
+
+
+def test_compiles_for_sm90_without_spills(tmp_path):
+    """The interpreter accepts code that a GPU compile rejects (a plain float global inside a jit
+    function did exactly that), so the production configurations (paged, rotated: the most
+    registers) are compiled for an H100 here, in a process without TRITON_INTERPRET, and ptxas
+    must fit them in registers without spilling."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    cases = [("float16", 128, 128, False, 4), ("bfloat16", 256, 256, False, 64), ("float32", 80, 40, True, 64)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    root = str(pathlib.Path(decode.__file__).resolve().parents[2])  # the checkout that holds ropekern/
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_CHILD, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kernel, dtype, d, regs, spills in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert regs <= 255 and spills == 0, (kernel, dtype, d, regs, spills)

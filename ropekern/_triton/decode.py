@@ -31,7 +31,7 @@ never TF32). Masked probabilities are *selected* to zero, and slots at or past n
 entries cannot leak. All memory offsets are int64.
 
 Performance: no GPU was available while this was written; the tile sizes below are a reasoned,
-untuned heuristic (see ``_config``) and the kernel has only run under ``TRITON_INTERPRET=1``.
+untimed heuristic (see ``_config``) and the kernel has only run under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -392,19 +392,21 @@ def num_splits_heuristic(batch: int, hkv: int, m_blocks: int, capacity: int, num
     return max(1, min(want, by_length, _MAX_SPLITS))
 
 
-def _config(dp: int, hp: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages); untuned (no GPU in this session). The R(j) offset table
-    costs 2 x BLOCK_N x HP fp32 registers per program: 64 per thread at BLOCK_N 64, HP 64, 4 warps;
-    head dim 256 halves BLOCK_N and doubles the warps to stay there."""
+def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``dp`` (padded) and G x Sq ``rows``.
+
+    Not timed (no GPU in this session) but checked statically: every choice compiles for sm_90
+    with ptxas reporting no spills when launched with 16-divisible strides (paged, rotated, the
+    worst case): the R(j) offset table alone is 2 x BLOCK_N x R/2 fp32 values, 64 registers per
+    thread at BLOCK_N 64, R 128 and 4 warps, so 8 warps are used wherever a tile is that large.
+    """
     if _INTERPRET:
-        return 16, 1, 1
-    if dp > 128 or hp > 64:
-        return 32, 8, 2
-    return 64, 4, 2
-
-
-def _block_m(rows: int) -> int:
-    return min(64, _pow2(rows))
+        return min(64, _pow2(rows)), 16, 1, 1
+    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers
+    block_m = min(16 if fp32 else 32 if dp > 128 else 64, _pow2(rows))
+    block_n = 32 if fp32 or dp > 128 else 64
+    num_warps = 4 if dp <= 64 and block_m == 16 else 8
+    return block_m, block_n, num_warps, 2
 
 
 def append(call) -> None:
@@ -453,9 +455,8 @@ def attend(call, *, num_splits: int | None = None, block_n: int | None = None) -
     half = rope.rotary_dim // 2
     dp, hp = _pow2(d), _pow2(half)
     passthrough = d - rope.rotary_dim
-    cfg_n, num_warps, num_stages = _config(dp, hp)
+    block_m, cfg_n, num_warps, num_stages = _config(q.dtype, dp, g * sq)
     block_n = block_n or cfg_n
-    block_m = _block_m(g * sq)
     m_blocks = triton.cdiv(g * sq, block_m)
     if call.paged:
         capacity = call.block_table.shape[1] * kc.shape[1]
