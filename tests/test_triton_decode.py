@@ -310,6 +310,7 @@ def test_composed_angles_accurate():
         composed[(tiles.numel(),)](split[0].contiguous(), pos, cos, sin, HALF=half, HP=half, BLOCK=block)
         exact = (pos.double() + torch.arange(block).repeat(tiles.numel()))[:, None] * inv64[0][None]
         err = max(float((cos - exact.cos()).abs().max()), float((sin - exact.sin()).abs().max()))
+        print(f"D {rope.head_dim} base {rope.base:g}: composed cos/sin max error {err:.3g}")
         assert err <= 2e-6, err
 
 
