@@ -36,6 +36,7 @@ untimed heuristic (see ``_config``) and the kernel has only run under ``TRITON_I
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -372,8 +373,13 @@ def check(call) -> str | None:
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 1  # the interpreter runs programs one after another: splitting only adds work
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:  # queried once per device: decode steps are latency-bound
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def num_splits_heuristic(batch: int, hkv: int, m_blocks: int, capacity: int, num_sms: int) -> int:
