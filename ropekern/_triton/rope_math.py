@@ -9,7 +9,7 @@ values below 2 and the final multiplication by 2π round. Error <= ~1.4e-6 rad b
 import triton
 import triton.language as tl
 
-TWO_PI = 6.283185307179586
+TWO_PI = tl.constexpr(6.283185307179586)  # a plain float global compiles only in the interpreter
 
 
 @triton.jit
