@@ -424,6 +424,8 @@ class _StackState:
 
     rope: rk.RopeConfig
     params: tuple[str, ...]
+    forward: Callable[..., Any]  # the class's forward (looked up at patch time: dynamo resolves
+    # type(self).forward inside a compiled module to the instance attribute, i.e. to this wrapper)
 
 
 def _sequence_lengths(positions: torch.Tensor, valid: torch.Tensor | None) -> list[int]:
@@ -456,7 +458,7 @@ def _patched_stack_forward(self, *args, **kwargs):
     state: _StackState = getattr(self, _STATE)
     for name, value in zip(state.params, args):
         kwargs[name] = value
-    forward = type(self).forward.__get__(self)
+    forward = types.MethodType(state.forward, self)
     where = f"ropekern ({type(self).__name__})"
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
@@ -696,7 +698,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, rescale: str = "reco
         setattr(module, _STATE, _ModuleState(name, adapter, rope, backend, _positional_params(module, skip=2)))
         module.forward = types.MethodType(_patched_forward, module)
     if stack is not None:
-        setattr(stack, _STATE, _StackState(rope, _positional_params(stack, skip=1)))
+        setattr(stack, _STATE, _StackState(rope, _positional_params(stack, skip=1), type(stack).forward))
         stack.forward = types.MethodType(_patched_stack_forward, stack)
     setattr(
         model,
