@@ -4,12 +4,13 @@ Models are tiny and randomly initialised (hidden 64, 2 layers, vocab 128, 4 quer
 downloads). ``initializer_range=0.2`` (10x the default) keeps the logits far apart, so greedy and
 sampled tokens test the model rather than floating-point ties.
 
-Logits use the DESIGN §5 rule with
-  * oracle   = the patched model in float64 (ropekern's fp64-angle reference on fp64 weights),
-    itself checked against the stock model in float64 (``test_oracle_matches_stock_fp64``), so the
-    oracle is not ropekern marking its own homework;
-  * baseline = the stock eager model in the test dtype (what users run today);
-  * kernel   = the patched model in the test dtype.
+The oracle is independent of the patched code path: ``hf.exact_reference`` keeps the *stock*
+transformers forward (projections, its own rotate-half / rotate-every-two, partial rotary, masks)
+in float64 and only makes its RoPE tables exact (fp64 angles instead of fp32). Two checks use it:
+  * the patched model in float64 must equal it to 1e-9 relative (same math; only summation order
+    differs), which catches any integration mistake (layout, scale, positions, mask, cache);
+  * in fp32 and bf16, the DESIGN §5 error-ratio rule with baseline = the stock eager model in the
+    test dtype (what users run today) and kernel = the patched model in that dtype.
 Rope types transformers lacks for a model (static NTK; any scaling for GPT-J, whose stock table is a
 fixed buffer) get their stock baseline through ``extend_context``, which writes ropekern's fp32
 frequencies into the stock table (length-dependent types: the table for the test length).
@@ -163,6 +164,20 @@ def logits(model, ids, **kw):
 
 
 # --------------------------------------------------------------------------------------- logits
+def oracle_of(model):
+    return hf.exact_reference(cast(model, torch.float64))
+
+
+def assert_same_fp64(patched_model, oracle_model, ids, rows=None, **kw):
+    """The patched model in fp64 equals the exact stock reference: summation order is the only
+    difference (~1e-15 relative); 1e-9 leaves room without hiding any real mistake (>1e-3)."""
+    out, ref = logits(patched_model, ids, **kw), logits(oracle_model, ids, **kw)
+    if rows is not None:
+        out, ref = out[rows], ref[rows]
+    assert (out - ref).abs().max() <= 1e-9 * ref.abs().max()
+    return ref
+
+
 @pytest.mark.parametrize("kind", ROPE_TYPES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_stock(arch, kind):
@@ -171,7 +186,7 @@ def test_logits_match_stock(arch, kind):
     assert rope.rope_type == kind
     ids = tokens()
     dtypes = (torch.float32, torch.bfloat16)
-    oracle = logits(hf.patch(cast(base, torch.float64)), ids)
+    oracle = assert_same_fp64(hf.patch(cast(base, torch.float64)), oracle_of(base), ids)
     patched = {dtype: hf.patch(cast(base, dtype)) for dtype in dtypes}
     if arch == "gptj" and rope.is_length_dependent:
         gptj_table_for_length(base, rope, SEQ)  # after patching: patch() checks the base-state table
@@ -184,45 +199,50 @@ def test_logits_match_stock(arch, kind):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_oracle_matches_stock_fp64(arch):
-    """The fp64 oracle (patched) and the stock fp64 model differ only by stock's fp32 angles
-    (<= 40 * 2^-24 rad here) and GPT-J's fp32 attention: relative 1e-5 is ~100x that margin, while a
-    wrong table, layout or mask moves logits by >1e-2."""
+def test_exact_reference_is_stock(arch):
+    """The oracle is the stock model up to stock's fp32 angles (<= 40 * 2^-24 rad here) and GPT-J's
+    fp32 scores: relative 1e-5 is ~100x that margin; a wrong table or layout moves logits by >1e-2."""
     base = cast(stock(arch, "yarn"), torch.float64)
     ids = tokens()
     ref = logits(base, ids)
-    out = logits(hf.patch(base), ids)
+    out = logits(hf.exact_reference(copy.deepcopy(base)), ids)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (out - ref).abs().max() > 0  # it really replaced the tables
 
 
 def test_far_and_repeated_positions():
-    """Explicit positions near 2^20 and repeated positions (parallel context windows): the
-    patched model beats stock's fp32 angles (0.06 rad off at 2^20) under the error-ratio rule."""
+    """Explicit positions near 2^20 and repeated positions (parallel context windows): the patched
+    model equals the exact reference in fp64 and beats stock's fp32 angles (0.06 rad off at 2^20)
+    under the error-ratio rule in fp32."""
     base = stock("llama", "default")
     ids = tokens(b=2, s=24)
     far = torch.arange(24)[None].repeat(2, 1) + 2**20 - 7
     repeated = torch.cat([torch.arange(12), torch.arange(12)])[None].repeat(2, 1)
-    oracle_model = hf.patch(cast(base, torch.float64))
+    patched64, oracle_model = hf.patch(cast(base, torch.float64)), oracle_of(base)
+    patched = hf.patch(copy.deepcopy(base))
     for pos in (far, repeated):
-        oracle = logits(oracle_model, ids, position_ids=pos)
-        out = logits(hf.patch(copy.deepcopy(base)), ids, position_ids=pos)
-        check = error_check(out, oracle, logits(base, ids, position_ids=pos), torch.float32)
+        oracle = assert_same_fp64(patched64, oracle_model, ids, position_ids=pos)
+        check = error_check(logits(patched, ids, position_ids=pos), oracle, logits(base, ids, position_ids=pos))
         assert check.ok, str(check)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_left_padding_logits(attn):
-    """Left padding reaches the module as a 4-D bool (sdpa) or float (eager) mask; the real rows of
-    a padded sequence must equal that sequence run alone."""
-    model = hf.patch(stock("llama", "yarn", attn))
+@pytest.mark.parametrize("kind", ["yarn", "dynamic"])
+def test_left_padding_logits(attn, kind):
+    """Left padding reaches the module as a 4-D bool (sdpa) or float (eager) mask. The real rows of
+    a padded batch equal the exact reference (dynamic NTK: one table per row, of the row's own
+    length, where stock transformers uses the longest row's) and each row run alone."""
+    model = stock("llama", kind, attn)
     ids = tokens(b=2, s=20)
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :7] = 0
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = logits(model, ids, attention_mask=mask, position_ids=pos)
-    alone = logits(model, ids[1:, 7:])
-    torch.testing.assert_close(out[1, 7:], alone[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[0], logits(model, ids[:1])[0], rtol=0, atol=1e-5)
+    kw = dict(attention_mask=mask, position_ids=pos)
+    assert_same_fp64(hf.patch(cast(model, torch.float64)), oracle_of(model), ids, rows=mask.bool(), **kw)
+    patched = hf.patch(model)
+    out = logits(patched, ids, **kw)
+    torch.testing.assert_close(out[1, 7:], logits(patched, ids[1:, 7:])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[0], logits(patched, ids[:1])[0], rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -420,7 +440,7 @@ def test_a_broken_kernel_is_caught(monkeypatch):
 
     base = stock("llama", "default")
     ids = tokens()
-    oracle = logits(hf.patch(cast(base, torch.float64)), ids)
+    oracle = logits(oracle_of(base), ids)
     monkeypatch.setattr(rk, "rope_attention", broken)
     out = logits(hf.patch(copy.deepcopy(base)), ids)
     assert not error_check(out, oracle, logits(base, ids), torch.float32).ok

@@ -41,7 +41,16 @@ from transformers.cache_utils import DynamicLayer
 
 import ropekern as rk
 
-__all__ = ["patch", "unpatch", "extend_context", "is_patched", "UnrotatedLayer", "SUPPORTED_ARCHITECTURES"]
+__all__ = [
+    "patch",
+    "unpatch",
+    "extend_context",
+    "is_patched",
+    "rope_config",
+    "exact_reference",
+    "UnrotatedLayer",
+    "SUPPORTED_ARCHITECTURES",
+]
 
 _STATE = "_ropekern_state"
 _MODEL_STATE = "_ropekern_patch"
@@ -724,6 +733,75 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, _MODEL_STATE):
         delattr(model, _MODEL_STATE)
     return model
+
+
+def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn an **unpatched** model, in place, into an independent oracle for the patched one.
+
+    Everything stays transformers' own code (projections, rotate-half or rotate-every-two, partial
+    rotary, masks, cache) except the RoPE tables, whose fp32 angles (``position * inv_freq`` in fp32:
+    0.06 rad off at position 2^20) become exact: cos/sin from fp64 angles on ropekern's fp64
+    frequencies, per row with that row's length for dynamic NTK / LongRoPE (DESIGN §2). Attention
+    runs in the model's dtype: SDPA instead of eager (whose softmax is always fp32) where the model
+    supports it, and GPT-J's scores, which transformers forms in fp32, in the model's dtype. Cast
+    the model to float64 first for an oracle; returns ``model``.
+    """
+    if is_patched(model):
+        raise ValueError("exact_reference needs an unpatched model")
+    rope = rk.RopeConfig.from_hf(model.config)
+    _check_stock_tables(model, rope, _attention_modules(model))
+    if getattr(model, "_supports_sdpa", False):
+        model.config._attn_implementation = "sdpa"  # eager attention's softmax is always fp32
+    for module in model.modules():
+        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor) and hasattr(
+            module, "attention_scaling"
+        ):
+            module.forward = types.MethodType(_exact_rotary_forward(rope), module)
+        elif _adapter_for(module) is _GPTJ:
+            module._get_embed_positions = types.MethodType(_exact_gptj_table(rope), module)
+            module._attn = types.MethodType(_gptj_attn_in_dtype, module)
+    return model
+
+
+def _exact_cos_sin(
+    rope: rk.RopeConfig, positions: torch.Tensor, lengths_from: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(cos, sin)`` ``[B, S, R/2]`` times the attention factor. Row b uses the table of
+    length ``max(lengths_from[b]) + 1`` (default ``positions``) for length-dependent types."""
+    lengths_from = positions if lengths_from is None else lengths_from
+    rows = []
+    for row, ref in zip(positions.to(torch.int64), lengths_from.to(torch.int64)):
+        inv = rope.inv_freq64(int(ref.max()) + 1 if rope.is_length_dependent else None).to(row.device)
+        rows.append(row.to(torch.float64)[:, None] * inv[None, :])
+    angle = torch.stack(rows)
+    return torch.cos(angle) * rope.attention_factor, torch.sin(angle) * rope.attention_factor
+
+
+def _exact_rotary_forward(rope: rk.RopeConfig):
+    def forward(self, x, position_ids, layer_type=None):
+        cos, sin = _exact_cos_sin(rope, position_ids)
+        return torch.cat([cos, cos], dim=-1).to(x.dtype), torch.cat([sin, sin], dim=-1).to(x.dtype)
+
+    return forward
+
+
+def _exact_gptj_table(rope: rk.RopeConfig):
+    def get_embed_positions(self, position_ids):
+        # GPT-J gathers row p = [sin(p f) a, cos(p f) a] of this [B, max position + 1, R] table.
+        n = int(position_ids.max()) + 1
+        grid = torch.arange(n, device=position_ids.device).expand(position_ids.shape[0], n)
+        cos, sin = _exact_cos_sin(rope, grid, lengths_from=position_ids)
+        return torch.cat([sin, cos], dim=-1)
+
+    return get_embed_positions
+
+
+def _gptj_attn_in_dtype(self, query, key, value, attention_mask=None):
+    scores = torch.matmul(query, key.transpose(-1, -2)) / self.scale_attn
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.nn.functional.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(self.attn_dropout(weights), value), weights
 
 
 def rope_config(model: torch.nn.Module) -> rk.RopeConfig:
