@@ -1,16 +1,17 @@
 """``ropekern check-model PATH``: is patching this checkpoint safe?
 
 Loads a local transformers checkpoint (no network) twice: in the test dtype (stock, then patched in
-place) and in float64, patched (the oracle: fp64 weights, fp64-angle reference attention). A few
-random prompts, batched with left padding, give two checks under the DESIGN §5 error-ratio rule:
+place) and in float64 as the oracle, ``hf.exact_reference``: the stock transformers forward with
+exact (fp64-angle) RoPE tables, independent of the patched code path. Random prompts, batched with
+left padding, give two checks under the DESIGN §5 error-ratio rule (baseline: the stock model's own
+full forward in the test dtype):
 
-* prefill: patched logits vs the oracle, baseline = the stock model's logits (same dtype);
+* prefill: the patched model's logits at every real token;
 * cached decode: the last ``--decode`` tokens fed one at a time through a ``DynamicCache`` of the
-  patched model (un-rotated keys), vs the oracle's full forward, with the same stock full-forward
-  baseline: cached decoding must be as accurate as stock recomputation.
+  patched model (un-rotated keys), each against the oracle's full forward of that prefix.
 
 Prints the RoPE layout it found (half-split or interleaved pairs, rotary dim), the errors, top-1
-agreement with the oracle, and a verdict; exits 1 on failure or an unsupported model, 2 on a bad path.
+agreement with the oracle, and a verdict; exits 1 on failure or an unsupported model, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int, device) -> tuple[torch.
 
 @torch.no_grad()
 def _decode_logits(model, ids, mask, pos, steps: int) -> torch.Tensor:
-    """Logits at the last ``steps`` positions, each computed by a one-token cached step."""
+    """Logits ``[B, steps, V]`` at the last ``steps`` positions, each from a one-token cached step."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -65,6 +66,19 @@ def _decode_logits(model, ids, mask, pos, steps: int) -> torch.Tensor:
             use_cache=True,
         )
         out.append(step.logits[:, -1])
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def _prefix_logits(model, ids, mask, pos, steps: int) -> torch.Tensor:
+    """Logits ``[B, steps, V]`` at the last ``steps`` positions, each from a full forward of its prefix
+    (for dynamic NTK / LongRoPE the table depends on the prefix length)."""
+    out = []
+    for t in range(ids.shape[1] - steps, ids.shape[1]):
+        n = t + 1
+        out.append(
+            model(ids[:, :n], attention_mask=mask[:, :n], position_ids=pos[:, :n], use_cache=False).logits[:, -1]
+        )
     return torch.stack(out, dim=1)
 
 
@@ -100,12 +114,13 @@ def run(args) -> int:
 
     model, oracle = load(dtype), load(torch.float64)
     try:
-        hf.patch(oracle, backend="torch")
+        hf.exact_reference(oracle)
+        rope = hf.rope_config(hf.patch(model, backend=args.backend))
     except ValueError as exc:
         print(f"{type(model).__name__}: ropekern cannot patch this model: {exc}")
         print("verdict: FAIL")
         return 1
-    rope = hf.rope_config(oracle)
+    hf.unpatch(model)
     layout = "interleaved pairs (2i, 2i+1)" if rope.interleaved else "half-split pairs (i, i+R/2)"
     print(f"model   {type(model).__name__} from {path}")
     print(f"rope    {rope}")
@@ -115,22 +130,24 @@ def run(args) -> int:
     ids, mask, pos = _prompts(args.prompts, args.length, model.config.vocab_size, args.seed, device)
     print(f"inputs  {args.prompts} prompts of {int(mask.sum(1).min())}..{args.length} tokens (left-padded), "
           f"{args.decode} cached decode steps, {args.dtype} on {device}")  # fmt: skip
+    steps = args.decode
     with torch.no_grad():
-        stock = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        kw = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+        stock, stock_tail = model(ids, **kw).logits, _prefix_logits(model, ids, mask, pos, steps)
+        reference, reference_tail = oracle(ids, **kw).logits, _prefix_logits(oracle, ids, mask, pos, steps)
         hf.patch(model, backend=args.backend)
-        patched = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        reference = oracle(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    decoded = _decode_logits(model, ids, mask, pos, args.decode)
+        patched = model(ids, **kw).logits
+    decoded = _decode_logits(model, ids, mask, pos, steps)
+    hf.unpatch(model)
 
     def top1(x, ref):
         return float((x.argmax(-1) == ref.argmax(-1)).double().mean())
 
     real = mask.bool()
     prefill = error_check(patched[real], reference[real], stock[real], dtype)
-    tail = slice(args.length - args.decode, args.length)
-    decode = error_check(decoded, reference[:, tail], stock[:, tail], dtype)
+    decode = error_check(decoded, reference_tail, stock_tail, dtype)
     print(_line("prefill", prefill, top1(patched[real], reference[real]), top1(stock[real], reference[real])))
-    print(_line("cached decode", decode, top1(decoded, reference[:, tail]), top1(stock[:, tail], reference[:, tail])))
+    print(_line("cached decode", decode, top1(decoded, reference_tail), top1(stock_tail, reference_tail)))
     ok = prefill.ok and decode.ok
     print(f"verdict: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -370,6 +370,26 @@ def test_cache_holds_unrotated_keys_and_positions():
     assert layer.positions.tolist() == [[0, 1, 2]]
 
 
+def test_unrotated_layer_follows_cache_operations():
+    """Beam search reorders, batch expansion and cropping keep positions and inputs with their keys."""
+    layer = hf.UnrotatedLayer()
+    k = torch.randn(3, 2, 4, 8)
+    layer.update(k, k, positions=torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [9, 9, 9, 9]]))
+    layer.inputs = torch.arange(12.0).reshape(3, 4, 1)
+    layer.reorder_cache(torch.tensor([2, 0, 0]))
+    assert layer.positions.tolist() == [[9, 9, 9, 9], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert torch.equal(layer.keys, k[[2, 0, 0]]) and layer.inputs[:, 0, 0].tolist() == [8, 0, 0]
+    layer.batch_select_indices(torch.tensor([0, 1]))
+    layer.batch_repeat_interleave(2)
+    assert layer.positions[:, 0].tolist() == [9, 9, 0, 0] and layer.inputs[:, 0, 0].tolist() == [8, 8, 0, 0]
+    layer.crop(-1)
+    assert layer.positions.shape == (4, 3) and layer.inputs.shape == (4, 3, 1) and layer.keys.shape[2] == 3
+    with pytest.raises(ValueError, match="un-rotated keys"):
+        layer.update(k[:, :, :1].repeat(2, 1, 1, 1)[:4], k[:4, :, :1])
+    layer.reset()
+    assert layer.positions is None and layer.inputs is None and layer.get_seq_length() == 0
+
+
 def test_cache_mixing_refused():
     model = stock("llama", "default")
     ids = tokens(b=1, s=5)
