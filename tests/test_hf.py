@@ -101,11 +101,12 @@ def scaling(kind: str, arch: str) -> tuple[dict | None, int | None]:
             "original_max_position_embeddings": 16,
         },
     }
+    table["proportional"] = {"rope_type": "proportional", "factor": 2.0, "partial_rotary_factor": 0.5}
     # dynamic NTK's L is max_position_embeddings; LongRoPE's factor is max / original = 4.
     return table[kind], {"dynamic": 16, "longrope": 64}.get(kind)
 
 
-ROPE_TYPES = ["default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3"]
+ROPE_TYPES = ["default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional"]
 
 
 @pytest.fixture(autouse=True)
@@ -169,8 +170,9 @@ def oracle_of(model):
 
 
 def assert_same_fp64(patched_model, oracle_model, ids, rows=None, **kw):
-    """The patched model in fp64 equals the exact stock reference: summation order is the only
-    difference (~1e-15 relative); 1e-9 leaves room without hiding any real mistake (>1e-3)."""
+    """The patched model in fp64 (on the fp64 reference backend: kernels rotate in fp32 by design)
+    equals the exact stock reference: summation order is the only difference (~1e-15 relative);
+    1e-9 leaves room without hiding any real mistake (>1e-3)."""
     out, ref = logits(patched_model, ids, **kw), logits(oracle_model, ids, **kw)
     if rows is not None:
         out, ref = out[rows], ref[rows]
@@ -181,12 +183,17 @@ def assert_same_fp64(patched_model, oracle_model, ids, rows=None, **kw):
 @pytest.mark.parametrize("kind", ROPE_TYPES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_stock(arch, kind):
+    if kind == "proportional" and arch in ("gpt_neox", "gptj"):
+        # Proportional RoPE spans the whole head; these rotate a fixed channel count: refused.
+        with pytest.raises(ValueError, match="rotates 8 channels|rotary_dim"):
+            stock(arch, kind)
+        return
     base = stock(arch, kind)
     rope = rk.RopeConfig.from_hf(base.config)
     assert rope.rope_type == kind
     ids = tokens()
     dtypes = (torch.float32, torch.bfloat16)
-    oracle = assert_same_fp64(hf.patch(cast(base, torch.float64)), oracle_of(base), ids)
+    oracle = assert_same_fp64(hf.patch(cast(base, torch.float64), backend="torch"), oracle_of(base), ids)
     patched = {dtype: hf.patch(cast(base, dtype)) for dtype in dtypes}
     if arch == "gptj" and rope.is_length_dependent:
         gptj_table_for_length(base, rope, SEQ)  # after patching: patch() checks the base-state table
@@ -218,7 +225,7 @@ def test_far_and_repeated_positions():
     ids = tokens(b=2, s=24)
     far = torch.arange(24)[None].repeat(2, 1) + 2**20 - 7
     repeated = torch.cat([torch.arange(12), torch.arange(12)])[None].repeat(2, 1)
-    patched64, oracle_model = hf.patch(cast(base, torch.float64)), oracle_of(base)
+    patched64, oracle_model = hf.patch(cast(base, torch.float64), backend="torch"), oracle_of(base)
     patched = hf.patch(copy.deepcopy(base))
     for pos in (far, repeated):
         oracle = assert_same_fp64(patched64, oracle_model, ids, position_ids=pos)
@@ -238,7 +245,9 @@ def test_left_padding_logits(attn, kind):
     mask[1, :7] = 0
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     kw = dict(attention_mask=mask, position_ids=pos)
-    assert_same_fp64(hf.patch(cast(model, torch.float64)), oracle_of(model), ids, rows=mask.bool(), **kw)
+    assert_same_fp64(
+        hf.patch(cast(model, torch.float64), backend="torch"), oracle_of(model), ids, rows=mask.bool(), **kw
+    )
     patched = hf.patch(model)
     out = logits(patched, ids, **kw)
     torch.testing.assert_close(out[1, 7:], logits(patched, ids[1:, 7:])[0], rtol=0, atol=1e-5)
@@ -255,9 +264,12 @@ def generate(model, ids, **kw):
         return model.generate(ids, **kw)
 
 
+@pytest.mark.parametrize("kind", ["default", "yarn"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_generation_identical(arch):
-    model = stock(arch, "default")
+def test_greedy_generation_identical(arch, kind):
+    """32 greedy tokens through the cache, as stock (static rope types: stock's cached decoding is
+    exact for them; the length-dependent ones are compared with recomputation below)."""
+    model = stock(arch, kind)
     ids = tokens(b=1, s=8)
     expected = generate(model, ids)
     got = generate(hf.patch(model), ids)
@@ -390,6 +402,24 @@ def test_unrotated_layer_follows_cache_operations():
     assert layer.positions is None and layer.inputs is None and layer.get_seq_length() == 0
 
 
+def test_mask_forms():
+    """Every form transformers hands the module reduces to the same key validity; others are refused."""
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    i, j = torch.arange(2)[:, None], torch.arange(4)[None, :]
+    allowed = ((j <= i + 2)[None] & valid[:, None, :])[:, None]  # [B, 1, Sq=2, T=4]
+    eager = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (valid.long(), allowed, eager):
+        assert torch.equal(hf._key_validity(mask, 2, 2, 4, "t"), valid)
+    assert hf._key_validity(torch.ones(2, 4), 2, 2, 4, "t") is None  # nothing masked: dense path
+    assert hf._key_validity(None, 2, 2, 4, "t") is None
+    with pytest.raises(ValueError, match="not causal"):
+        hf._key_validity(~allowed, 2, 2, 4, "t")
+    with pytest.raises(ValueError, match="expected"):
+        hf._key_validity(valid, 2, 2, 5, "t")
+    with pytest.raises(ValueError, match="unsupported attention mask"):
+        hf._key_validity(object(), 2, 2, 4, "t")
+
+
 def test_cache_mixing_refused():
     model = stock("llama", "default")
     ids = tokens(b=1, s=5)
@@ -490,6 +520,14 @@ def test_refusals():
     with pytest.raises(ValueError, match="unknown backend"):
         hf.patch(make_model("llama"), backend="nope")
 
+    model = make_model("llama")
+    model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn' uses attention sinks"):
+        hf.patch(model)
+    model = make_model("llama")
+    model.config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    with pytest.raises(ValueError, match="per-layer-type rope_parameters"):
+        hf.patch(model)
     model = make_model("llama")
     model.config.rope_parameters["rope_theta"] = 500000.0  # config edited after the tables were built
     with pytest.raises(ValueError, match="inv_freq.*read differently"):

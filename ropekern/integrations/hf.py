@@ -830,9 +830,9 @@ def extend_context(
             (Phi-3), else the current ``rope_parameters``' one, else ``max_position_embeddings``.
             ``rope_theta`` and ``partial_rotary_factor`` default to the model's.
         backend, rescale: as in ``patch``.
-        max_position_embeddings: the new context length; default ``original * factor`` (dynamic NTK
-            keeps ``max_position_embeddings``: transformers uses it as the length beyond which the
-            base grows, and the context has no fixed end).
+        max_position_embeddings: the new context length; default ``original * factor``. Dynamic NTK
+            keeps the current value by default: transformers uses it as L, the length beyond which
+            the base grows (so an explicit value sets L), and the context has no fixed end.
 
     The config gets ``rope_parameters`` and ``max_position_embeddings`` (and, when it has one, the
     top-level ``original_max_position_embeddings``); the model's own rotary tables are rebuilt from it,
