@@ -414,6 +414,10 @@ def test_mask_forms():
     assert hf._key_validity(None, 2, 2, 4, "t") is None
     with pytest.raises(ValueError, match="not causal"):
         hf._key_validity(~allowed, 2, 2, 4, "t")
+    mask = valid.long()
+    hf._key_validity(mask, 2, 2, 4, "t")
+    mask[0, 0] = 1  # changed in place after a call: not served from the per-forward memo
+    assert hf._key_validity(mask, 2, 2, 4, "t") is None
     with pytest.raises(ValueError, match="expected"):
         hf._key_validity(valid, 2, 2, 5, "t")
     with pytest.raises(ValueError, match="unsupported attention mask"):
@@ -617,6 +621,20 @@ def test_check_model_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(rk, "rope_attention", noisy)
     assert cli.main(["check-model", str(tmp_path / "gptj"), "--length", "20", "--decode", "4"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_cached_vs_recompute_example(capsys):
+    """examples/hf_cached_vs_recompute.py (the numbers quoted in docs/hf.md) runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "hf_cached_vs_recompute.py"
+    spec = importlib.util.spec_from_file_location("hf_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("recompute" in line for line in lines)
 
 
 def test_docs_example_runs():

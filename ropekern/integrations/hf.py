@@ -32,12 +32,17 @@ from __future__ import annotations
 import inspect
 import math
 import types
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError as exc:  # transformers < 4.56 has no per-layer cache objects
+    raise ImportError("ropekern.integrations.hf needs transformers >= 5 (pip install 'ropekern[hf]')") from exc
 
 import ropekern as rk
 
@@ -290,6 +295,11 @@ def _cache_layer(cache: Any, layer_idx: int, where: str) -> UnrotatedLayer:
 
 
 # ---------------------------------------------------------------------------------------------- masks
+# The last mask reduced, by identity: every layer of one forward receives the same mask object, and
+# checking a 4-D mask costs B * Sq * T comparisons (64M per layer for an 8K-token prefill).
+_LAST_MASK: list[Any] = [None, None, None]  # [weakref to the mask, (b, sq, t, version), validity]
+
+
 def _key_validity(mask: Any, b: int, sq: int, t: int, where: str) -> torch.Tensor | None:
     """Reduce transformers' attention mask to key validity, bool ``[B, T]``; None when nothing is masked
     beyond causality. A 4-D mask must be exactly causal (bottom-right) & key padding."""
@@ -301,6 +311,16 @@ def _key_validity(mask: Any, b: int, sq: int, t: int, where: str) -> torch.Tenso
             "supported; use attn_implementation='eager' or 'sdpa')"
         )
     checking = not torch.compiler.is_compiling()
+    key = (b, sq, t, mask._version)  # the version counter moves on any in-place change
+    if checking and _LAST_MASK[0] is not None and _LAST_MASK[0]() is mask and _LAST_MASK[1] == key:
+        return _LAST_MASK[2]
+    valid = _reduce_mask(mask, b, sq, t, where, checking)
+    if checking:
+        _LAST_MASK[:] = [weakref.ref(mask), key, valid]
+    return valid
+
+
+def _reduce_mask(mask: torch.Tensor, b: int, sq: int, t: int, where: str, checking: bool) -> torch.Tensor | None:
     if mask.dim() == 2:
         if tuple(mask.shape) != (b, t):
             raise ValueError(f"{where}: 2-D attention mask has shape {tuple(mask.shape)}, expected {(b, t)}")
