@@ -8,11 +8,14 @@ deletes those instance-level forwards, so the class's own forward runs again, bi
 KV cache. Keys are stored un-rotated. Each cache layer (``transformers.DynamicLayer``) is swapped,
 while still empty, for ``UnrotatedLayer``, which also records the position of every cached token
 (``[B, T]``) and keeps it aligned through ``crop``, ``reorder_cache`` (beam search) and the batch
-operations. Every step rotates *all* keys with the table of the sequence's current length, so
-dynamic NTK and LongRoPE give the same result cached or recomputed; stock transformers caches keys
-rotated with the table in force when they were written (see ``docs/hf.md``). A cache written by an
-unpatched model (rotated keys) is refused, and an ``UnrotatedLayer`` refuses writes from an
-unpatched module.
+operations. Every step rotates *all* keys with the table of the sequence's current length; stock
+transformers caches keys rotated with the table in force when they were written (``docs/hf.md``).
+Re-rotation alone is exact for one layer only: deeper layers' cached keys/values were computed from
+attention outputs under the older table. So for dynamic NTK and LongRoPE the decoder stack's
+forward is wrapped too (``rescale="recompute"``, the default): when a sequence's scaling state
+changes, the prefix is recomputed from input embeddings kept in the cache, and cached generation
+equals a full recompute. A cache written by an unpatched model (rotated keys) is refused, and an
+``UnrotatedLayer`` refuses writes from an unpatched module.
 
 Masks. The module receives transformers' own mask (``None``, 2-D padding mask, or 4-D bool/float
 mask). It is reduced to a key-validity mask ``[B, T]``; a 4-D mask is checked to be exactly
@@ -453,8 +456,9 @@ class _StackState:
 
     rope: rk.RopeConfig
     params: tuple[str, ...]
-    forward: Callable[..., Any]  # the class's forward (looked up at patch time: dynamo resolves
-    # type(self).forward inside a compiled module to the instance attribute, i.e. to this wrapper)
+    # The class's forward, looked up at patch time: inside a compiled module dynamo resolves
+    # type(self).forward to the instance attribute, i.e. to the wrapper itself (infinite recursion).
+    forward: Callable[..., Any]
 
 
 def _sequence_lengths(positions: torch.Tensor, valid: torch.Tensor | None) -> list[int]:
@@ -531,7 +535,8 @@ def _patched_stack_forward(self, *args, **kwargs):
         if recompute:
             out = (out[0][:, -s:], *out[1:])
     else:
-        out_cache = getattr(out, "past_key_values", None) or cache
+        out_cache = getattr(out, "past_key_values", None)
+        out_cache = cache if out_cache is None else out_cache
         if recompute:
             out.last_hidden_state = out.last_hidden_state[:, -s:]
             if getattr(out, "hidden_states", None) is not None:
