@@ -2,19 +2,23 @@
 // kernel source itself (not a re-implementation) runs and is tested on a machine without a GPU.
 //
 // Compiled only with -DRK_EMULATE by a host C++ compiler (csrc/tests/test_cuda_emulated.cpp).
-// Every CUDA thread is a fiber (ucontext) with its own stack; a scheduler runs the fibers of one CTA
-// in a random order (seeded) and switches only at synchronisation points:
+// Every CUDA thread is a fiber (ucontext) with its own stack. The scheduler models independent
+// warps: it repeatedly picks a random warp and runs its lanes until each reaches its next
+// synchronisation point, releasing any barrier as soon as it completes, so one warp can run far
+// ahead of another exactly where the kernel allows it:
 //   * __syncthreads: a CTA barrier; a barrier reached after some threads returned, or a warp
 //     collective executed by part of a warp, is reported as an error (deadlock/divergence);
 //   * warp collectives (shuffle, ldmatrix, mma.sync): each lane deposits its operands, the warp
 //     waits for all 32 lanes, then each lane computes its result from everyone's operands with the
 //     fragment layouts of the PTX ISA (mma.m16n8k16 .f16/.bf16, ldmatrix .m8n8 .x4 [.trans]);
-//   * cp.async: copies are queued per thread and performed when cp.async.wait_group retires their
-//     group, or earlier at a random synchronisation point. A read of a tile that was not waited
-//     for sees stale data, and an early landing overwrites a buffer another warp still reads, so
-//     both kinds of missing synchronisation show up as wrong results.
+//   * cp.async: copies are queued per thread; a committed group lands after a random number of the
+//     issuing thread's synchronisation points (half of the groups within 3, the others within 400)
+//     or when cp.async.wait_group retires it. A read of a tile that was not waited for sees stale
+//     data, and an early landing overwrites a buffer another warp may still read, so both kinds of
+//     missing synchronisation show up as wrong results.
 // Shared memory starts as 0xFF bytes (NaN in fp16/bf16), so reads of unwritten smem poison results.
-// This models semantics, not performance: bank conflicts, occupancy and timing are not modelled.
+// The scheduling seed varies the interleaving (test_cuda_emulated [seed]). This models semantics,
+// not performance: bank conflicts, occupancy and timing are not modelled.
 #pragma once
 
 #if !defined(RK_EMULATE)
@@ -114,14 +118,18 @@ struct PendingCopy {
   bool zero_fill;
 };
 
+struct CopyGroup {
+  std::vector<PendingCopy> copies;
+  int lands_after = 0;  // synchronisation points of the issuing thread until the copies land
+};
+
 struct Fiber {
   ucontext_t ctx;
-  char* stack = nullptr;
   dim3 thread_idx;
   int linear = 0, warp = 0, lane = 0;
   Wait wait = Wait::kRunnable;
   unsigned collective_seq = 0;
-  std::vector<std::vector<PendingCopy>> committed;
+  std::vector<CopyGroup> committed;
   std::vector<PendingCopy> open_group;
 };
 
@@ -160,7 +168,6 @@ inline ucontext_t& scheduler_context() {
 // Launch options shared by every emulated launch (tests set the seed to vary the interleaving).
 struct Options {
   uint64_t seed = 1;
-  double early_copy_probability = 0.3;  // chance that a committed cp.async group lands at a yield
   size_t stack_bytes = 256 * 1024;
 };
 inline Options& options() {
@@ -170,8 +177,8 @@ inline Options& options() {
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error("emulated kernel: " + what); }
 
-inline void complete_group(std::vector<PendingCopy>& group) {
-  for (const PendingCopy& c : group) {
+inline void complete_group(const CopyGroup& group) {
+  for (const PendingCopy& c : group.copies) {
     if (c.zero_fill) {
       std::memset(c.dst, 0, 16);
     } else {
@@ -180,17 +187,20 @@ inline void complete_group(std::vector<PendingCopy>& group) {
   }
 }
 
-// Suspend the current fiber until the scheduler releases it.
+// Suspend the current fiber until the scheduler releases it; its in-flight copies age by one step.
 inline void yield(Wait why) {
   Cta& cta = *current_cta();
   Fiber& f = *current_fiber();
   f.wait = why;
   if (why == Wait::kCta) ++cta.arrived_cta;
   if (why == Wait::kWarp) ++cta.warps[f.warp].arrived;
-  std::uniform_real_distribution<double> u(0.0, 1.0);
-  if (!f.committed.empty() && u(cta.rng) < options().early_copy_probability) {
-    complete_group(f.committed.front());
-    f.committed.erase(f.committed.begin());
+  for (size_t g = 0; g < f.committed.size();) {
+    if (--f.committed[g].lands_after <= 0) {
+      complete_group(f.committed[g]);
+      f.committed.erase(f.committed.begin() + static_cast<long>(g));
+    } else {
+      ++g;
+    }
   }
   swapcontext(&f.ctx, &scheduler_context());
 }
@@ -266,18 +276,26 @@ inline void run_cta(dim3 block_idx, dim3 block_dim, dim3 grid_dim, size_t smem_b
     f.ctx.uc_link = &scheduler_context();
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  std::vector<int> runnable;
+  std::vector<int> warps, lanes;
   while (cta.live > 0) {
-    runnable.clear();
-    for (int t = 0; t < threads; ++t) {
-      if (cta.fibers[t].wait == Wait::kRunnable) runnable.push_back(t);
+    warps.clear();
+    for (int w = 0; w < threads / 32; ++w) {
+      for (int l = 0; l < 32; ++l) {
+        if (cta.fibers[w * 32 + l].wait == Wait::kRunnable) {
+          warps.push_back(w);
+          break;
+        }
+      }
     }
-    if (runnable.empty()) {
-      if (!release(cta)) fail("deadlock: threads wait at different barriers (divergent __syncthreads or collective)");
-      continue;
+    if (warps.empty()) fail("deadlock: threads wait at different barriers (divergent __syncthreads or collective)");
+    // One step of a random warp: each runnable lane runs to its next synchronisation point.
+    const int w = warps[std::uniform_int_distribution<size_t>(0, warps.size() - 1)(cta.rng)];
+    lanes.clear();
+    for (int l = 0; l < 32; ++l) {
+      if (cta.fibers[w * 32 + l].wait == Wait::kRunnable) lanes.push_back(w * 32 + l);
     }
-    std::shuffle(runnable.begin(), runnable.end(), cta.rng);
-    for (int t : runnable) {
+    std::shuffle(lanes.begin(), lanes.end(), cta.rng);
+    for (int t : lanes) {
       current_fiber() = &cta.fibers[t];
       swapcontext(&scheduler_context(), &cta.fibers[t].ctx);
       if (!cta.error.empty()) {
@@ -285,6 +303,7 @@ inline void run_cta(dim3 block_idx, dim3 block_dim, dim3 grid_dim, size_t smem_b
         throw std::runtime_error(cta.error);
       }
     }
+    release(cta);
   }
   current_cta() = nullptr;
   current_fiber() = nullptr;
@@ -401,12 +420,14 @@ inline void copy_async_16(void* dst, const void* src, bool valid) {
 }
 inline void cp_async_commit() {
   Fiber& f = *current_fiber();
-  f.committed.push_back(std::move(f.open_group));
+  std::mt19937_64& rng = current_cta()->rng;
+  const int horizon = std::uniform_int_distribution<int>(0, 1)(rng) ? 3 : 400;
+  f.committed.push_back({std::move(f.open_group), std::uniform_int_distribution<int>(1, horizon)(rng)});
   f.open_group.clear();
 }
 inline void cp_async_wait(int n) {
   Fiber& f = *current_fiber();
-  while (static_cast<int>(f.committed.size()) > n) {
+  while (static_cast<int>(f.committed.size()) > n) {  // groups retire in commit order
     complete_group(f.committed.front());
     f.committed.erase(f.committed.begin());
   }
