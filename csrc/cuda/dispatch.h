@@ -136,7 +136,9 @@ std::string check_attention(const AttnParams& p, DType dtype) {
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) {
     return "`cu_seqlens_q` and `cu_seqlens_k` must be given together";
   }
-  if (p.q_pos == nullptr || p.k_pos == nullptr) return "`q_pos` and `k_pos` are required";
+  if ((p.q_pos == nullptr && p.seqlen_q > 0) || (p.k_pos == nullptr && p.seqlen_k > 0)) {
+    return "`q_pos` and `k_pos` are required";
+  }
   return {};
 }
 
