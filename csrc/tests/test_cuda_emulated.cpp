@@ -543,8 +543,8 @@ int main(int argc, char** argv) {
     run_prefill<bf16_t>({"D128 129x113 causal(Sq>Sk) partial il pos~2^20", 1, 2, 1, 128, 64, {129}, {113}, false, true,
                          true, false, 1.25, {10000.0}, (1 << 20) - 60, false},
                         seed + 1);
-    run_prefill<half_t>({"D64 varlen causal per-seq tables pos~2^22", 3, 2, 2, 64, 32, {1, 17, 0}, {5, 70, 3}, true, true, false,
-                         false, 1.0, {10000.0, 80000.0, 3000.0}, 1 << 22, false},
+    run_prefill<half_t>({"D64 varlen causal per-seq tables pos~2^22", 4, 2, 2, 64, 32, {1, 17, 0, 2}, {5, 70, 3, 0}, true,
+                         true, false, false, 1.0, {10000.0, 80000.0, 3000.0, 10.0}, 1 << 22, false},
                         seed + 2);
     run_prefill<half_t>({"D256 1x65 MQA4 repeated positions", 1, 4, 1, 256, 256, {1}, {65}, false, false, false, false,
                          1.0, {500000.0}, 3, true},
