@@ -48,6 +48,7 @@ class TorchBackend:
 _REGISTRY: dict[str, str] = {
     "torch": "ropekern.ops:TORCH",
     "triton": "ropekern._triton:backend",
+    "cuda": "ropekern._cuda:backend",
 }
 # What `backend="auto"` tries, per device type, in order.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
