@@ -10,6 +10,7 @@ imported lazily, so a missing compiler or Triton only makes that backend unavail
 from __future__ import annotations
 
 import importlib
+import sys
 from functools import cache
 from typing import Any
 
@@ -64,7 +65,8 @@ def _load(name: str) -> Any:
     """The backend object, or the reason (a string) why it cannot be loaded."""
     module_name, attr = _REGISTRY[name].split(":")
     try:
-        module = importlib.import_module(module_name)
+        # sys.modules first: torch.compile cannot trace importlib, but can trace a dict lookup.
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
         backend = getattr(module, attr)
     except Exception as exc:  # an unbuilt extension or missing Triton makes only this backend unavailable
         return f"{type(exc).__name__}: {exc}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Any
 
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
@@ -36,7 +37,9 @@ class TritonBackend:
         return f"tensors on {tensor.device} (triton runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
 
     def _op(self, name: str) -> Any:
-        return importlib.import_module(f"{__name__}.{name}")
+        # sys.modules first: torch.compile cannot trace importlib, but can trace a dict lookup.
+        module = sys.modules.get(f"{__name__}.{name}")
+        return module if module is not None else importlib.import_module(f"{__name__}.{name}")
 
     def check_attention(self, call: Any) -> str | None:
         return self._device_reason(call.q) or self._op("attention").check(call)
