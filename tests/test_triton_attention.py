@@ -301,18 +301,41 @@ def test_opcheck_dense_and_varlen():
     torch.library.opcheck(torch.ops.ropekern_triton.attention_fwd.default, args)
 
 
-def test_compile_fullgraph():
-    """torch.compile(fullgraph=True) traces the public call; aot_eager runs the fake (shapes,
-    dtypes, strides) and the real op. Inductor itself is exercised by the GPU test."""
-    rope = rk.RopeConfig(32)
-    q, k, v, _ = qkv(1, 9, 9, 2, 1, 32, BF16)
+_DYNAMIC = rk.RopeConfig(32, scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=4)
 
-    def f(q, k, v):
-        return rk.rope_attention(q, k, v, rope, causal=True, backend="triton", return_lse=True)
 
-    out, lse = f(q, k, v)
+@pytest.mark.parametrize("case", ["dense_causal", "varlen", "dynamic_positions"])
+def test_compile_fullgraph(case):
+    """torch.compile(fullgraph=True) traces the public call (validation, dispatch, tables, op);
+    aot_eager runs the fake (shapes, dtypes, strides) and then the real op. Inductor itself is
+    exercised by the GPU test (on CPU it spends ~1 min compiling C++ for the glue ops)."""
+    if case == "dense_causal":
+        q, k, v, _ = qkv(1, 9, 9, 2, 1, 32, BF16)
+        args = (q, k, v)
+
+        def f(q, k, v):
+            return rk.rope_attention(q, k, v, rk.RopeConfig(32), causal=True, backend="triton", return_lse=True)
+
+    elif case == "varlen":
+        q, k, v, extra = qkv(2, 0, 0, 2, 1, 32, BF16, varlen=([3, 5], [4, 6]))
+        args = (q, k, v, extra["cu_seqlens_q"], extra["cu_seqlens_k"])
+
+        def f(q, k, v, cu_q, cu_k):
+            kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=6, return_lse=True)
+            return rk.rope_attention(q, k, v, rk.RopeConfig(32), causal=True, backend="triton", **kw)
+
+    else:
+        q, k, v, _ = qkv(2, 9, 9, 2, 1, 32, F32)
+        args = (q, k, v, torch.arange(9, device=DEVICE).expand(2, 9) * 3)
+
+        def f(q, k, v, pos):
+            return rk.rope_attention(
+                q, k, v, _DYNAMIC, q_positions=pos, k_positions=pos, backend="triton", return_lse=True
+            )
+
     torch._dynamo.reset()
-    cout, clse = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    cout, clse = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    out, lse = f(*args)
     assert torch.equal(cout, out) and torch.equal(clse, lse)
 
 

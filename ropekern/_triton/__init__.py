@@ -8,9 +8,7 @@ variable must be set before triton is imported).
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from typing import Any
 
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
@@ -37,9 +35,9 @@ class TritonBackend:
         return f"tensors on {tensor.device} (triton runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
 
     def _op(self, name: str) -> Any:
-        # sys.modules first: torch.compile cannot trace importlib, but can trace a dict lookup.
-        module = sys.modules.get(f"{__name__}.{name}")
-        return module if module is not None else importlib.import_module(f"{__name__}.{name}")
+        from ..ops import import_module  # traceable by torch.compile, unlike importlib's
+
+        return import_module(f"{__name__}.{name}")
 
     def check_attention(self, call: Any) -> str | None:
         return self._device_reason(call.q) or self._op("attention").check(call)
