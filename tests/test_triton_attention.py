@@ -281,6 +281,56 @@ def test_unsupported_calls_name_the_reason():
         rk.rope_attention(q, k, v, rk.RopeConfig(320), backend="triton")
 
 
+def test_autotune_configs():
+    """One config under the interpreter; on GPUs the per-generation lists, pruned per head layout."""
+    import triton
+
+    from ropekern._triton import attention as A
+
+    if A._INTERPRET:
+        assert len(A._rope_attn_fwd.configs) == 1
+    every = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A._AMPERE + A._HOPPER
+    ]
+
+    def shapes(*args):
+        return {
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in A.select_configs(every, *args)
+        }
+
+    hopper_128 = shapes(9, 232448, 2, 128, 128)  # H100: 227 KB shared memory per block
+    assert hopper_128 and hopper_128 <= set(A._HOPPER) and (128, 128, 8, 3) in hopper_128
+    ampere_128 = shapes(8, 166912, 2, 128, 128)  # A100: 163 KB
+    assert ampere_128 and ampere_128 <= set(A._AMPERE) and (128, 64, 4, 3) in ampere_128
+    # D = 256: a 128-row fp32 accumulator needs 8 warps (256 registers per thread at 4 warps).
+    assert all(w == 8 for m, _, w, _ in shapes(9, 232448, 2, 256, 256) if m == 128)
+    assert shapes(8, 101376, 4, 256, 256) == {(64, 32, 4, 1)}  # fp32 D = 256 on a 99 KB part: the fallback
+
+
+def test_kernels_compile_for_gpus():
+    """The interpreter never runs the GPU compiler; compile both kernels for sm_90 / sm_80 through
+    Triton's real pipeline (bundled ptxas, no GPU needed) and require no register spills."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from ropekern._triton import aot\n"
+        "print(aot.compile_attention(90, 'bf16', 80, 48, True, True, True, 2, (64, 32, 4, 2)))\n"
+        "print(aot.compile_rope(80, 'fp16', 96, 64, interleaved=True))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.strip().splitlines():
+        usage = ast.literal_eval(line)
+        assert usage["registers"] > 0 and usage["local"] == 0, usage
+
+
 # ---------------------------------------------------------------------------------- torch.library
 def _op_args(q, k, v, rope, **kw):
     call = attention_call(q, k, v, rope, **kw)

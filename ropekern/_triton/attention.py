@@ -49,33 +49,41 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the configs of this GPU generation that fit its shared memory and the register file."""
-    if _INTERPRET:
-        return configs[:1]
-    q = named_args["Q"]
-    major = torch.cuda.get_device_capability(q.device)[0]
+def select_configs(
+    configs: list[triton.Config], major: int, smem_limit: int, elem_size: int, head_dim_p: int, k_cols: int
+) -> list[triton.Config]:
+    """The configs of this GPU generation (``major`` 9+: Hopper list, else Ampere) that fit
+    ``smem_limit`` bytes of shared memory and the register file, for a padded head of
+    ``head_dim_p`` (V / accumulator) and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns."""
     family = set(_HOPPER if major >= 9 else _AMPERE)
-    props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
-    smem_limit = props["max_shared_mem"]
-    es = q.element_size()
-    d_p = kwargs["HEAD_DIM_P"]
-    k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
     keep = []
     for c in configs:
         bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
         if (bm, bn, w, s) not in family:
             continue
-        # K and V tiles per pipeline stage, plus the rotated K tile staged once for the MMA.
-        smem = max(s, 1) * bn * (k_cols + d_p) * es + bn * k_cols * es
-        # fp32 accumulator + the rotated Q tile live in registers for the whole key loop; above
-        # ~160 32-bit registers per thread they spill (255 is the hardware maximum).
-        regs = (bm * d_p + bm * k_cols * es // 4) // (32 * w)
-        if smem <= smem_limit and regs <= 160:
+        # Shared memory: one K and one V tile is a lower bound. Compiled for sm_80/sm_90 with D = 128
+        # bf16, Triton allocated 0.75-1.5x of it whatever num_stages (24-66 KB): K passes through
+        # registers to be rotated, so only part of the loads are multi-buffered. Configs that
+        # still do not fit fail at launch with OutOfResources, which the autotuner skips.
+        smem = bn * (k_cols + head_dim_p) * elem_size
+        # The fp32 accumulator and the rotated Q tile stay in registers for the whole key loop.
+        # Compiled for sm_80/sm_90 (ptxas, no GPU), D = 128 bf16 at 128 x 64 x 4 warps (192 by this
+        # estimate) uses 255 registers with no spill; D = 256 at 4 warps (384) cannot fit.
+        regs = bm * (head_dim_p + k_cols * elem_size // 4) // (32 * w)
+        if smem <= smem_limit and regs <= 192:
             keep.append(c)
-    if not keep:
+    if not keep:  # (64, 32, 4, 1) is in both families and is the smallest
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     return keep
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner hook: ``select_configs`` for the device of ``Q`` and this call's head layout."""
+    q = named_args["Q"]
+    major = torch.cuda.get_device_capability(q.device)[0]
+    props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
+    k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
+    return select_configs(configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols)
 
 
 @triton.jit
