@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope_tile import load_2d, load_pass, load_rotary
+from .rope_tile import load_2d, load_pairs, load_pass, load_rotary, rotate_pairs, step_table, tile_cos_sin
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -110,6 +110,8 @@ def _attn_keys(
     v_base,
     kpos_base,
     split,
+    step_cos,
+    step_sin,
     attention_factor,
     qk_scale,
     k_start,
@@ -145,7 +147,12 @@ def _attn_keys(
             kpos = tl.load(kpos_base + cols, mask=col_ok, other=0)
         else:
             kpos = tl.load(kpos_base + cols)
-        k1, k2 = load_rotary(k_rows, col_ok, kpos, split, attention_factor, HALF, HALF_P, INTERLEAVED, ROTATE, MASKED)
+        k1, k2 = load_pairs(k_rows, col_ok, HALF, HALF_P, INTERLEAVED, MASKED)
+        if ROTATE:
+            cos, sin = tile_cos_sin(kpos, col_ok, split, step_cos, step_sin, attention_factor, HALF, HALF_P, BLOCK_N)
+            r1, r2 = rotate_pairs(k1, k2, cos, sin)
+            k1 = r1.to(k1.dtype)
+            k2 = r2.to(k2.dtype)
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         s = _dot(q1, tl.trans(k1), s, DOT_PREC, UPCAST)
         s = _dot(q2, tl.trans(k2), s, DOT_PREC, UPCAST)
@@ -291,18 +298,24 @@ def _rope_attn_fwd(
     v_base = V + b64 * stride_vb + hkv64 * stride_vh
     kpos_base = KPos + b64 * stride_kpb + k_start
 
+    if ROTATE:
+        step_cos, step_sin = step_table(split, HALF, HALF_P, BLOCK_N)
+    else:
+        step_cos = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)  # unused: rotation compiled out
+        step_sin = step_cos
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     acc, l_i, m_i = _attn_keys(
-        acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, attention_factor, qk_scale, k_start, sk,
-        causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P,
-        INTERLEAVED, ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
+        qk_scale, k_start, sk, causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P,
+        PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _attn_keys(
-        acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, attention_factor, qk_scale, k_start, sk,
-        causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P,
-        INTERLEAVED, ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
+        qk_scale, k_start, sk, causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P,
+        PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
     # Rows that saw no key (causal with Sq > Sk, or an empty key sequence): zeros and LSE -inf.

@@ -58,6 +58,18 @@ def rotate_pairs(x1, x2, cos, sin):
 
 
 @triton.jit
+def load_pairs(
+    row_ptrs, row_mask, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr, MASK_ROWS: tl.constexpr
+):
+    """The two channels of every pair of rows ``row_ptrs [M]`` (pointers to channel 0): ``[M, HALF_P]`` each."""
+    idx, c1, c2 = pair_columns(HALF, HALF_P, INTERLEAVED)
+    col_mask = idx < HALF
+    x1 = load_2d(row_ptrs[:, None] + c1[None, :], row_mask, col_mask, MASK_ROWS, HALF != HALF_P)
+    x2 = load_2d(row_ptrs[:, None] + c2[None, :], row_mask, col_mask, MASK_ROWS, HALF != HALF_P)
+    return x1, x2
+
+
+@triton.jit
 def load_rotary(
     row_ptrs,
     row_mask,
@@ -76,16 +88,56 @@ def load_rotary(
     Returns ``(x1, x2)`` ``[M, HALF_P]`` in the input dtype: rotated in fp32 and rounded once when
     ``ROTATE``, the raw loads otherwise (the RoPE-off variant costs no conversion).
     """
-    idx, c1, c2 = pair_columns(HALF, HALF_P, INTERLEAVED)
-    col_mask = idx < HALF
-    x1 = load_2d(row_ptrs[:, None] + c1[None, :], row_mask, col_mask, MASK_ROWS, HALF != HALF_P)
-    x2 = load_2d(row_ptrs[:, None] + c2[None, :], row_mask, col_mask, MASK_ROWS, HALF != HALF_P)
+    x1, x2 = load_pairs(row_ptrs, row_mask, HALF, HALF_P, INTERLEAVED, MASK_ROWS)
     if ROTATE:
-        cos, sin = rope_cos_sin(pos, split_ptr, idx, col_mask, HALF, attention_factor)
+        idx = tl.arange(0, HALF_P)
+        cos, sin = rope_cos_sin(pos, split_ptr, idx, idx < HALF, HALF, attention_factor)
         y1, y2 = rotate_pairs(x1, x2, cos, sin)
         x1 = y1.to(x1.dtype)
         x2 = y2.to(x2.dtype)
     return x1, x2
+
+
+@triton.jit
+def step_table(split_ptr, HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK: tl.constexpr):
+    """``(cos, sin)(j f)`` for ``j`` in ``[0, BLOCK)``, factor 1: the steps of ``tile_cos_sin``, ``[BLOCK, HALF_P]``."""
+    idx = tl.arange(0, HALF_P)
+    return rope_cos_sin(tl.arange(0, BLOCK), split_ptr, idx, idx < HALF, HALF, 1.0)
+
+
+@triton.jit
+def tile_cos_sin(
+    pos,
+    valid,
+    split_ptr,
+    step_cos,
+    step_sin,
+    attention_factor,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """cos/sin ``[BLOCK, HALF_P]`` (times the attention factor) for a tile's positions ``pos [BLOCK]``.
+
+    When the ``valid`` positions of the tile are consecutive (``pos[j] = p0 + j``, as with default
+    positions), by angle addition: ``e^{i (p0 + j) f} = e^{i p0 f} e^{i j f}`` from the accurate
+    ``(cos, sin)(p0 f)`` (one row) and ``step_table``: 4 FMAs per element instead of a full angle
+    (~20 ops) and two transcendentals (~30 ops on GPUs). The angle errors add: <= ~1.6e-6 rad
+    below position 2**24. Any other tile (repeats, jumps, PCW) takes the direct path.
+    """
+    idx = tl.arange(0, HALF_P)
+    pair_mask = idx < HALF
+    rel = pos - tl.arange(0, BLOCK)
+    first = tl.min(tl.where(valid, rel, 2147483647), 0)
+    last = tl.max(tl.where(valid, rel, -1), 0)
+    if first == last:
+        base = tl.zeros([1], dtype=tl.int32) + first
+        base_cos, base_sin = rope_cos_sin(base, split_ptr, idx, pair_mask, HALF, attention_factor)
+        cos = base_cos * step_cos - base_sin * step_sin
+        sin = base_sin * step_cos + base_cos * step_sin
+    else:
+        cos, sin = rope_cos_sin(pos, split_ptr, idx, pair_mask, HALF, attention_factor)
+    return cos, sin
 
 
 @triton.jit
