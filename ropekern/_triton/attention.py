@@ -2,9 +2,12 @@
 
 One kernel serves every rope type, both layouts and both pair conventions. It takes **un-rotated**
 q, k, v: the Q tile is rotated once after it loads, each K tile right after it loads, in fp32
-registers with the accurate angle of ``rope_math.rope_cos_sin``; V is never rotated. Scaling laws
-reach the kernel only as the host split table ``[nT, 3, R/2]`` (batch stride 0 when shared), so a
-new law needs no new kernel.
+registers with the accurate angle of ``rope_math.rope_cos_sin``; V is never rotated. A K tile whose
+positions are consecutive (default positions) gets its cos/sin by angle addition from one accurate
+row and a per-program step table (``rope_tile.tile_cos_sin``): the per-element trigonometry is what
+the rotation costs, and each K tile is rotated once per query tile. Scaling laws reach the kernel
+only as the host split table ``[nT, 3, R/2]`` (batch stride 0 when shared), so a new law needs no
+new kernel.
 
 Tiling. A program owns ``BLOCK_M`` rows of one (sequence, kv head): row ``r`` is query
 ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, i.e. the GQA group is folded into M,
@@ -34,8 +37,9 @@ _LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535  # CUDA limit of grid dimensions y and z
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Starting points taken from the shapes public FA2
-# Triton kernels use on these parts; they are pruned per call (shared memory, registers), never
-# measured here (no GPU in this session). (64, 32, 4, 1) is the fallback that fits every case.
+# Triton kernels use on these parts, pruned per call (shared memory, registers). All compile for
+# sm_80 / sm_90 without spills at D = 128 bf16 (``aot.py``); none has been timed (no GPU in this
+# session). (64, 32, 4, 1) is the fallback: <= 107 KB of shared memory even for fp32 at D = 256.
 _AMPERE = ((128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1))
 _HOPPER = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 1))
 # Under the interpreter every tile step is ~1000 Python-level ops (~40 ms): 32 x 32 tiles keep the
