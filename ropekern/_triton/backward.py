@@ -2,24 +2,32 @@
 
 Gradients of ``out = softmax(R(q) R(k)^T * scale) v`` for the **un-rotated** q, k, v, recomputed
 from the forward's natural-log LSE (no ``[Sq, Sk]`` matrix is ever stored). With Q' = R(q),
-K' = R(k) (rotated in fp32 registers exactly as the forward does, rounded to the input dtype):
+K' = R(k) (rotated in fp32 registers with the forward's accurate angles, rounded to the input
+dtype as the forward rounds them):
 
     P = exp(S - lse),  S = Q' K'^T * scale      dV  = P^T dO
     dP = dO V^T,  dS = P * (dP - delta)          dQ' = dS K' * scale,  dK' = dS^T Q' * scale
 
 with ``delta = rowsum(dO * O) - dlse`` (``_bwd_preprocess``; ``dlse`` is the incoming gradient of
-the LSE output, usually absent). A rotation is orthogonal and the attention factor f scales it,
-so the gradient of ``x' = f (x1 cos - x2 sin, x2 cos + x1 sin)`` is the inverse rotation times f:
-``dx = rotate_pairs(dx1', dx2', f cos, -f sin)``, applied once per output row at the end of each
-kernel. Pass-through channels (``>= rotary_dim``) take the plain gradient; V is never rotated.
+the LSE output, zero unless a loss uses it). A rotation is orthogonal and the attention factor f
+scales it, so the gradient of ``x' = f (x1 cos - x2 sin, x2 cos + x1 sin)`` is the inverse rotation
+times f: ``dx = rotate_pairs(dx1', dx2', f cos, -f sin)``, applied once per output row at the end
+of each kernel. Pass-through channels (``>= rotary_dim``) take the plain gradient; V is never
+rotated, and no rotated copy of Q or K is ever written.
 
-Three kernels, no atomics, so every gradient is bitwise reproducible run to run:
+Kernels, none with atomics, so every gradient is bitwise reproducible run to run:
 
+* ``_rope_table``: fp32 cos/sin (factor applied) per token of q and of k, ``[T, 2, R/2]``, with the
+  accurate angle of ``rope_math`` (the per-call table of the length-dependent types included).
+  The loops below load it instead of forming angles: an in-loop angle (or the forward's
+  angle-addition step tables) keeps two more ``[BLOCK, R/2]`` fp32 blocks and the direct path's
+  temporaries live next to the dK/dV accumulators, and spilled (ptxas, sm_90, D = 128, see
+  ``aot.py``). The tables hold 4 R bytes per token, 1/16 of a bf16 q of 32 heads x 128.
 * ``_bwd_preprocess``: delta, one fp32 per (query, head), in the LSE layout.
 * ``_bwd_dkdv``: a program owns ``BLOCK_N`` keys of one (sequence, kv head), rotates them once,
-  and walks the query blocks that see them; for each query block it forms the block's cos/sin
-  once (by angle addition when positions are consecutive) and reuses them for every query head of
-  the GQA group, so dK/dV are summed over the group in registers (no atomics, no reduction pass).
+  and walks the query blocks that see them, each for every query head of the GQA group, so dK/dV
+  are summed over the group in registers (no atomics, no reduction pass). Scores are formed
+  transposed (``K Q^T``) so P and dS come out as the left operands of the dV / dK dots.
 * ``_bwd_dq``: the forward's tiling (GQA group folded into M, Q rotated once per program, each K
   tile rotated after it loads), accumulating dQ' over the key blocks.
 
@@ -38,16 +46,15 @@ import triton.language as tl
 
 from .attention import SUPPORTED_DTYPES, _dot, _pow2
 from .rope_math import rope_cos_sin
-from .rope_tile import load_2d, load_pairs, load_pass, load_rotary, pair_columns, rotate_pairs, step_table, tile_cos_sin
+from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pairs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. The dK/dV program keeps four fp32
-# accumulators of BLOCK_N x D (dk halves, dk pass-through, dv) plus K and V for its whole life; the
-# dQ program keeps dQ' and Q. Shapes follow the public FA2 Triton backward (small M for dK/dV,
-# small N for dQ); every one compiles for sm_80 / sm_90 without spills at D = 128 bf16 (aot.py),
-# none has been timed (no GPU in this session).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, all compiled for sm_80 and sm_90 at D = 128
+# bf16 with GROUP 4 and checked for spills (ptxas -v, aot.py); none has been timed (no GPU in this
+# session). The dK/dV program keeps dK' and dV (fp32, BLOCK_N x 2D) and the rotated K and V for its
+# whole life, so it takes few query rows per step; the dQ program keeps dQ', Q and dO.
 _DKDV = ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 1))
 _DQ = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 16, 4, 1))
 # Under the interpreter every tile step costs ~1000 Python-level ops: 32 x 32 tiles keep the test
@@ -63,21 +70,20 @@ def _configs(shapes) -> list[triton.Config]:
 def select_configs(
     configs: list[triton.Config], kernel: str, smem_limit: int, elem_size: int, head_dim_p: int, k_cols: int
 ) -> list[triton.Config]:
-    """The configs of ``kernel`` ("dkdv" or "dq") whose operand tiles fit ``smem_limit`` bytes and
-    whose fp32 accumulators fit the register file, for a padded head of ``head_dim_p`` (V, dO)
-    and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns."""
+    """The configs of ``kernel`` ("dkdv" or "dq") whose operand tiles fit ``smem_limit`` bytes of
+    shared memory, for a padded head of ``head_dim_p`` (V, dO) and ``k_cols`` = 2 * HALF_P + PASS_P
+    (Q / K) columns; D = 256 keeps only the configs that leave registers for twice the accumulators."""
     keep = []
     for c in configs:
         bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        # One tile of Q, dO (dkdv: streamed; dq: resident) and one of K, V, in the input dtype.
-        smem = (bm + bn) * (k_cols + head_dim_p) * elem_size
-        # Resident fp32 accumulators per thread: dK' + dV (dkdv) or dQ' (dq), plus the score block.
-        acc = bn * (k_cols + head_dim_p) if kernel == "dkdv" else bm * k_cols
-        regs = (acc + bm * bn) // (32 * w)
-        if smem <= smem_limit and regs <= 160:
+        # One tile of Q, dO and one of K, V in the input dtype, double-buffered when num_stages > 1.
+        smem = (bm + bn) * (k_cols + head_dim_p) * elem_size * min(c.num_stages, 2)
+        # fp32 values per thread held for the program's life: dK' + dV (dkdv) or dQ' + Q + dO (dq).
+        acc = bn * (k_cols + head_dim_p) if kernel == "dkdv" else bm * (2 * k_cols + head_dim_p) * elem_size // 4
+        if smem <= smem_limit and acc // (32 * w) <= 128:
             keep.append(c)
     if not keep:  # the last entry of each list is its smallest
-        keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -c.num_warps))]
     return keep
 
 
@@ -96,6 +102,76 @@ _KEY = ["HEAD_DIM_P", "HALF_P", "PASS_P", "GROUP", "INTERLEAVED", "ROTATE", "CAU
 
 # ------------------------------------------------------------------------------------ helpers
 @triton.jit
+def _rope_table(
+    Pos,
+    Split,
+    Table,
+    Cu,
+    stride_pb,
+    stride_tb,
+    stride_cb,
+    seqlen,
+    attention_factor,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``Table[b, s] = (cos, sin)`` fp32 ``[2, HALF]`` (factor applied) of ``Pos[b, s]``, with the
+    sequence's split table; varlen: rows are tokens ``cu[b] + s`` of one ``[T, 2, HALF]`` table."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    if VARLEN:
+        start = tl.load(Cu + b)
+        n = tl.load(Cu + b + 1) - start
+    else:
+        start = 0
+        n = seqlen
+    toks = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = toks < n
+    b64 = b.to(tl.int64)
+    pos = tl.load(Pos + b64 * stride_pb + start + toks, mask=ok, other=0)
+    idx = tl.arange(0, HALF_P)
+    pair_ok = idx < HALF
+    cos, sin = rope_cos_sin(pos, Split + b * stride_tb, idx, pair_ok, HALF, attention_factor)
+    rows = Table + b64 * stride_cb + (start + toks).to(tl.int64)[:, None] * (2 * HALF) + idx[None, :]
+    mask = ok[:, None] & pair_ok[None, :]
+    tl.store(rows, cos, mask=mask)
+    tl.store(rows + HALF, sin, mask=mask)
+
+
+@triton.jit
+def _cos_sin(rows, row_ok, HALF: tl.constexpr, HALF_P: tl.constexpr):
+    """cos/sin ``[M, HALF_P]`` fp32 from table rows ``rows [M]`` (pointers to ``[2, HALF]``)."""
+    idx = tl.arange(0, HALF_P)
+    cos = load_2d(rows[:, None] + idx[None, :], row_ok, idx < HALF, True, HALF != HALF_P)
+    sin = load_2d(rows[:, None] + HALF + idx[None, :], row_ok, idx < HALF, True, HALF != HALF_P)
+    return cos, sin
+
+
+@triton.jit
+def _load_rotated(
+    rows,
+    row_ok,
+    cs_rows,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+):
+    """The rotary halves of rows ``rows [M]``, rotated with their table rows and rounded once to
+    the input dtype (as the forward's ``load_rotary``); the raw loads when not ``ROTATE``."""
+    x1, x2 = load_pairs(rows, row_ok, HALF, HALF_P, INTERLEAVED, MASK_ROWS)
+    if ROTATE:
+        cos, sin = _cos_sin(cs_rows, row_ok, HALF, HALF_P)
+        y1, y2 = rotate_pairs(x1, x2, cos, sin)
+        x1 = y1.to(x1.dtype)
+        x2 = y2.to(x2.dtype)
+    return x1, x2
+
+
+@triton.jit
 def _store_rows(ptrs, x, row_mask, col_mask):
     tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -107,9 +183,7 @@ def _store_head(
     g1,
     g2,
     gp,
-    pos,
-    split,
-    attention_factor,
+    cs_rows,
     HALF: tl.constexpr,
     HALF_P: tl.constexpr,
     PASS: tl.constexpr,
@@ -123,7 +197,7 @@ def _store_head(
     idx, c1, c2 = pair_columns(HALF, HALF_P, INTERLEAVED)
     pair_ok = idx < HALF
     if ROTATE:
-        cos, sin = rope_cos_sin(pos, split, idx, pair_ok, HALF, attention_factor)
+        cos, sin = _cos_sin(cs_rows, row_ok, HALF, HALF_P)
         g1, g2 = rotate_pairs(g1, g2, cos, -sin)
     _store_rows(rows[:, None] + c1[None, :], g1, row_ok, pair_ok)
     _store_rows(rows[:, None] + c2[None, :], g2, row_ok, pair_ok)
@@ -212,11 +286,7 @@ def _dkdv_block(
     lse_base,
     Lse,
     Delta,
-    qpos_base,
-    split,
-    step_cos,
-    step_sin,
-    attention_factor,
+    csq_base,
     qk_scale,
     q_start,
     sq,
@@ -248,42 +318,36 @@ def _dkdv_block(
     row_ok = rows < sq
     tok64 = (q_start + rows).to(tl.int64)
     d = tl.arange(0, HEAD_DIM_P)
-    # One cos/sin block per query block, shared by the GROUP heads (the positions are per token).
-    if ROTATE:
-        qpos = tl.load(qpos_base + rows, mask=row_ok, other=0)
-        cos, sin = tile_cos_sin(qpos, row_ok, split, step_cos, step_sin, attention_factor, HALF, HALF_P, BLOCK_M)
+    cs_rows = csq_base + tok64 * (2 * HALF)
     if MASKED:
-        keep = cols[None, :] <= rows[:, None] + causal_offset
-    q_rows = q_base + tok64 * stride_qs
-    do_rows = do_base + tok64[:, None] * stride_dos + d[None, :]
-    lse_off = lse_base + tok64
-    for _ in range(GROUP):
-        q1, q2 = load_pairs(q_rows, row_ok, HALF, HALF_P, INTERLEAVED, True)
-        if ROTATE:
-            r1, r2 = rotate_pairs(q1, q2, cos, sin)
-            q1 = r1.to(q1.dtype)
-            q2 = r2.to(q2.dtype)
-        lse, delta = _row_stats(Lse, Delta, lse_off, row_ok)
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        s = _dot(q1, tl.trans(k1), s, DOT_PREC, UPCAST)
-        s = _dot(q2, tl.trans(k2), s, DOT_PREC, UPCAST)
+        keep = cols[:, None] <= rows[None, :] + causal_offset  # [BLOCK_N, BLOCK_M]
+    # Pointers are rebuilt per head from scalar bases: a [BLOCK_M, D] block of 64-bit pointers carried
+    # across the loop would hold 64 registers per thread (BLOCK_M = 32, D = 128, 4 warps).
+    for g in range(GROUP):
+        q_rows = q_base + g * stride_qh + tok64 * stride_qs
+        q1, q2 = _load_rotated(q_rows, row_ok, cs_rows, HALF, HALF_P, INTERLEAVED, ROTATE, True)
+        lse, delta = _row_stats(Lse, Delta, lse_base + g * stride_lh + tok64, row_ok)
+        # Transposed scores [BLOCK_N, BLOCK_M]: K and V are the left operands of every dot and the
+        # probabilities come out in the accumulator layout that the dV / dK dots take as their left
+        # operand, with no transpose of P or dS through shared memory (FlashAttention-2's order).
+        st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        st = _dot(k1, tl.trans(q1), st, DOT_PREC, UPCAST)
+        st = _dot(k2, tl.trans(q2), st, DOT_PREC, UPCAST)
         if PASS > 0:
             qp = load_pass(q_rows, row_ok, 2 * HALF, PASS, PASS_P, True)
-            s = _dot(qp, tl.trans(kp), s, DOT_PREC, UPCAST)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+            st = _dot(kp, tl.trans(qp), st, DOT_PREC, UPCAST)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
         if MASKED:
-            p = tl.where(keep, p, 0.0)  # select, never multiply: masked scores may be inf
+            pt = tl.where(keep, pt, 0.0)  # select, never multiply: masked scores may be inf
+        do_rows = do_base + g * stride_doh + tok64[:, None] * stride_dos + d[None, :]
         do = load_2d(do_rows, row_ok, d < HEAD_DIM, True, HEAD_DIM != HEAD_DIM_P)
-        dv = _dot(tl.trans(p.to(do.dtype)), do, dv, DOT_PREC, UPCAST)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PREC, UPCAST)
-        ds = tl.trans((p * (dp - delta[:, None])).to(q1.dtype))
-        dk1 = _dot(ds, q1, dk1, DOT_PREC, UPCAST)
-        dk2 = _dot(ds, q2, dk2, DOT_PREC, UPCAST)
+        dv = _dot(pt.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PREC, UPCAST)
+        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
+        dk1 = _dot(dst, q1, dk1, DOT_PREC, UPCAST)
+        dk2 = _dot(dst, q2, dk2, DOT_PREC, UPCAST)
         if PASS > 0:
-            dkp = _dot(ds, qp, dkp, DOT_PREC, UPCAST)
-        q_rows += stride_qh
-        do_rows += stride_doh
-        lse_off += stride_lh
+            dkp = _dot(dst, qp, dkp, DOT_PREC, UPCAST)
     return dk1, dk2, dkp, dv
 
 
@@ -298,9 +362,8 @@ def _bwd_dkdv(
     Delta,
     DK,
     DV,
-    QPos,
-    KPos,
-    Split,
+    CSQ,
+    CSK,
     CuQ,
     CuK,
     stride_qb,
@@ -323,14 +386,12 @@ def _bwd_dkdv(
     stride_dvh,
     stride_lb,
     stride_lh,
-    stride_qpb,
-    stride_kpb,
-    stride_tb,
+    stride_csqb,
+    stride_cskb,
     seqlen_q,
     seqlen_k,
     qk_scale,
     softmax_scale,
-    attention_factor,
     Q_BUCKET,
     K_BUCKET,
     GROUP: tl.constexpr,
@@ -363,11 +424,10 @@ def _bwd_dkdv(
     hkv64 = hkv.to(tl.int64)
     ktok64 = (k_start + cols).to(tl.int64)
     d = tl.arange(0, HEAD_DIM_P)
-    split = Split + b * stride_tb
     # Keys are rotated once for the program's whole walk over the queries.
     k_rows = K + b64 * stride_kb + ktok64 * stride_ks + hkv64 * stride_kh
-    kpos = tl.load(KPos + b64 * stride_kpb + k_start + cols, mask=col_ok, other=0)
-    k1, k2 = load_rotary(k_rows, col_ok, kpos, split, attention_factor, HALF, HALF_P, INTERLEAVED, ROTATE, True)
+    csk_rows = CSK + b64 * stride_cskb + ktok64 * (2 * HALF)
+    k1, k2 = _load_rotated(k_rows, col_ok, csk_rows, HALF, HALF_P, INTERLEAVED, ROTATE, True)
     if PASS > 0:
         kp = load_pass(k_rows, col_ok, 2 * HALF, PASS, PASS_P, True)
     else:
@@ -375,22 +435,16 @@ def _bwd_dkdv(
     v_rows = V + b64 * stride_vb + ktok64[:, None] * stride_vs + hkv64 * stride_vh + d[None, :]
     v = load_2d(v_rows, col_ok, d < HEAD_DIM, True, HEAD_DIM != HEAD_DIM_P)
 
-    if ROTATE:
-        step_cos, step_sin = step_table(split, HALF, HALF_P, BLOCK_M)
-    else:
-        step_cos = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)  # unused: rotation compiled out
-        step_sin = step_cos
-
     dk1 = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)
-    dkp = tl.zeros([BLOCK_N, PASS_P if PASS > 0 else HALF_P], dtype=tl.float32)
+    dkp = tl.zeros([BLOCK_N, PASS_P if PASS > 0 else 16], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_P], dtype=tl.float32)
 
     head0 = (hkv * GROUP).to(tl.int64)
     q_base = Q + b64 * stride_qb + head0 * stride_qh
     do_base = DO + b64 * stride_dob + head0 * stride_doh
     lse_base = b64 * stride_lb + head0 * stride_lh
-    qpos_base = QPos + b64 * stride_qpb + q_start
+    csq_base = CSQ + b64 * stride_csqb
     causal_offset = sk - sq  # bottom-right alignment: query i sees key j iff j <= i + Sk - Sq
     if CAUSAL:
         # Queries below n0 - offset see none of these keys; from the last valid key - offset on,
@@ -404,23 +458,23 @@ def _bwd_dkdv(
         m_full = 0
     for m_start in range(m_lo, m_full, BLOCK_M):
         dk1, dk2, dkp, dv = _dkdv_block(
-            dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, qpos_base, split,
-            step_cos, step_sin, attention_factor, qk_scale, q_start, sq, causal_offset, m_start, stride_qs,
-            stride_qh, stride_dos, stride_doh, stride_lh, GROUP, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P,
-            INTERLEAVED, ROTATE, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+            dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
+            q_start, sq, causal_offset, m_start, stride_qs, stride_qh, stride_dos, stride_doh, stride_lh, GROUP,
+            HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, True, DOT_PREC, UPCAST, BLOCK_M,
+            BLOCK_N,
         )  # fmt: skip
     for m_start in range(m_full, sq, BLOCK_M):
         dk1, dk2, dkp, dv = _dkdv_block(
-            dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, qpos_base, split,
-            step_cos, step_sin, attention_factor, qk_scale, q_start, sq, causal_offset, m_start, stride_qs,
-            stride_qh, stride_dos, stride_doh, stride_lh, GROUP, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P,
-            INTERLEAVED, ROTATE, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+            dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
+            q_start, sq, causal_offset, m_start, stride_qs, stride_qh, stride_dos, stride_doh, stride_lh, GROUP,
+            HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, False, DOT_PREC, UPCAST, BLOCK_M,
+            BLOCK_N,
         )  # fmt: skip
 
     dk_rows = DK + b64 * stride_dkb + ktok64 * stride_dks + hkv64 * stride_dkh
     _store_head(
-        dk_rows, col_ok, dk1 * softmax_scale, dk2 * softmax_scale, dkp * softmax_scale, kpos, split, attention_factor,
-        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE,
+        dk_rows, col_ok, dk1 * softmax_scale, dk2 * softmax_scale, dkp * softmax_scale, csk_rows, HALF, HALF_P, PASS,
+        PASS_P, INTERLEAVED, ROTATE,
     )  # fmt: skip
     dv_rows = DV + b64 * stride_dvb + ktok64[:, None] * stride_dvs + hkv64 * stride_dvh + d[None, :]
     _store_rows(dv_rows, dv, col_ok, d < HEAD_DIM)
@@ -441,11 +495,7 @@ def _dq_keys(
     qi,
     k_base,
     v_base,
-    kpos_base,
-    split,
-    step_cos,
-    step_sin,
-    attention_factor,
+    csk_base,
     qk_scale,
     k_start,
     sk,
@@ -476,16 +526,9 @@ def _dq_keys(
         col_ok = cols < sk
         cols64 = (k_start + cols).to(tl.int64)
         k_rows = k_base + cols64 * stride_ks
-        if MASKED:
-            kpos = tl.load(kpos_base + cols, mask=col_ok, other=0)
-        else:
-            kpos = tl.load(kpos_base + cols)
-        k1, k2 = load_pairs(k_rows, col_ok, HALF, HALF_P, INTERLEAVED, MASKED)
-        if ROTATE:
-            cos, sin = tile_cos_sin(kpos, col_ok, split, step_cos, step_sin, attention_factor, HALF, HALF_P, BLOCK_N)
-            r1, r2 = rotate_pairs(k1, k2, cos, sin)
-            k1 = r1.to(k1.dtype)
-            k2 = r2.to(k2.dtype)
+        k1, k2 = _load_rotated(
+            k_rows, col_ok, csk_base + cols64 * (2 * HALF), HALF, HALF_P, INTERLEAVED, ROTATE, MASKED
+        )
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         s = _dot(q1, tl.trans(k1), s, DOT_PREC, UPCAST)
         s = _dot(q2, tl.trans(k2), s, DOT_PREC, UPCAST)
@@ -520,9 +563,8 @@ def _bwd_dq(
     Lse,
     Delta,
     DQ,
-    QPos,
-    KPos,
-    Split,
+    CSQ,
+    CSK,
     CuQ,
     CuK,
     stride_qb,
@@ -542,14 +584,12 @@ def _bwd_dq(
     stride_dqh,
     stride_lb,
     stride_lh,
-    stride_qpb,
-    stride_kpb,
-    stride_tb,
+    stride_csqb,
+    stride_cskb,
     seqlen_q,
     seqlen_k,
     qk_scale,
     softmax_scale,
-    attention_factor,
     Q_BUCKET,
     K_BUCKET,
     GROUP: tl.constexpr,
@@ -585,10 +625,9 @@ def _bwd_dq(
     b64 = b.to(tl.int64)
     tok64 = (q_start + qi).to(tl.int64)
     d = tl.arange(0, HEAD_DIM_P)
-    split = Split + b * stride_tb
     q_rows = Q + b64 * stride_qb + tok64 * stride_qs + head64 * stride_qh
-    q_pos = tl.load(QPos + b64 * stride_qpb + q_start + qi, mask=row_ok, other=0)
-    q1, q2 = load_rotary(q_rows, row_ok, q_pos, split, attention_factor, HALF, HALF_P, INTERLEAVED, ROTATE, True)
+    csq_rows = CSQ + b64 * stride_csqb + tok64 * (2 * HALF)
+    q1, q2 = _load_rotated(q_rows, row_ok, csq_rows, HALF, HALF_P, INTERLEAVED, ROTATE, True)
     if PASS > 0:
         qp = load_pass(q_rows, row_ok, 2 * HALF, PASS, PASS_P, True)
     else:
@@ -610,31 +649,25 @@ def _bwd_dq(
     hkv64 = hkv.to(tl.int64)
     k_base = K + b64 * stride_kb + hkv64 * stride_kh
     v_base = V + b64 * stride_vb + hkv64 * stride_vh
-    kpos_base = KPos + b64 * stride_kpb + k_start
-    if ROTATE:
-        step_cos, step_sin = step_table(split, HALF, HALF_P, BLOCK_N)
-    else:
-        step_cos = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)  # unused: rotation compiled out
-        step_sin = step_cos
-
+    csk_base = CSK + b64 * stride_cskb
     dq1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
-    dqp = tl.zeros([BLOCK_M, PASS_P if PASS > 0 else HALF_P], dtype=tl.float32)
+    dqp = tl.zeros([BLOCK_M, PASS_P if PASS > 0 else 16], dtype=tl.float32)
     dq1, dq2, dqp = _dq_keys(
-        dq1, dq2, dqp, q1, q2, qp, do, lse, delta, qi, k_base, v_base, kpos_base, split, step_cos, step_sin,
-        attention_factor, qk_scale, k_start, sk, causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
-        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        dq1, dq2, dqp, q1, q2, qp, do, lse, delta, qi, k_base, v_base, csk_base, qk_scale, k_start, sk,
+        causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED,
+        ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     dq1, dq2, dqp = _dq_keys(
-        dq1, dq2, dqp, q1, q2, qp, do, lse, delta, qi, k_base, v_base, kpos_base, split, step_cos, step_sin,
-        attention_factor, qk_scale, k_start, sk, causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
-        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        dq1, dq2, dqp, q1, q2, qp, do, lse, delta, qi, k_base, v_base, csk_base, qk_scale, k_start, sk,
+        causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED,
+        ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
     dq_rows = DQ + b64 * stride_dqb + tok64 * stride_dqs + head64 * stride_dqh
     _store_head(
-        dq_rows, row_ok, dq1 * softmax_scale, dq2 * softmax_scale, dqp * softmax_scale, q_pos, split, attention_factor,
-        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE,
+        dq_rows, row_ok, dq1 * softmax_scale, dq2 * softmax_scale, dqp * softmax_scale, csq_rows, HALF, HALF_P, PASS,
+        PASS_P, INTERLEAVED, ROTATE,
     )  # fmt: skip
 
 
@@ -680,6 +713,36 @@ def preprocess(
         HEAD_DIM=d, HEAD_DIM_P=d_p, HAS_DLSE=dlse is not None, BLOCK=block, num_warps=4,
     )  # fmt: skip
     return delta
+
+
+def rope_table(
+    positions: torch.Tensor,
+    split: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    attention_factor: float,
+) -> torch.Tensor:
+    """fp32 cos/sin (factor applied) of every token: ``[B, S, 2, R/2]`` for positions ``[B, S]``,
+    ``[T, 2, R/2]`` for varlen positions ``[T]`` with ``cu_seqlens`` (sequence b uses table b)."""
+    half = split.shape[-1]
+    varlen = cu_seqlens is not None
+    table = torch.empty((*positions.shape, 2, half), dtype=torch.float32, device=positions.device)
+    batch = cu_seqlens.numel() - 1 if varlen else positions.shape[0]
+    if table.numel() == 0 or batch == 0:
+        return table
+    if not varlen and positions.shape[-1] > 1 and positions.stride(-1) != 1:
+        positions = positions.contiguous()
+    split = split.contiguous()
+    half_p = _pow2(half)
+    block = max(16, min(128, 4096 // half_p))
+    seqlen = max_seqlen if varlen else positions.shape[1]
+    _rope_table[(triton.cdiv(seqlen, block), batch)](
+        positions, split, table, cu_seqlens if varlen else positions,
+        0 if varlen else positions.stride(0), split.stride(0) if split.shape[0] > 1 else 0,
+        0 if varlen else table.stride(0), seqlen, attention_factor,
+        HALF=half, HALF_P=half_p, VARLEN=varlen, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return table
 
 
 def backward(
@@ -730,22 +793,21 @@ def backward(
 
     dout = _last_dim_contiguous(dout)
     lse, delta = lse.contiguous(), delta.contiguous()
-    if not varlen:
-        if q_positions.shape[-1] > 1 and q_positions.stride(-1) != 1:
-            q_positions = q_positions.contiguous()
-        if k_positions.shape[-1] > 1 and k_positions.stride(-1) != 1:
-            k_positions = k_positions.contiguous()
+    half = rotary_dim // 2
+    if rotate:
+        cs_q = rope_table(q_positions, split, cu_seqlens_q, max_seqlen_q, attention_factor)
+        cs_k = rope_table(k_positions, split, cu_seqlens_k, max_seqlen_k, attention_factor)
+        scs = (0, 0) if varlen else (cs_q.stride(0), cs_k.stride(0))
+    else:
+        cs_q = cs_k = lse  # never read: rotation compiled out
+        scs = (0, 0)
 
     def strides(x):  # (batch, token, head) strides; the varlen layout has no batch dimension
         return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
 
     sl = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    spos = (0, 0) if varlen else (q_positions.stride(0), k_positions.stride(0))
-    split = split.contiguous()
-    stride_tb = split.stride(0) if split.shape[0] > 1 else 0
-    half = rotary_dim // 2
     group = hq // hkv
-    dummy = q_positions  # stands in for the cu_seqlens pointers of the dense layout (never read)
+    dummy = lse  # stands in for the cu_seqlens pointers of the dense layout (never read)
     cu_q = cu_seqlens_q if varlen else dummy
     cu_k = cu_seqlens_k if varlen else dummy
     meta = dict(
@@ -755,7 +817,7 @@ def backward(
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip
     scalars = (
-        seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale, attention_factor,
+        seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale,
         triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
     )  # fmt: skip
     common = (*strides(q), *strides(k), *strides(v), *strides(dout))
@@ -764,16 +826,16 @@ def backward(
         return (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), hkv, batch)
 
     _bwd_dkdv[grid_dkdv](
-        q, k, v, dout, lse, delta, dk, dv, q_positions, k_positions, split, cu_q, cu_k,
-        *common, *strides(dk), *strides(dv), *sl, *spos, stride_tb, *scalars, **meta,
+        q, k, v, dout, lse, delta, dk, dv, cs_q, cs_k, cu_q, cu_k,
+        *common, *strides(dk), *strides(dv), *sl, *scs, *scalars, **meta,
     )  # fmt: skip
 
     def grid_dq(m):
         return (triton.cdiv(max_seqlen_q * group, m["BLOCK_M"]), hkv, batch)
 
     _bwd_dq[grid_dq](
-        q, k, v, dout, lse, delta, dq, q_positions, k_positions, split, cu_q, cu_k,
-        *common, *strides(dq), *sl, *spos, stride_tb, *scalars, **meta,
+        q, k, v, dout, lse, delta, dq, cs_q, cs_k, cu_q, cu_k,
+        *common, *strides(dq), *sl, *scs, *scalars, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
