@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "info": "ropekern._cli_info",
     "check": "ropekern._cli_check",
+    "bench": "ropekern._cli_bench",
 }
 
 
