@@ -203,6 +203,9 @@ def test_timing_interleaves_and_isolates_failures():
     assert res[0].samples == res[2].samples == 3 and res[0].calls_per_sample == 1
     assert log[:2] == ["a", "b"]  # warm-up once each
     assert log[2:] == ["a", "b", "b", "a", "a", "b"]  # rounds interleave, with a rotated start
+    log.clear()
+    res = time_interleaved([make("a"), make("b")], repeats=2, min_sample_s=0.0, warmup=False)
+    assert log == ["a", "b", "b", "a"] and res[0].samples == 2  # no warm-up calls
     with pytest.raises(ValueError):
         time_interleaved([make("a")], repeats=0)
 
@@ -389,7 +392,9 @@ def test_script_saves_results_and_report_renders(tmp_path, monkeypatch, capsys):
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     md_path = tmp_path / "docs" / "bench.md"
-    report.main(["--results", str(results), "--out", str(md_path)])
+    (results / "dev" / "decode-speedup.png").unlink()
+    report.main(["--results", str(results), "--out", str(md_path), "--plots"])  # --plots redraws from the JSON
+    assert (results / "dev" / "decode-speedup.png").exists()
     md = md_path.read_text()
     assert "decode" in md and "rk-torch" in md and "preliminary" in md
     assert "| 32 |" in md  # a table row per seqlen

@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser, op: str | None = None, save_d
         help="interleaved samples per provider (default 3 on CPU, 20 on GPU; GPU adds samples up to ~100 ms each)",
     )
     g.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="CPU: warm up at the first point only, not before every point (saves one call per provider and "
+        "point; for sweeps whose calls take seconds, e.g. the torch reference at 32K)",
+    )
+    g.add_argument(
         "--backends",
         help="ropekern backends to time, comma-separated (default: every available one "
         "running natively on the device; the torch reference only when it is alone)",
@@ -148,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         q_len=args.q_len,
         rope_types=parse_rope_types(args.rope_type) if args.rope_type else grid.get("rope_types", ["default"]),
         repeats=repeats,
+        warmup=not args.no_warmup,
         backends=split(args.backends),
         providers=split(args.providers),
         memory=not args.no_memory,

@@ -228,6 +228,7 @@ class SweepConfig:
     q_len: int = 1
     rope_types: list[str] = field(default_factory=lambda: ["default"])
     repeats: int = 3
+    warmup: bool = True  # False: warm up at the first shape only (for sweeps of seconds-long calls)
     backends: list[str] | None = None  # None: every available backend that runs natively here
     providers: list[str] | None = None  # None: all; else only these provider names
     memory: bool = True

@@ -192,7 +192,10 @@ def write_all(results: Results, out_dir: str | Path, stem: str, plots: bool = Tr
 
 # ------------------------------------------------------------------------------------- table
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """``format(v, spec)``, or a dash padded to the same width when there is no value."""
+    if v is None:
+        return format("-", re.match(r"[<>^]?\d*", spec).group(0))
+    return format(v, spec)
 
 
 def _group_label(row: dict[str, Any]) -> str:
@@ -284,6 +287,10 @@ def _series(rows: list[dict[str, Any]], key) -> dict[str, tuple[list[int], list[
     return out
 
 
+def _size_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def write_plots(results: Results, out_dir: str | Path, stem: str) -> list[Path]:
     """Three PNGs: speed-up vs seqlen (against the op's main baseline), TFLOP/s or GB/s vs seqlen,
     peak extra memory vs seqlen. One panel per shape group."""
@@ -320,6 +327,9 @@ def write_plots(results: Results, out_dir: str | Path, stem: str) -> list[Path]:
             if kind == "speedup":
                 ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xscale("log", base=2)
+            ticks = sorted({r["seqlen"] for r in rows})
+            ax.set_xticks(ticks, [_size_label(t) for t in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("sequence length" if op != "decode" else "KV cache length")
             ax.set_ylabel(ylabel)
             ax.set_title(label, fontsize=9)

@@ -13,7 +13,7 @@ import torch
 from .config import Shape, SweepConfig, make_rope
 from .memory import measure_memory
 from .metrics import io_bytes, op_bytes, op_flops
-from .providers import MAIN_BASELINE, Point, Skip, build_providers, default_backends, make_inputs
+from .providers import Point, Skip, build_providers, default_backends, make_inputs
 from .timing import Timing, time_interleaved
 
 __all__ = ["Results", "run_sweep", "add_ratios", "variant_spread"]
@@ -107,7 +107,13 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, meta: dict[str, Any] |
                 variants.append((p, rt))
                 fns.append(fn)
                 variant_rows.append(row)
-        timings = time_interleaved(fns, cfg.repeats, shape.device, graphable=[p.cuda_graph for p, _ in variants])
+        timings = time_interleaved(
+            fns,
+            cfg.repeats,
+            shape.device,
+            graphable=[p.cuda_graph for p, _ in variants],
+            warmup=cfg.warmup or shape is shapes[0],
+        )
         del fns, points, inputs
         measured = []
         for (p, rt), row, t in zip(variants, variant_rows, timings):
@@ -224,7 +230,3 @@ def variant_spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def main_baseline(op: str) -> str:
-    return MAIN_BASELINE[op]

@@ -1,8 +1,10 @@
 """Interleaved timing: every candidate of a point runs in one loop (A B C A B C ...), so that a
 machine shared with other jobs slows all of them alike and the ratios stay meaningful (DESIGN §6).
 
-* CPU: one warm-up call each, then ``repeats`` rounds; each round times every candidate once (in
-  a rotated order, so no candidate always runs right after the same neighbour). A sample averages
+* CPU: one warm-up call each (``warmup=False`` skips it: for calls of seconds, first-call effects
+  are milliseconds, and the runner still warms up every provider at the sweep's first point),
+  then ``repeats`` rounds; each round times every candidate once (in a rotated order, so no
+  candidate always runs right after the same neighbour). A sample averages
   enough back-to-back calls to last ``min_sample_s`` (50 ms: ``perf_counter`` jitter and
   allocator noise stay below 1%). The figure is the median sample.
 * CUDA: like ``triton.testing.do_bench``: warm-up, then every sample is one call between two CUDA
@@ -62,6 +64,7 @@ def time_interleaved(
     *,
     graphable: list[bool] | None = None,
     min_sample_s: float = _CPU_MIN_SAMPLE_S,
+    warmup: bool = True,
 ) -> list[Timing | BaseException]:
     """Time ``fns`` interleaved; entry i is a ``Timing`` or the exception candidate i raised.
 
@@ -72,13 +75,15 @@ def time_interleaved(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if torch.device(device).type == "cuda":
         return _time_cuda(fns, repeats, graphable or [False] * len(fns))
-    return _time_cpu(fns, repeats, min_sample_s)
+    return _time_cpu(fns, repeats, min_sample_s, warmup)
 
 
-def _time_cpu(fns: list[Callable[[], Any]], repeats: int, min_sample_s: float) -> list[Timing | BaseException]:
+def _time_cpu(
+    fns: list[Callable[[], Any]], repeats: int, min_sample_s: float, warmup: bool
+) -> list[Timing | BaseException]:
     results: list[Timing | BaseException | None] = [None] * len(fns)
     inner = [1] * len(fns)
-    for i, fn in enumerate(fns):  # warm-up, and the call count per sample
+    for i, fn in enumerate(fns if warmup else []):  # warm-up, and the call count per sample
         try:
             t0 = time.perf_counter()
             fn()
