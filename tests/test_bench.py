@@ -219,6 +219,7 @@ def test_sweep_rows_ratios_and_spread():
         rope_types=["default", "yarn"],
         repeats=1,
         memory=False,
+        backends=["torch"],
         providers=["rk-torch", "rk-torch:norope", "eager+sdpa"],
     )
     res = run_sweep(cfg, progress=False)
