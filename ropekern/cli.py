@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "info": "ropekern._cli_info",
     "check": "ropekern._cli_check",
     "check-model": "ropekern._cli_check_model",
+    "bench": "ropekern._cli_bench",
 }
 
 
