@@ -20,4 +20,4 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .bench.cli import run as run_bench
 
-    return run_bench(args)
+    return run_bench(args, getattr(args, "_command", None))
