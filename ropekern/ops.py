@@ -47,6 +47,7 @@ class TorchBackend:
 # name -> "module:attribute" of the backend object. Order matters only for display.
 _REGISTRY: dict[str, str] = {
     "torch": "ropekern.ops:TORCH",
+    "cpu": "ropekern._native:cpu_backend",
     "triton": "ropekern._triton:backend",
 }
 # What `backend="auto"` tries, per device type, in order.
