@@ -20,15 +20,15 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // and the V block in L1/L2; query rows per tile are G * block_m ~ 96 (a multiple of the 6-row
 // micro-kernel), so each K/V block is converted and rotated once for all heads of a GQA group.
 constexpr int kBlockN = 64;
-constexpr int kTileRows = 96;
+constexpr int kTileRows = 192;
 constexpr int kDecodeChunk = 16;  // keys per decode step: cos/sin shared by all KV heads
 
-// Rotary data as the kernels use it: per row, "expanded" cos/sin `[C: rot_pad][S: rot_pad]`
-// (rot_pad = rotary_dim rounded up to 8). Half-split layout: C[i] = cos_i, S[i] = sin_i for the
-// R/2 pairs (i, i + R/2). Interleaved layout: C[2i] = C[2i+1] = cos_i, S[2i] = -sin_i,
-// S[2i+1] = sin_i, so that rotated = x * C + swap_pairs(x) * S. Both carry attention_factor.
+// Rotary data as the kernels use it: per row (one position of one sequence) the cos and sin of the
+// R/2 pair angles, times attention_factor, as [cos: cs_pad][sin: cs_pad] with cs_pad = R/2 rounded
+// up to 8 (512 bytes a row for R = 128: as much as a bf16 K row, so the row is read, not
+// recomputed, by every tile that needs it). The kernels apply it to either pair layout.
 // (static: internal linkage, so the AVX2 and generic units never share a compiled copy)
-static inline int rot_pad_of(int rotary_dim) { return (rotary_dim + 7) / 8 * 8; }
+static inline int cs_pad_of(int rotary_dim) { return (rotary_dim / 2 + 7) / 8 * 8; }
 static inline int head_dim_pad_of(int head_dim) { return (head_dim + 15) / 16 * 16; }
 
 // Precompute the tables of `n_rows` rows. Row r belongs to batch element b (cu_rows[b] <= r <
@@ -41,7 +41,7 @@ struct CosSinJob {
   int64_t n_rows = 0;
   int batch = 0;
   RopeParams rope;
-  float* out = nullptr;  // [n_rows][2 * rot_pad]
+  float* out = nullptr;  // [n_rows][2 * cs_pad]
 };
 
 // Tiled forward (prefill, varlen, and the KV-cache path when many queries attend at once).
@@ -59,6 +59,7 @@ struct TiledPlan {
   const float* k_cs = nullptr;       // per k row (dense/cache b * k_cs_rows + j, varlen global row)
   int64_t k_cs_rows = 0;             // rows per sequence in k_cs for the dense and cache layouts
   int block_m = 0;                   // queries per item
+  int prefetch_hint = 3;
   int64_t num_q_blocks = 0;          // per (b, kv head): ceil(max Sq / block_m); items = B * Hkv * this
 };
 

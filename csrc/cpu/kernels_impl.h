@@ -16,7 +16,6 @@ namespace cpu {
 namespace RK_ISA {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMR = 6;   // micro-kernel rows: 6 x 16 accumulators = 12 of the 16 ymm registers
 constexpr int kNR = 16;  // micro-kernel columns (two vectors)
 
@@ -54,12 +53,11 @@ RK_INLINE V angle_turns8(float ph, float pl, V f1, V f2, V f3) {
   return s - vfloor(s + vset1(0.5f));
 }
 
-// Expanded cos/sin of one position into cs = [C: rot_pad][S: rot_pad] (layout in kernels.h).
-// `split` is one sequence's table float[3][half].
-static void cos_sin_row(int32_t pos, const float* split, int half, float factor, bool interleaved, int rot_pad,
-                           float* cs) {
+// cos/sin of the R/2 pair angles of one position into cs = [cos: cs_pad][sin: cs_pad], times
+// `factor`. `split` is one sequence's table float[3][half].
+static void cos_sin_row(int32_t pos, const float* split, int half, float factor, int cs_pad, float* cs) {
   float* C = cs;
-  float* S = cs + rot_pad;
+  float* S = cs + cs_pad;
   const float ph = static_cast<float>(pos >> 12), pl = static_cast<float>(pos & 4095);
   const V vf = vset1(factor);
   for (int i = 0; i < half; i += kLanes) {
@@ -82,63 +80,35 @@ static void cos_sin_row(int32_t pos, const float* split, int half, float factor,
     }
     V s, c;
     vsincos_turns(angle_turns8(ph, pl, f1, f2, f3), &s, &c);
-    c = c * vf;
-    s = s * vf;
-    if (!interleaved) {
-      if (n == kLanes) {
-        vstore(C + i, c);
-        vstore(S + i, s);
-      } else {
-        float tc[kLanes], ts[kLanes];
-        vstore(tc, c);
-        vstore(ts, s);
-        for (int k = 0; k < n; ++k) {
-          C[i + k] = tc[k];
-          S[i + k] = ts[k];
-        }
-      }
-    } else {
-      V clo, chi, slo, shi;
-      vzip(c, c, &clo, &chi);
-      vzip(vneg(s), s, &slo, &shi);
-      if (n == kLanes) {
-        vstore(C + 2 * i, clo);
-        vstore(C + 2 * i + kLanes, chi);
-        vstore(S + 2 * i, slo);
-        vstore(S + 2 * i + kLanes, shi);
-      } else {
-        float tc[2 * kLanes], ts[2 * kLanes];
-        vstore(tc, clo);
-        vstore(tc + kLanes, chi);
-        vstore(ts, slo);
-        vstore(ts + kLanes, shi);
-        for (int k = 0; k < 2 * n; ++k) {
-          C[2 * i + k] = tc[k];
-          S[2 * i + k] = ts[k];
-        }
-      }
-    }
+    vstore(C + i, c * vf);  // cs_pad is a multiple of 8: full vectors always fit
+    vstore(S + i, s * vf);
   }
 }
 
-// Rotate the first R channels of an fp32 row in place with an expanded table row.
-static void rotate_row(float* x, const float* cs, int R, int rot_pad, bool interleaved) {
+// Rotate the first R channels of an fp32 row in place with one table row (cos_sin_row).
+// Half-split pairs (i, i + R/2); interleaved pairs (2i, 2i + 1), whose cos/sin are duplicated
+// in registers (zip) so that rotated = x * (c, c) + swap_pairs(x) * (-s, s).
+static void rotate_row(float* x, const float* cs, int R, int cs_pad, bool interleaved) {
   const float* C = cs;
-  const float* S = cs + rot_pad;
+  const float* S = cs + cs_pad;
+  const int h = R / 2;
+  int i = 0;
   if (interleaved) {
-    int c = 0;
-    for (; c + kLanes <= R; c += kLanes) {
-      const V xv = vload(x + c);
-      vstore(x + c, vfma(xv, vload(C + c), vswap_pairs(xv) * vload(S + c)));
+    for (; i + kLanes <= h; i += kLanes) {
+      const V c = vload(C + i), s = vload(S + i);
+      V clo, chi, slo, shi;
+      vzip(c, c, &clo, &chi);
+      vzip(vneg(s), s, &slo, &shi);
+      const V x0 = vload(x + 2 * i), x1 = vload(x + 2 * i + kLanes);
+      vstore(x + 2 * i, vfma(x0, clo, vswap_pairs(x0) * slo));
+      vstore(x + 2 * i + kLanes, vfma(x1, chi, vswap_pairs(x1) * shi));
     }
-    for (; c < R; c += 2) {
-      const float a = x[c], b = x[c + 1];
-      x[c] = a * C[c] + b * S[c];
-      x[c + 1] = b * C[c + 1] + a * S[c + 1];
+    for (; i < h; ++i) {
+      const float a = x[2 * i], b = x[2 * i + 1];
+      x[2 * i] = a * C[i] - b * S[i];
+      x[2 * i + 1] = b * C[i] + a * S[i];
     }
   } else {
-    const int h = R / 2;
-    int i = 0;
     for (; i + kLanes <= h; i += kLanes) {
       const V x1 = vload(x + i), x2 = vload(x + h + i), c = vload(C + i), s = vload(S + i);
       vstore(x + i, vfms(x1, c, x2 * s));
@@ -178,32 +148,36 @@ RK_INLINE void scale_row(float* x, int n, float scale) {
 RK_INLINE void zero_floats(float* x, int64_t n) { memset(x, 0, static_cast<size_t>(n) * sizeof(float)); }
 
 // ---------------------------------------------------------------- micro-kernels
-// S[MR x 16] = Q[MR x Dp] . Kt[Dp x 16] (Kt holds the rotated keys transposed, ldk per channel).
+// C[MR x 16] = A[MR x Dp] . B[Dp x 16]: MR rows of A (lda apart) against 16 columns of B (ldb per
+// channel). In the tiled kernel A is the rotated K block and B the transposed Q tile, so C is
+// S^T (keys x query rows): K needs no transpose and the softmax runs down columns, eight query
+// rows per vector.
 template <int MR>
-RK_INLINE void qk_tile(const float* q, int ldq, const float* kt, int ldk, int Dp, float* s, int lds) {
+RK_INLINE void outer_tile(const float* a, int lda, const float* b, int ldb, int Dp, float* c, int ldc) {
   V acc[MR][2];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vzero();
   for (int d = 0; d < Dp; ++d) {
-    const V k0 = vload(kt + static_cast<int64_t>(d) * ldk), k1 = vload(kt + static_cast<int64_t>(d) * ldk + kLanes);
+    const V b0 = vload(b + static_cast<int64_t>(d) * ldb), b1 = vload(b + static_cast<int64_t>(d) * ldb + kLanes);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const V qb = vbcast(q + r * ldq + d);
-      acc[r][0] = vfma(qb, k0, acc[r][0]);
-      acc[r][1] = vfma(qb, k1, acc[r][1]);
+      const V ab = vbcast(a + r * lda + d);
+      acc[r][0] = vfma(ab, b0, acc[r][0]);
+      acc[r][1] = vfma(ab, b1, acc[r][1]);
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    vstore(s + r * lds, acc[r][0]);
-    vstore(s + r * lds + kLanes, acc[r][1]);
+    vstore(c + static_cast<int64_t>(r) * ldc, acc[r][0]);
+    vstore(c + static_cast<int64_t>(r) * ldc + kLanes, acc[r][1]);
   }
 }
 
-// O[MR x 16] = O * alpha[r] + P[MR x n] . V[n x 16].
+// O[MR x 16] = O * alpha[r] + P . V[n x 16], where P[r][j] = p[r * ldr + j * ldj] (row-major P
+// in decode, P^T in the tiled kernel).
 template <int MR>
-RK_INLINE void pv_tile(const float* p, int ldp, const float* v, int ldv, int n, float* o, int ldo,
-                       const float* alpha) {
+RK_INLINE void pv_tile(const float* p, int64_t ldr, int64_t ldj, const float* v, int64_t ldv, int n, float* o,
+                       int ldo, const float* alpha) {
   V acc[MR][2];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -212,10 +186,11 @@ RK_INLINE void pv_tile(const float* p, int ldp, const float* v, int ldv, int n, 
     acc[r][1] = vload(o + r * ldo + kLanes) * a;
   }
   for (int j = 0; j < n; ++j) {
-    const V v0 = vload(v + static_cast<int64_t>(j) * ldv), v1 = vload(v + static_cast<int64_t>(j) * ldv + kLanes);
+    const V v0 = vload(v + j * ldv), v1 = vload(v + j * ldv + kLanes);
+    const float* pj = p + j * ldj;
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const V pb = vbcast(p + r * ldp + j);
+      const V pb = vbcast(pj + r * ldr);
       acc[r][0] = vfma(pb, v0, acc[r][0]);
       acc[r][1] = vfma(pb, v1, acc[r][1]);
     }
@@ -230,39 +205,38 @@ RK_INLINE void pv_tile(const float* p, int ldp, const float* v, int ldv, int n, 
 // The block-level helpers below are ordinary functions (one copy per unit, shared by the three
 // dtypes): their work per call dwarfs a call, and inlining them everywhere only bloats the build.
 
-// S[M x ncols] = Q . Kt over row strips of 6 (ncols a multiple of 16).
-static void qk_block(const float* q, int M, int Dp, const float* kt, int ldk, int ncols, float* s, int lds) {
-  for (int r0 = 0; r0 < M; r0 += kMR) {
-    const int mr = imin(kMR, M - r0);
-    const float* qr = q + static_cast<int64_t>(r0) * Dp;
-    float* sr = s + static_cast<int64_t>(r0) * lds;
-    for (int n0 = 0; n0 < ncols; n0 += kNR) {
-      switch (mr) {
-        case 6: qk_tile<6>(qr, Dp, kt + n0, ldk, Dp, sr + n0, lds); break;
-        case 5: qk_tile<5>(qr, Dp, kt + n0, ldk, Dp, sr + n0, lds); break;
-        case 4: qk_tile<4>(qr, Dp, kt + n0, ldk, Dp, sr + n0, lds); break;
-        case 3: qk_tile<3>(qr, Dp, kt + n0, ldk, Dp, sr + n0, lds); break;
-        case 2: qk_tile<2>(qr, Dp, kt + n0, ldk, Dp, sr + n0, lds); break;
-        default: qk_tile<1>(qr, Dp, kt + n0, ldk, Dp, sr + n0, lds); break;
+// C[rows x ncols] = A . B over 16-column tiles (outer: the B tile stays in L1) and 6-row strips.
+static void outer_block(const float* a, int rows, int Dp, const float* b, int ldb, int ncols, float* c, int ldc) {
+  for (int n0 = 0; n0 < ncols; n0 += kNR) {
+    for (int r0 = 0; r0 < rows; r0 += kMR) {
+      const float* ar = a + static_cast<int64_t>(r0) * Dp;
+      float* cr = c + static_cast<int64_t>(r0) * ldc + n0;
+      switch (imin(kMR, rows - r0)) {
+        case 6: outer_tile<6>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 5: outer_tile<5>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 4: outer_tile<4>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 3: outer_tile<3>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 2: outer_tile<2>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        default: outer_tile<1>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
       }
     }
   }
 }
 
-// O[M x Dp] = O * alpha + P[M x n] . V[n x Dp].
-static void pv_block(const float* p, int ldp, int M, const float* v, int Dp, int n, float* o, const float* alpha) {
+// O[M x Dp] = O * alpha + P . V[n x Dp] (P indexed as in pv_tile, V rows ldv apart).
+static void pv_block(const float* p, int64_t ldr, int64_t ldj, int M, const float* v, int64_t ldv, int Dp, int n,
+                     float* o, const float* alpha) {
   for (int r0 = 0; r0 < M; r0 += kMR) {
-    const int mr = imin(kMR, M - r0);
-    const float* pr = p + static_cast<int64_t>(r0) * ldp;
+    const float* pr = p + r0 * ldr;
     float* orow = o + static_cast<int64_t>(r0) * Dp;
     for (int c0 = 0; c0 < Dp; c0 += kNR) {
-      switch (mr) {
-        case 6: pv_tile<6>(pr, ldp, v + c0, Dp, n, orow + c0, Dp, alpha + r0); break;
-        case 5: pv_tile<5>(pr, ldp, v + c0, Dp, n, orow + c0, Dp, alpha + r0); break;
-        case 4: pv_tile<4>(pr, ldp, v + c0, Dp, n, orow + c0, Dp, alpha + r0); break;
-        case 3: pv_tile<3>(pr, ldp, v + c0, Dp, n, orow + c0, Dp, alpha + r0); break;
-        case 2: pv_tile<2>(pr, ldp, v + c0, Dp, n, orow + c0, Dp, alpha + r0); break;
-        default: pv_tile<1>(pr, ldp, v + c0, Dp, n, orow + c0, Dp, alpha + r0); break;
+      switch (imin(kMR, M - r0)) {
+        case 6: pv_tile<6>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 5: pv_tile<5>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 4: pv_tile<4>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 3: pv_tile<3>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 2: pv_tile<2>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        default: pv_tile<1>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
       }
     }
   }
@@ -272,35 +246,124 @@ static void pv_block(const float* p, int ldp, int M, const float* v, int Dp, int
 // visible (lim <= 0: none). Scores s (base 2) become probabilities in place; returns the factor
 // that rescales the row's accumulator. Invisible scores are set to -inf and their
 // probabilities are selected to 0, so nothing from a masked key reaches the accumulator.
+//
+// The running max m is raised only when a block's max exceeds it by more than kLazyMax (base 2):
+// probabilities then stay below 2^8, harmless in fp32, and most blocks skip the rescale (and its
+// exp2) entirely: alpha is exactly 1. The result and the LSE (m + log2 l) are unchanged.
+constexpr float kLazyMax = 8.0f;
 static float softmax_step(float* s, int nb, int lim, float* m, float* l) {
   const int w = round8(nb);
   if (lim <= 0) {
     zero_floats(s, w);
     return 1.0f;
   }
+  const bool masked = lim < w;
   for (int j = lim; j < w; ++j) s[j] = -kInf;
-  V mx = vset1(-kInf);
-  for (int j = 0; j < w; j += kLanes) mx = vmax(mx, vload(s + j));
-  const float m_new = fmax_(*m, hmax(mx));
-  if (m_new == -kInf) {  // every visible score is -inf (only with infinite inputs)
-    zero_floats(s, w);
-    return 1.0f;
+  V mx0 = vset1(-kInf), mx1 = vset1(-kInf);
+  int j = 0;
+  for (; j + 2 * kLanes <= w; j += 2 * kLanes) {
+    mx0 = vmax(mx0, vload(s + j));
+    mx1 = vmax(mx1, vload(s + j + kLanes));
   }
-  const float alpha = (*m == -kInf) ? 0.0f : __builtin_exp2f(*m - m_new);
-  const V vm = vset1(m_new);
-  V sum = vzero();
-  for (int j = 0; j < w; j += kLanes) {
-    const V x = vload(s + j);
-    const V pj = vzero_where_neginf(x, vexp2(x - vm));
-    vstore(s + j, pj);
-    sum = sum + pj;
+  if (j < w) mx0 = vmax(mx0, vload(s + j));
+  const float m_blk = hmax(vmax(mx0, mx1));
+  float alpha = 1.0f;
+  if (*m == -kInf || m_blk > *m + kLazyMax) {
+    if (m_blk == -kInf) {  // every visible score is -inf (only with infinite inputs)
+      zero_floats(s, w);
+      return 1.0f;
+    }
+    alpha = (*m == -kInf) ? 0.0f : __builtin_exp2f(*m - m_blk);
+    *m = m_blk;
   }
-  *l = *l * alpha + hsum(sum);
-  *m = m_new;
+  const V vm = vset1(*m);
+  V sum0 = vzero(), sum1 = vzero();
+  j = 0;
+  if (masked) {
+    for (; j < w; j += kLanes) {
+      const V x = vload(s + j);
+      const V pj = vzero_where_neginf(x, vexp2(x - vm));
+      vstore(s + j, pj);
+      sum0 = sum0 + pj;
+    }
+  } else {  // no -inf here: vexp2 of a finite score needs no select
+    for (; j + 2 * kLanes <= w; j += 2 * kLanes) {
+      const V p0 = vexp2(vload(s + j) - vm), p1 = vexp2(vload(s + j + kLanes) - vm);
+      vstore(s + j, p0);
+      vstore(s + j + kLanes, p1);
+      sum0 = sum0 + p0;
+      sum1 = sum1 + p1;
+    }
+    for (; j < w; j += kLanes) {
+      const V p0 = vexp2(vload(s + j) - vm);
+      vstore(s + j, p0);
+      sum0 = sum0 + p0;
+    }
+  }
+  *l = *l * alpha + hsum(sum0 + sum1);
   return alpha;
 }
 
-RK_INLINE float finish_lse(float m, float l) { return l > 0.0f ? (m + __builtin_log2f(l)) * kLn2 : -kInf; }
+// The same online-softmax step for the tiled kernel's S^T [nb keys][ld] (base-2 scores), eight
+// query rows per vector, so nothing is horizontal or scalar per row. `lim` (as floats) holds the
+// number of visible keys of each row for a block that masks some (causal diagonal), or is null
+// when every row sees all nb keys. m, l, alpha are per row (Mp, a multiple of 8).
+static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float* m, float* l, float* alpha) {
+  const V neg_inf = vset1(-kInf), lazy = vset1(kLazyMax), zero = vzero(), one = vset1(1.0f);
+  for (int c = 0; c < Mp; c += kLanes) {
+    float* col = st + c;
+    V mx = neg_inf;
+    if (lim) {
+      const V lv = vload(lim + c);
+      for (int n = 0; n < nb; ++n) {
+        const V x = vselect_lt(vset1(static_cast<float>(n)), lv, vload(col + n * ld), neg_inf);
+        vstore(col + n * ld, x);
+        mx = vmax(mx, x);
+      }
+    } else {
+      for (int n = 0; n < nb; ++n) mx = vmax(mx, vload(col + n * ld));
+    }
+    // Raise the running max only where it was -inf or the block exceeds it by kLazyMax.
+    const V mo = vload(m + c);
+    const auto raise = vor_mask(vcmp_eq(mo, neg_inf), vcmp_gt(mx, mo + lazy));
+    const V mn = vselect(raise, mx, mo);
+    // mo = -inf: alpha 0 (the accumulator is still 0); vexp2 flushes -inf to 0 without NaN.
+    const V a = vselect(raise, vselect(vcmp_eq(mo, neg_inf), zero, vexp2(mo - mn)), one);
+    V sum0 = zero, sum1 = zero;
+    int n = 0;
+    if (lim) {
+      for (; n < nb; ++n) {
+        const V x = vload(col + n * ld);
+        const V pj = vzero_where_neginf(x, vexp2(x - mn));
+        vstore(col + n * ld, pj);
+        sum0 = sum0 + pj;
+      }
+    } else {
+      for (; n + 1 < nb; n += 2) {
+        const V p0 = vexp2(vload(col + n * ld) - mn), p1 = vexp2(vload(col + (n + 1) * ld) - mn);
+        vstore(col + n * ld, p0);
+        vstore(col + (n + 1) * ld, p1);
+        sum0 = sum0 + p0;
+        sum1 = sum1 + p1;
+      }
+      if (n < nb) {
+        const V p0 = vexp2(vload(col + n * ld) - mn);
+        vstore(col + n * ld, p0);
+        sum0 = sum0 + p0;
+      }
+    }
+    vstore(m + c, mn);
+    vstore(l + c, vfma(vload(l + c), a, sum0 + sum1));
+    vstore(alpha + c, a);
+  }
+}
+
+// Natural-log LSE from the base-2 max and the sum; in double, so the change of base adds no
+// rounding to the fp32 result (two fp32 roundings here measured as large as the baseline's error).
+RK_INLINE float finish_lse(float m, float l) {
+  if (!(l > 0.0f)) return -kInf;
+  return static_cast<float>(static_cast<double>(m) * 0.69314718055994530942 + __builtin_log(static_cast<double>(l)));
+}
 
 // ---------------------------------------------------------------- cos/sin tables
 RK_INLINE int batch_of_row(const int32_t* cu, int batch, int64_t r) {
@@ -317,7 +380,7 @@ RK_INLINE int batch_of_row(const int32_t* cu, int batch, int64_t r) {
 
 void cos_sin_rows(const CosSinJob& job, int64_t begin, int64_t end) {
   const RopeParams& rope = job.rope;
-  const int R = rope.rotary_dim, rp = rot_pad_of(R);
+  const int R = rope.rotary_dim, cp = cs_pad_of(R);
   for (int64_t r = begin; r < end; ++r) {
     int b;
     int64_t first;
@@ -329,35 +392,76 @@ void cos_sin_rows(const CosSinJob& job, int64_t begin, int64_t end) {
       first = b * job.rows_per_batch;
     }
     const int32_t pos = job.positions ? job.positions[r] : static_cast<int32_t>(r - first);
-    cos_sin_row(pos, rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, rope.interleaved, rp,
-                job.out + r * 2 * rp);
+    cos_sin_row(pos, rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, cp, job.out + r * 2 * cp);
   }
 }
 
 // ---------------------------------------------------------------- tiled forward
-int64_t tiled_scratch_floats(const TiledPlan& plan) {
-  const int G = plan.p.num_heads / plan.p.num_heads_k, Dp = head_dim_pad_of(plan.p.head_dim);
-  const int64_t M = static_cast<int64_t>(plan.block_m) * G;
-  return 2 * align16(M * Dp) + align16(M * kBlockN) + 2 * align16(static_cast<int64_t>(Dp) * kBlockN) +
-         align16(8 * Dp) + 3 * align16(M);
+// Query rows of an item, padded to whole 16-column tiles of the transposed Q.
+RK_INLINE int tile_cols(const TiledPlan& plan) {
+  return round16(plan.block_m * (plan.p.num_heads / plan.p.num_heads_k));
 }
+
+int64_t tiled_scratch_floats(const TiledPlan& plan) {
+  const int Dp = head_dim_pad_of(plan.p.head_dim);
+  const int64_t Mp = tile_cols(plan);
+  return 2 * align16(Mp * Dp) + align16(Mp * kBlockN) + 2 * align16(static_cast<int64_t>(kBlockN) * Dp) +
+         align16(8 * Dp) + 4 * align16(Mp);
+}
+
+// Where key j of one sequence and KV head lives: packed/dense rows, or a paged cache's blocks.
+template <class T>
+struct KVRows {
+  const T* k;
+  const T* v;
+  int64_t k_seq, v_seq;  // offset of the sequence (dense, varlen)
+  int64_t k_row, v_row, k_block, v_block;
+  const int32_t* btab;  // paged: this sequence's block table row, else null
+  int block_size;
+  int64_t row_bytes;
+  RK_INLINE const T* krow(int64_t j) const {
+    return k + (btab ? btab[j / block_size] * k_block + (j % block_size) * k_row : k_seq + j * k_row);
+  }
+  RK_INLINE const T* vrow(int64_t j) const {
+    return v + (btab ? btab[j / block_size] * v_block + (j % block_size) * v_row : v_seq + j * v_row);
+  }
+  // Ask for keys [j0, j1) ahead of use: a K/V block is ~64 KiB that the hardware prefetcher,
+  // seeing 512-byte rows strided by Hkv * D, fetches too late; the QK and PV work of the block
+  // before it (~50k cycles) hides the latency.
+  // The keys' cos/sin table rows (cs, cs_bytes each) come along.
+  RK_INLINE void prefetch(int64_t j0, int64_t j1, const float* cs, int64_t cs_stride, int hint) const {
+    for (int64_t j = j0; j < j1; ++j) {
+      const char* kr = reinterpret_cast<const char*>(krow(j));
+      const char* vr = reinterpret_cast<const char*>(vrow(j));
+      for (int64_t c = 0; c < row_bytes; c += 64) {
+        if (hint == 3) { __builtin_prefetch(kr + c, 0, 3);
+        __builtin_prefetch(vr + c, 0, 3); } else if (hint == 2) { __builtin_prefetch(kr + c, 0, 2);
+        __builtin_prefetch(vr + c, 0, 2); }
+      }
+      if (cs) {
+        const char* cr = reinterpret_cast<const char*>(cs + j * cs_stride);
+        for (int64_t c = 0; c < cs_stride * 4; c += 64) if (hint) __builtin_prefetch(cr + c, 0, 2);
+      }
+    }
+  }
+};
 
 template <class DT>
 void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   using T = typename DT::T;
   const AttnParams& p = plan.p;
   const int Hkv = p.num_heads_k, G = p.num_heads / Hkv, D = p.head_dim, Dp = head_dim_pad_of(D);
-  const int R = p.rope.rotary_dim, rp = rot_pad_of(R);
+  const int R = p.rope.rotary_dim, cp = cs_pad_of(R);
   const bool il = p.rope.interleaved;
-  const int64_t cs_stride = 2 * rp;
-  const int64_t bh_count = static_cast<int64_t>(p.batch) * Hkv;
-  const int64_t rank = item / bh_count;
-  const int64_t bh = item % bh_count;
-  // Causal cost grows with the query block: hand out the longest items first.
+  const int64_t cs_stride = 2 * cp;
+  // Items of one (sequence, KV head) are consecutive, so the threads share its K/V in L3. Causal
+  // cost grows with the query block: within a head the longest blocks go first, which also
+  // leaves the shortest items for the end of the run.
+  const int64_t bh = item / plan.num_q_blocks;
+  const int64_t rank = item % plan.num_q_blocks;
   const int64_t qb = p.causal ? plan.num_q_blocks - 1 - rank : rank;
   const int b = static_cast<int>(bh / Hkv), hkv = static_cast<int>(bh % Hkv);
   const bool varlen = p.cu_seqlens_q != nullptr;
-  const bool paged = plan.block_table != nullptr;
 
   int64_t sq, sk, q_row0 = 0, k_row0 = 0;
   if (varlen) {
@@ -378,96 +482,95 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
 
   const T* q = static_cast<const T*>(p.q) + (varlen ? q_row0 * p.q_row_stride : b * p.q_batch_stride);
   T* out = static_cast<T*>(p.out) + (varlen ? q_row0 * p.o_row_stride : b * p.o_batch_stride);
-  const T* kbase = static_cast<const T*>(p.k) + hkv * p.k_head_stride;
-  const T* vbase = static_cast<const T*>(p.v) + hkv * p.v_head_stride;
-  const int64_t k_seq = varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride;
-  const int64_t v_seq = varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride;
-  const int32_t* btab = paged ? plan.block_table + b * plan.block_table_stride : nullptr;
+  KVRows<T> kv;
+  kv.k = static_cast<const T*>(p.k) + hkv * p.k_head_stride;
+  kv.v = static_cast<const T*>(p.v) + hkv * p.v_head_stride;
+  kv.k_seq = varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride;
+  kv.v_seq = varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride;
+  kv.k_row = p.k_row_stride;
+  kv.v_row = p.v_row_stride;
+  kv.k_block = p.k_batch_stride;
+  kv.v_block = p.v_batch_stride;
+  kv.btab = plan.block_table ? plan.block_table + b * plan.block_table_stride : nullptr;
+  kv.block_size = plan.block_size;
+  kv.row_bytes = static_cast<int64_t>(D) * sizeof(T);
   const float* q_cs = R ? plan.q_cs + (varlen ? q_row0 : b * static_cast<int64_t>(p.seqlen_q)) * cs_stride : nullptr;
   const float* k_cs = R ? plan.k_cs + (varlen ? k_row0 : b * plan.k_cs_rows) * cs_stride : nullptr;
   const float scale2 = p.softmax_scale * kLog2e;
+  if (j_end > 0) kv.prefetch(0, lmin(kBlockN, j_end), k_cs, cs_stride, plan.prefetch_hint);
 
+  const int Mp = round16(M);
   Bump bump{scratch};
-  float* Qs = bump.take(static_cast<int64_t>(M) * Dp);
-  float* O = bump.take(static_cast<int64_t>(M) * Dp);
-  float* S = bump.take(static_cast<int64_t>(M) * kBlockN);
-  float* Kt = bump.take(static_cast<int64_t>(Dp) * kBlockN);
-  float* Vs = bump.take(static_cast<int64_t>(Dp) * kBlockN);
-  float* K8 = bump.take(8 * Dp);
-  float* m = bump.take(M);
-  float* l = bump.take(M);
-  float* alpha = bump.take(M);
+  float* Qt = bump.take(static_cast<int64_t>(Dp) * Mp);  // Q tile transposed: [Dp][Mp]
+  float* O = bump.take(static_cast<int64_t>(Mp) * Dp);
+  float* St = bump.take(static_cast<int64_t>(kBlockN) * Mp);  // scores, then probabilities: [keys][Mp]
+  float* Ks = bump.take(static_cast<int64_t>(kBlockN) * Dp);
+  float* Vs = bump.take(static_cast<int64_t>(kBlockN) * Dp);
+  float* Q8 = bump.take(8 * Dp);
+  float* m = bump.take(Mp);
+  float* l = bump.take(Mp);
+  float* alpha = bump.take(Mp);
+  float* lim = bump.take(Mp);
 
-  // Q tile: rows r = (i - i0) * G + g, rotated once, pre-scaled into base 2.
-  for (int qi = 0; qi < nq; ++qi) {
-    const int64_t i = i0 + qi;
-    for (int g = 0; g < G; ++g) {
-      const int r = qi * G + g;
-      const int h = hkv * G + g;
-      float* dst = Qs + static_cast<int64_t>(r) * Dp;
-      load_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, D, Dp, dst);
-      if (R) rotate_row(dst, q_cs + i * cs_stride, R, rp, il);
-      scale_row(dst, Dp, scale2);
-      m[r] = -kInf;
-      l[r] = 0.0f;
+  // Q tile: rows r = (i - i0) * G + g, rotated once, pre-scaled into base 2, and transposed eight
+  // rows at a time (rows past M are zeros).
+  for (int r0 = 0; r0 < Mp; r0 += 8) {
+    for (int t = 0; t < 8; ++t) {
+      const int r = r0 + t;
+      float* row = Q8 + t * Dp;
+      if (r >= M) {
+        zero_floats(row, Dp);
+        continue;
+      }
+      const int64_t i = i0 + r / G;
+      const int h = hkv * G + r % G;
+      load_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, D, Dp, row);
+      if (R) rotate_row(row, q_cs + i * cs_stride, R, cp, il);
+      scale_row(row, Dp, scale2);
+    }
+    for (int d = 0; d < Dp; d += 8) {
+      V r8[8];
+      for (int t = 0; t < 8; ++t) r8[t] = vload(Q8 + t * Dp + d);
+      transpose8(r8);
+      for (int u = 0; u < 8; ++u) vstore(Qt + static_cast<int64_t>(d + u) * Mp + r0, r8[u]);
     }
   }
-  zero_floats(O, static_cast<int64_t>(M) * Dp);
+  for (int r = 0; r < Mp; ++r) {
+    m[r] = -kInf;
+    l[r] = 0.0f;
+  }
+  zero_floats(O, static_cast<int64_t>(Mp) * Dp);
 
   for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
     const int nb = static_cast<int>(lmin(kBlockN, j_end - j0));
-    const int ncols = round16(nb);
-    // K block: each key is converted and rotated once for all G * nq query rows, then stored
-    // transposed (Kt[d][j]) for the outer-product micro-kernel; rows past nb are zeros.
-    for (int jj = 0; jj < ncols; jj += 8) {
-      for (int t = 0; t < 8; ++t) {
-        float* row = K8 + t * Dp;
-        const int64_t j = j0 + jj + t;
-        if (jj + t < nb) {
-          const int64_t k_off = paged ? static_cast<int64_t>(btab[j / plan.block_size]) * p.k_batch_stride +
-                                            (j % plan.block_size) * p.k_row_stride
-                                      : k_seq + j * p.k_row_stride;
-          load_row<DT>(kbase + k_off, D, Dp, row);
-          if (R) rotate_row(row, k_cs + j * cs_stride, R, rp, il);
-        } else {
-          zero_floats(row, Dp);
-        }
-      }
-      for (int d = 0; d < Dp; d += 8) {
-        V r8[8];
-        for (int t = 0; t < 8; ++t) r8[t] = vload(K8 + t * Dp + d);
-        transpose8(r8);
-        for (int u = 0; u < 8; ++u) vstore(Kt + static_cast<int64_t>(d + u) * kBlockN + jj, r8[u]);
-      }
-    }
+    // K and V blocks: each key is converted and rotated once for all G * nq query rows.
     for (int jj = 0; jj < nb; ++jj) {
       const int64_t j = j0 + jj;
-      const int64_t v_off = paged ? static_cast<int64_t>(btab[j / plan.block_size]) * p.v_batch_stride +
-                                        (j % plan.block_size) * p.v_row_stride
-                                  : v_seq + j * p.v_row_stride;
-      load_row<DT>(vbase + v_off, D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
+      float* krow = Ks + static_cast<int64_t>(jj) * Dp;
+      load_row<DT>(kv.krow(j), D, Dp, krow);
+      if (R) rotate_row(krow, k_cs + j * cs_stride, R, cp, il);
+      load_row<DT>(kv.vrow(j), D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
     }
+    if (j0 + kBlockN < j_end) kv.prefetch(j0 + kBlockN, lmin(j0 + 2 * kBlockN, j_end), k_cs, cs_stride, plan.prefetch_hint);
 
-    qk_block(Qs, M, Dp, Kt, kBlockN, ncols, S, kBlockN);
-    for (int r = 0; r < M; ++r) {
-      int lim = nb;
-      if (p.causal) lim = static_cast<int>(lmin(nb, i0 + r / G + off - j0 + 1));
-      alpha[r] = softmax_step(S + static_cast<int64_t>(r) * kBlockN, nb, lim, m + r, l + r);
-    }
-    pv_block(S, kBlockN, M, Vs, Dp, nb, O, alpha);
+    outer_block(Ks, nb, Dp, Qt, Mp, Mp, St, Mp);
+    // Causal: rows whose last visible key falls inside this block get a per-row key count.
+    const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
+    if (diagonal)
+      for (int r = 0; r < Mp; ++r)
+        lim[r] = static_cast<float>(r < M ? lmin(nb, lmax_(0, i0 + r / G + off - j0 + 1)) : nb);
+    softmax_cols(St, Mp, Mp, nb, diagonal ? lim : nullptr, m, l, alpha);
+    pv_block(St, 1, Mp, M, Vs, Dp, Dp, nb, O, alpha);
   }
 
-  for (int qi = 0; qi < nq; ++qi) {
-    const int64_t i = i0 + qi;
-    for (int g = 0; g < G; ++g) {
-      const int r = qi * G + g;
-      const int h = hkv * G + g;
-      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-      store_row<DT>(out + i * p.o_row_stride + h * p.o_head_stride, O + static_cast<int64_t>(r) * Dp, inv, D);
-      if (p.lse) {
-        const int64_t base = varlen ? q_row0 : b * p.lse_batch_stride;
-        p.lse[base + h * p.lse_head_stride + i] = finish_lse(m[r], l[r]);
-      }
+  for (int r = 0; r < M; ++r) {
+    const int64_t i = i0 + r / G;
+    const int h = hkv * G + r % G;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    store_row<DT>(out + i * p.o_row_stride + h * p.o_head_stride, O + static_cast<int64_t>(r) * Dp, inv, D);
+    if (p.lse) {
+      const int64_t base = varlen ? q_row0 : b * p.lse_batch_stride;
+      p.lse[base + h * p.lse_head_stride + i] = finish_lse(m[r], l[r]);
     }
   }
 }
@@ -483,11 +586,11 @@ void tiled_item(const TiledPlan& plan, int64_t item, float* scratch) {
 // ---------------------------------------------------------------- decode
 int64_t decode_scratch_floats(const DecodePlan& plan) {
   const DecodeParams& p = plan.p;
-  const int Dp = head_dim_pad_of(p.head_dim), rp = rot_pad_of(p.rope.rotary_dim);
+  const int Dp = head_dim_pad_of(p.head_dim), cp = cs_pad_of(p.rope.rotary_dim);
   const int64_t rows = static_cast<int64_t>(p.num_heads) * p.seqlen_q;
   const int64_t group_rows = rows / p.num_heads_k;
-  return 2 * align16(rows * Dp) + 3 * align16(rows) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * rp) +
-         align16(kDecodeChunk * 2 * rp) + 2 * align16(kDecodeChunk * Dp) + align16(group_rows * kDecodeChunk);
+  return 2 * align16(rows * Dp) + 3 * align16(rows) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * cp) +
+         align16(kDecodeChunk * 2 * cp) + 2 * align16(kDecodeChunk * Dp) + align16(group_rows * kDecodeChunk);
 }
 
 template <class DT>
@@ -495,9 +598,9 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   using T = typename DT::T;
   const DecodeParams& p = plan.p;
   const int Hq = p.num_heads, Hkv = p.num_heads_k, G = Hq / Hkv, Sq = p.seqlen_q, D = p.head_dim;
-  const int Dp = head_dim_pad_of(D), R = p.rope.rotary_dim, rp = rot_pad_of(R);
+  const int Dp = head_dim_pad_of(D), R = p.rope.rotary_dim, cp = cs_pad_of(R);
   const bool il = p.rope.interleaved;
-  const int64_t cs_stride = 2 * rp;
+  const int64_t cs_stride = 2 * cp;
   const int b = static_cast<int>(item / plan.num_splits), split = static_cast<int>(item % plan.num_splits);
   const int64_t n = static_cast<int64_t>(p.cache_seqlens[b]) + p.s_new;
   const int64_t ks = split * plan.split_len, ke = lmin(n, ks + plan.split_len);
@@ -532,14 +635,13 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   // Queries: rows r = h * Sq + i at positions n - Sq + i.
   const float scale2 = p.softmax_scale * kLog2e;
   for (int i = 0; i < Sq; ++i)
-    if (R) cos_sin_row(static_cast<int32_t>(n - Sq + i), table, R / 2, p.rope.attention_factor, il, rp,
-                       qcs + i * cs_stride);
+    if (R) cos_sin_row(static_cast<int32_t>(n - Sq + i), table, R / 2, p.rope.attention_factor, cp, qcs + i * cs_stride);
   for (int h = 0; h < Hq; ++h) {
     for (int i = 0; i < Sq; ++i) {
       const int r = h * Sq + i;
       float* dst = Qs + static_cast<int64_t>(r) * Dp;
       load_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, D, Dp, dst);
-      if (R) rotate_row(dst, qcs + i * cs_stride, R, rp, il);
+      if (R) rotate_row(dst, qcs + i * cs_stride, R, cp, il);
       scale_row(dst, Dp, scale2);
       m[r] = -kInf;
       l[r] = 0.0f;
@@ -553,8 +655,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     // cos/sin of this chunk's positions, shared by every KV head.
     if (R)
       for (int jj = 0; jj < nc; ++jj)
-        cos_sin_row(static_cast<int32_t>(c0 + jj), table, R / 2, p.rope.attention_factor, il, rp,
-                    kcs + jj * cs_stride);
+        cos_sin_row(static_cast<int32_t>(c0 + jj), table, R / 2, p.rope.attention_factor, cp, kcs + jj * cs_stride);
     for (int hkv = 0; hkv < Hkv; ++hkv) {
       for (int jj = 0; jj < w; ++jj) {
         float* krow = Ks + static_cast<int64_t>(jj) * Dp;
@@ -573,7 +674,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
           v_off = b * p.vc_batch_stride + j * p.vc_row_stride;
         }
         load_row<DT>(kc + k_off + hkv * p.kc_head_stride, D, Dp, krow);
-        if (R) rotate_row(krow, kcs + jj * cs_stride, R, rp, il);
+        if (R) rotate_row(krow, kcs + jj * cs_stride, R, cp, il);
         load_row<DT>(vc + v_off + hkv * p.vc_head_stride, D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
       }
       const int hr0 = hkv * group_rows;
@@ -595,7 +696,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
         if (p.causal) lim = static_cast<int>(lmin(nc, (n - Sq + rr % Sq) - c0 + 1));
         alpha[hr0 + rr] = softmax_step(srow, nc, lim, m + hr0 + rr, l + hr0 + rr);
       }
-      pv_block(S, kDecodeChunk, group_rows, Vs, Dp, nc, O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
+      pv_block(S, kDecodeChunk, 1, group_rows, Vs, Dp, Dp, nc, O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
     }
   }
 
@@ -670,21 +771,20 @@ void decode_merge(const DecodePlan& plan, int64_t begin, int64_t end) {
 
 // ---------------------------------------------------------------- apply_rope
 int64_t rope_scratch_floats(const RopeJob& job) {
-  return align16(2 * rot_pad_of(job.rope.rotary_dim)) + align16(rot_pad_of(job.rope.rotary_dim));
+  return align16(2 * cs_pad_of(job.rope.rotary_dim)) + align16(job.rope.rotary_dim);
 }
 
 template <class DT>
 void rope_rows_t(const RopeJob& job, int64_t begin, int64_t end, float* scratch) {
   using T = typename DT::T;
   const RopeParams& rope = job.rope;
-  const int R = rope.rotary_dim, rp = rot_pad_of(R), D = job.head_dim;
+  const int R = rope.rotary_dim, cp = cs_pad_of(R), D = job.head_dim;
   float* cs = scratch;
-  float* row = scratch + align16(2 * rp);
+  float* row = scratch + align16(2 * cp);
   for (int64_t rix = begin; rix < end; ++rix) {
     const int64_t b = rix / job.seqlen, s = rix % job.seqlen;
     if (R)
-      cos_sin_row(job.positions[rix], rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor,
-                  rope.interleaved, rp, cs);
+      cos_sin_row(job.positions[rix], rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, cp, cs);
     const T* x = static_cast<const T*>(job.x) + b * job.x_batch_stride + s * job.x_row_stride;
     T* out = static_cast<T*>(job.out) + b * job.o_batch_stride + s * job.o_row_stride;
     for (int h = 0; h < job.num_heads; ++h) {
@@ -692,7 +792,7 @@ void rope_rows_t(const RopeJob& job, int64_t begin, int64_t end, float* scratch)
       T* dst = out + h * job.o_head_stride;
       if (R) {
         load_row<DT>(src, R, R, row);
-        rotate_row(row, cs, R, rp, rope.interleaved);
+        rotate_row(row, cs, R, cp, rope.interleaved);
         store_row<DT>(dst, row, 1.0f, R);
       }
       // Pass-through channels are copied bit for bit (not through fp32).

@@ -40,6 +40,7 @@ RK_INLINE uint32_t float_to_bits(float f) {
 RK_INLINE int imin(int a, int b) { return a < b ? a : b; }
 RK_INLINE int imax(int a, int b) { return a > b ? a : b; }
 RK_INLINE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+RK_INLINE int64_t lmax_(int64_t a, int64_t b) { return a > b ? a : b; }
 RK_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------- scalar dtype conversions
@@ -191,6 +192,11 @@ RK_INLINE __m256 quadrant_mask(__m256i q, int bit) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, b), b));
 }
 RK_INLINE V vselect(__m256 mask, V yes, V no) { return {_mm256_blendv_ps(no.v, yes.v, mask)}; }
+RK_INLINE __m256 vcmp_eq(V a, V b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
+RK_INLINE __m256 vcmp_gt(V a, V b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+RK_INLINE __m256 vor_mask(__m256 a, __m256 b) { return _mm256_or_ps(a, b); }
+// a < b ? yes : no, lane by lane.
+RK_INLINE V vselect_lt(V a, V b, V yes, V no) { return {_mm256_blendv_ps(no.v, yes.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))}; }
 RK_INLINE __m256i vround_to_int(V a) { return _mm256_cvtps_epi32(a.v); }
 RK_INLINE V vneg(V a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
 #else  // ------------------------------------------------------------------ portable fallback
@@ -325,6 +331,24 @@ RK_INLINE Mask quadrant_mask(IntV q, int bit) {
 }
 RK_INLINE V vselect(Mask mask, V yes, V no) {
   RK_LANES no.v[i_] = mask.m[i_] ? yes.v[i_] : no.v[i_];
+  return no;
+}
+RK_INLINE Mask vcmp_eq(V a, V b) {
+  Mask r;
+  RK_LANES r.m[i_] = a.v[i_] == b.v[i_];
+  return r;
+}
+RK_INLINE Mask vcmp_gt(V a, V b) {
+  Mask r;
+  RK_LANES r.m[i_] = a.v[i_] > b.v[i_];
+  return r;
+}
+RK_INLINE Mask vor_mask(Mask a, Mask b) {
+  RK_LANES a.m[i_] = a.m[i_] || b.m[i_];
+  return a;
+}
+RK_INLINE V vselect_lt(V a, V b, V yes, V no) {
+  RK_LANES no.v[i_] = a.v[i_] < b.v[i_] ? yes.v[i_] : no.v[i_];
   return no;
 }
 RK_INLINE IntV vround_to_int(V a) {
