@@ -59,7 +59,6 @@ struct TiledPlan {
   const float* k_cs = nullptr;       // per k row (dense/cache b * k_cs_rows + j, varlen global row)
   int64_t k_cs_rows = 0;             // rows per sequence in k_cs for the dense and cache layouts
   int block_m = 0;                   // queries per item
-  int prefetch_hint = 3;
   int64_t num_q_blocks = 0;          // per (b, kv head): ceil(max Sq / block_m); items = B * Hkv * this
 };
 

@@ -151,9 +151,7 @@ at::Tensor cos_sin_table(const Kernels& kern, const RopeParams& rope, const int3
 
 // Query rows per tiled item: G * block_m ~ kTileRows and a multiple of the 6-row micro-kernel.
 int choose_block_m(int G) {
-  const char* env = std::getenv("ROPEKERN_TILE_ROWS");
-  const int rows = env ? std::atoi(env) : kTileRows;
-  int bm = std::max(1, (rows + G - 1) / G);
+  int bm = std::max(1, (kTileRows + G - 1) / G);
   while ((bm * G) % 6) ++bm;
   return bm;
 }
@@ -161,7 +159,6 @@ int choose_block_m(int G) {
 void run_tiled(const Kernels& kern, TiledPlan& plan, int64_t max_seqlen_q) {
   const int G = plan.p.num_heads / plan.p.num_heads_k;
   plan.block_m = choose_block_m(G);
-  if (const char* e = std::getenv("ROPEKERN_PREFETCH")) plan.prefetch_hint = std::atoi(e);
   plan.num_q_blocks = (max_seqlen_q + plan.block_m - 1) / plan.block_m;
   const int64_t items = static_cast<int64_t>(plan.p.batch) * plan.p.num_heads_k * plan.num_q_blocks;
   run_items(items, kern.tiled_scratch_floats(plan),
@@ -245,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   // alias into a few cache sets, and prefetching cannot keep up) are first copied head-major, in
   // their own dtype and un-rotated: one pass over K and V, +13% measured on the tile loop.
   const int kr = varlen ? 0 : 1;  // row dimension
-  const bool repack = !std::getenv("ROPEKERN_NO_REPACK") && (k.stride(kr) != D || v.stride(kr) != D);
+  const bool repack = k.stride(kr) != D || v.stride(kr) != D;
   const at::Tensor kk = repack ? k.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1) : k;
   const at::Tensor vv = repack ? v.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1) : v;
 
