@@ -86,39 +86,43 @@ def memcpy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def prefill_candidates(rope: rk.RopeConfig, s: int, dtype: torch.dtype) -> dict:
+    """The prefill candidates on one set of inputs (q [1, s, HQ, D], k/v [1, s, HKV, D], un-rotated)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, s, HQ, HEAD_DIM, generator=gen).to(dtype)
+    k = torch.randn(1, s, HKV, HEAD_DIM, generator=gen).to(dtype)
+    v = torch.randn(1, s, HKV, HEAD_DIM, generator=gen).to(dtype)
+    pos = torch.arange(s)
+    g = HQ // HKV
+
+    def ours():
+        return rk.rope_attention(q, k, v, rope, causal=True, backend="cpu")
+
+    def base_gqa():
+        cos, sin = hf_cos_sin(rope, pos, dtype)
+        qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
+        return F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+
+    def base_repeat():
+        cos, sin = hf_cos_sin(rope, pos, dtype)
+        qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
+        kr, vr = kr.repeat_interleave(g, dim=1), v.transpose(1, 2).repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+
+    def sdpa_only():
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+
+    return {"cpu": ours, "rope+sdpa(gqa)": base_gqa, "rope+sdpa(repeat)": base_repeat, "sdpa": sdpa_only}
+
+
 def bench_prefill(seqlens: list[int], dtypes: list[torch.dtype], repeats: int) -> list[dict]:
     rope = rk.RopeConfig(HEAD_DIM)
     rows = []
     for dtype in dtypes:
         for s in seqlens:
-            gen = torch.Generator().manual_seed(0)
-            q = torch.randn(1, s, HQ, HEAD_DIM, generator=gen).to(dtype)
-            k = torch.randn(1, s, HKV, HEAD_DIM, generator=gen).to(dtype)
-            v = torch.randn(1, s, HKV, HEAD_DIM, generator=gen).to(dtype)
-            pos = torch.arange(s)
-            g = HQ // HKV
-
-            def ours():
-                return rk.rope_attention(q, k, v, rope, causal=True, backend="cpu")
-
-            def base_gqa():
-                cos, sin = hf_cos_sin(rope, pos, dtype)
-                qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
-                return F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True, enable_gqa=True)
-
-            def base_repeat():
-                cos, sin = hf_cos_sin(rope, pos, dtype)
-                qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
-                kr, vr = kr.repeat_interleave(g, dim=1), v.transpose(1, 2).repeat_interleave(g, dim=1)
-                return F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
-
-            def sdpa_only():
-                return F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-                )
-
-            cands = {"cpu": ours, "rope+sdpa(gqa)": base_gqa, "rope+sdpa(repeat)": base_repeat, "sdpa": sdpa_only}
-            t = interleaved(cands, repeats)
+            t = interleaved(prefill_candidates(rope, s, dtype), repeats)
             base = min(t["rope+sdpa(gqa)"], t["rope+sdpa(repeat)"])
             flops = 4 * HQ * s * s * HEAD_DIM / 2
             row = {
@@ -141,42 +145,48 @@ def bench_prefill(seqlens: list[int], dtypes: list[torch.dtype], repeats: int) -
     return rows
 
 
+def decode_candidates(rope: rk.RopeConfig, n: int, dtype: torch.dtype) -> tuple[dict, int]:
+    """The decode candidates for a cache of n keys, and the bytes of K and V they read."""
+    g = DEC_HQ // DEC_HKV
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, DEC_HQ, HEAD_DIM, generator=gen).to(dtype)
+    k_cache = torch.randn(1, n, DEC_HKV, HEAD_DIM, generator=gen).to(dtype)  # un-rotated, ours
+    v_cache = torch.randn(1, n, DEC_HKV, HEAD_DIM, generator=gen).to(dtype)
+    lens = torch.tensor([n], dtype=torch.int32)
+    # The baseline's cache: HF layout [B, Hkv, S, D], keys rotated once when they were appended.
+    inv64, _ = rope.tables()
+    cos_all, sin_all = cos_sin(torch.arange(n), inv64[0], rope.attention_factor, torch.float32, angles="fp32")
+    k_rot = rotate(k_cache[0].float(), cos_all[:, None], sin_all[:, None], HEAD_DIM, False)  # [n, Hkv, D]
+    k_hf = k_rot.to(dtype).permute(1, 0, 2).unsqueeze(0).contiguous()
+    v_hf = v_cache.permute(0, 2, 1, 3).contiguous()
+    pos = torch.tensor([n - 1])
+
+    def ours():
+        return rk.rope_attention_with_kvcache(q, k_cache, v_cache, rope, cache_seqlens=lens, backend="cpu")
+
+    def base_sdpa():
+        cos, sin = hf_cos_sin(rope, pos, dtype)
+        qr = hf_rope(q.transpose(1, 2), cos, sin)
+        return F.scaled_dot_product_attention(qr, k_hf, v_hf, enable_gqa=True)
+
+    def base_einsum():
+        cos, sin = hf_cos_sin(rope, pos, dtype)
+        qr = hf_rope(q.transpose(1, 2), cos, sin).reshape(1, DEC_HKV, g, HEAD_DIM)
+        scores = torch.einsum("bhgd,bhsd->bhgs", qr, k_hf) * HEAD_DIM**-0.5
+        return torch.einsum("bhgs,bhsd->bhgd", scores.softmax(-1), v_hf)
+
+    kv_bytes = 2 * n * DEC_HKV * HEAD_DIM * k_cache.element_size()
+    return {"cpu": ours, "rope+sdpa": base_sdpa, "rope+einsum": base_einsum}, kv_bytes
+
+
 def bench_decode(cache_lens: list[int], dtypes: list[torch.dtype], repeats: int, memcpy_bps: float) -> list[dict]:
     rope = rk.RopeConfig(HEAD_DIM)
     rows = []
-    g = DEC_HQ // DEC_HKV
     for dtype in dtypes:
         for n in cache_lens:
-            gen = torch.Generator().manual_seed(0)
-            q = torch.randn(1, 1, DEC_HQ, HEAD_DIM, generator=gen).to(dtype)
-            k_cache = torch.randn(1, n, DEC_HKV, HEAD_DIM, generator=gen).to(dtype)  # un-rotated, ours
-            v_cache = torch.randn(1, n, DEC_HKV, HEAD_DIM, generator=gen).to(dtype)
-            lens = torch.tensor([n], dtype=torch.int32)
-            # The baseline's cache: HF layout [B, Hkv, S, D], keys rotated once when they were appended.
-            inv64, _ = rope.tables()
-            cos_all, sin_all = cos_sin(torch.arange(n), inv64[0], rope.attention_factor, torch.float32, angles="fp32")
-            k_rot = rotate(k_cache[0].float(), cos_all[:, None], sin_all[:, None], HEAD_DIM, False)  # [n, Hkv, D]
-            k_hf = k_rot.to(dtype).permute(1, 0, 2).unsqueeze(0).contiguous()
-            v_hf = v_cache.permute(0, 2, 1, 3).contiguous()
-            pos = torch.tensor([n - 1])
-
-            def ours():
-                return rk.rope_attention_with_kvcache(q, k_cache, v_cache, rope, cache_seqlens=lens, backend="cpu")
-
-            def base_sdpa():
-                cos, sin = hf_cos_sin(rope, pos, dtype)
-                qr = hf_rope(q.transpose(1, 2), cos, sin)
-                return F.scaled_dot_product_attention(qr, k_hf, v_hf, enable_gqa=True)
-
-            def base_einsum():
-                cos, sin = hf_cos_sin(rope, pos, dtype)
-                qr = hf_rope(q.transpose(1, 2), cos, sin).reshape(1, DEC_HKV, g, HEAD_DIM)
-                scores = torch.einsum("bhgd,bhsd->bhgs", qr, k_hf) * HEAD_DIM**-0.5
-                return torch.einsum("bhgs,bhsd->bhgd", scores.softmax(-1), v_hf)
-
-            t = interleaved({"cpu": ours, "rope+sdpa": base_sdpa, "rope+einsum": base_einsum}, repeats)
+            cands, kv_bytes = decode_candidates(rope, n, dtype)
+            t = interleaved(cands, repeats)
             base = min(t["rope+sdpa"], t["rope+einsum"])
-            kv_bytes = 2 * n * DEC_HKV * HEAD_DIM * k_cache.element_size()
             row = {
                 "op": "decode",
                 "dtype": str(dtype).replace("torch.", ""),
@@ -198,12 +208,20 @@ def bench_decode(cache_lens: list[int], dtypes: list[torch.dtype], repeats: int,
 
 
 _MEMORY_CHILD = r"""
-import resource, sys, torch, ropekern as rk
+import sys, torch, ropekern as rk
 import torch.nn.functional as F
+
+def status(key):  # kB from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
 s, which, dtype = int(sys.argv[1]), sys.argv[2], getattr(torch, sys.argv[3])
 q = torch.randn(1, s, {hq}, {d}).to(dtype); k = torch.randn(1, s, {hkv}, {d}).to(dtype); v = torch.randn_like(k)
 rope = rk.RopeConfig({d})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rk.rope_attention(q[:, :64], k[:, :64], v[:, :64], rope, causal=True)  # load everything first
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM) to the current RSS
+    f.write("5")
+before = status("VmRSS:")
 if which == "cpu":
     out = rk.rope_attention(q, k, v, rope, causal=True, backend="cpu")
 else:
@@ -211,13 +229,13 @@ else:
     cos, sin = hf_cos_sin(rope, torch.arange(s), dtype)
     qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
     out = F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True, enable_gqa=True)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+print((status("VmHWM:") - before) * 1024)
 """
 
 
 def bench_memory(seqlen: int, dtype: torch.dtype, which: str) -> dict:
-    """Peak memory of one prefill in a fresh process: inputs + the call's high-water mark above them."""
+    """Peak memory of one prefill in a fresh process: the inputs plus the growth of the resident set
+    during the call (Linux VmHWM, reset just before it), which includes the output."""
     code = _MEMORY_CHILD.format(hq=HQ, hkv=HKV, d=HEAD_DIM)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.getcwd()]))
     res = subprocess.run(

@@ -174,7 +174,9 @@ def test_positions_near_2_20(isa, dtype):
     rope = make_rope("default", 128)
     q, k, v, _ = random_qkv(1, 16, 48, 4, 1, 128, dtype, seed=3)
     base = 2**20 - 30
-    kw = dict(causal=True, q_positions=(base + 32 + torch.arange(16))[None], k_positions=(base + torch.arange(48))[None])
+    kw = dict(
+        causal=True, q_positions=(base + 32 + torch.arange(16))[None], k_positions=(base + torch.arange(48))[None]
+    )
     out, _ = check_attention(q, k, v, rope, **kw)
     if dtype == F32:
         # fp32 angles are off by ~0.06 rad here; the accurate angles are not: the kernel's error is
