@@ -18,6 +18,7 @@ a loaded machine slows all of them alike. FLOPs: 4 B Hq Sq Sk D, halved for caus
     PYTHONPATH=. python benchmarks/bench_cpu.py                      # the full table
     PYTHONPATH=. python benchmarks/bench_cpu.py --quick              # 1K-4K prefill, 4K-16K decode
     PYTHONPATH=. python benchmarks/bench_cpu.py --json results.json
+    PYTHONPATH=. python benchmarks/bench_cpu.py --threads 1     # per-core efficiency (robust on a busy host)
 """
 
 from __future__ import annotations
@@ -296,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 5, 3 above 4K)")
     parser.add_argument("--memory-seqlen", type=int, default=32768, help="0 skips the memory measurement")
     parser.add_argument("--memory-baseline", action="store_true", help="also measure the baseline's peak memory")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for every candidate (default: torch's)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     prefill = args.prefill if args.prefill is not None else ([1024, 2048, 4096] if args.quick else [1024, 4096, 16384])
     decode = args.decode if args.decode is not None else ([4096, 16384] if args.quick else [4096, 16384, 65536])

@@ -119,17 +119,25 @@ struct Scratch {
 };
 
 // Items of very different cost (causal tiles, splits): one slot per thread pulls the next item
-// from an atomic counter, so a static split of the range never leaves a thread idle.
+// from an atomic counter, so a static split of the range never leaves a thread idle. Threads are
+// used only for at least `min_work` units of `work` each: waking a second thread costs ~0.1 ms on
+// an idle machine and up to a scheduler slice (measured 30 ms) on a busy one, which a 64-token
+// prefill (0.4 ms on one thread) must not pay.
 template <class F>
-void run_items(int64_t n_items, int64_t scratch_floats, const F& fn) {
+void run_items(int64_t n_items, int64_t scratch_floats, double work, double min_work, const F& fn) {
   if (n_items <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t slots = std::min<int64_t>(at::get_num_threads(), n_items);
+  const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(work / min_work));
+  const int64_t slots = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n_items, by_work});
   at::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
     Scratch scratch(scratch_floats);
     for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) fn(i, scratch.ptr);
   });
 }
+
+// Minimum work per thread (see run_items): ~0.5 ms of one core.
+constexpr double kMinFlopsPerThread = 3e7;
+constexpr double kMinBytesPerThread = 4e6;
 
 // Expanded cos/sin rows (kernels.h) for `n_rows` rows; empty when rotation is off.
 at::Tensor cos_sin_table(const Kernels& kern, const RopeParams& rope, const int32_t* positions, const int32_t* cu_rows,
@@ -144,8 +152,8 @@ at::Tensor cos_sin_table(const Kernels& kern, const RopeParams& rope, const int3
   job.batch = batch;
   job.rope = rope;
   job.out = table.data_ptr<float>();
-  // ~64 sincos per row; 32 rows per task keeps the tasks ~20 us.
-  at::parallel_for(0, n_rows, 32, [&](int64_t b, int64_t e) { kern.cos_sin_rows(job, b, e); });
+  // ~0.1 us per row (64 pairs): 2048 rows per task, so short calls stay on one thread.
+  at::parallel_for(0, n_rows, 2048, [&](int64_t b, int64_t e) { kern.cos_sin_rows(job, b, e); });
   return table;
 }
 
@@ -156,12 +164,13 @@ int choose_block_m(int G) {
   return bm;
 }
 
-void run_tiled(const Kernels& kern, TiledPlan& plan, int64_t max_seqlen_q) {
+// `flops`: the call's attention FLOPs (an upper bound is fine), for the thread count.
+void run_tiled(const Kernels& kern, TiledPlan& plan, int64_t max_seqlen_q, double flops) {
   const int G = plan.p.num_heads / plan.p.num_heads_k;
   plan.block_m = choose_block_m(G);
   plan.num_q_blocks = (max_seqlen_q + plan.block_m - 1) / plan.block_m;
   const int64_t items = static_cast<int64_t>(plan.p.batch) * plan.p.num_heads_k * plan.num_q_blocks;
-  run_items(items, kern.tiled_scratch_floats(plan),
+  run_items(items, kern.tiled_scratch_floats(plan), flops, kMinFlopsPerThread,
             [&](int64_t item, float* scratch) { kern.tiled_item(plan, item, scratch); });
 }
 
@@ -287,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   plan.q_cs = q_cs.defined() ? q_cs.data_ptr<float>() : nullptr;
   plan.k_cs = k_cs.defined() ? k_cs.data_ptr<float>() : nullptr;
   plan.k_cs_rows = Sk;
-  run_tiled(kern, plan, Sq);
+  const double tokens_q = varlen ? static_cast<double>(q.size(0)) : static_cast<double>(B) * Sq;
+  run_tiled(kern, plan, Sq, 4.0 * tokens_q * Hq * static_cast<double>(Sk) * D);
   return {out, lse};
 }
 
@@ -365,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     const char* vp = static_cast<const char*>(vn.data_ptr());
     const int64_t es = q.element_size();
     const int32_t* bt = paged ? btab.data_ptr<int32_t>() : nullptr;
-    at::parallel_for(0, B * s_new, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * s_new, 256, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / s_new, t = idx % s_new, j = l0[b] + t;
         const int64_t cache_row = paged ? bt[b * btab.size(1) + j / block_size] * k_cache.stride(0) +
@@ -445,9 +455,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     const int64_t Dp = head_dim_pad_of(static_cast<int>(D));
     at::Tensor partial = at::empty({B * plan.num_splits * Hq * Sq * (Dp + 2)}, at::kFloat);
     plan.partial = partial.data_ptr<float>();
-    run_items(B * plan.num_splits, kern.decode_scratch_floats(plan),
+    const double kv_bytes = 2.0 * B * static_cast<double>(n_max) * Hkv * D * q.element_size();
+    run_items(B * plan.num_splits, kern.decode_scratch_floats(plan), kv_bytes, kMinBytesPerThread,
               [&](int64_t item, float* scratch) { kern.decode_item(plan, item, scratch); });
-    at::parallel_for(0, B * Hq * Sq, 64, [&](int64_t b, int64_t e) { kern.decode_merge(plan, b, e); });
+    at::parallel_for(0, B * Hq * Sq, 256, [&](int64_t b, int64_t e) { kern.decode_merge(plan, b, e); });
     return {out, lse};
   }
 
@@ -495,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   plan.q_cs = q_cs.defined() ? q_cs.data_ptr<float>() : nullptr;
   plan.k_cs = k_cs.defined() ? k_cs.data_ptr<float>() : nullptr;
   plan.k_cs_rows = n_max;
-  run_tiled(kern, plan, Sq);
+  run_tiled(kern, plan, Sq, 4.0 * B * Sq * Hq * static_cast<double>(n_max) * D);
   return {out, lse};
 }
 
@@ -530,8 +541,8 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const at
   job.head_dim = static_cast<int>(D);
   job.rope = rope;
   const int64_t scratch = kern.rope_scratch_floats(job);
-  // One cos/sin row per token serves all H heads; ~16 tokens per task.
-  at::parallel_for(0, B * S, 16, [&](int64_t b, int64_t e) {
+  // One cos/sin row per token serves all H heads; ~256 tokens (~0.1 ms) per task.
+  at::parallel_for(0, B * S, 256, [&](int64_t b, int64_t e) {
     Scratch buf(scratch);
     kern.rope_rows(job, b, e, buf.ptr);
   });
