@@ -85,6 +85,59 @@ static void cos_sin_row(int32_t pos, const float* split, int half, float factor,
   }
 }
 
+// cos_sin_row for the n consecutive positions pos0 .. pos0 + n - 1, rows `stride` floats apart.
+// When they share the high 12-bit chunk of the position (n <= 16 keys at a multiple of 16 always
+// do), the terms of that chunk are computed once and the keys run as independent chains in the
+// inner loop; every value is still angle_turns' operation for operation.
+static void cos_sin_chunk(int32_t pos0, int n, const float* split, int half, float factor, int cs_pad, float* out,
+                          int64_t stride) {
+  if ((pos0 & 4095) + n > 4096) {
+    for (int jj = 0; jj < n; ++jj) cos_sin_row(pos0 + jj, split, half, factor, cs_pad, out + jj * stride);
+    return;
+  }
+  const float ph = static_cast<float>(pos0 >> 12);
+  const int pl0 = pos0 & 4095;
+  const V vph = vset1(ph), k4096 = vset1(4096.0f), vf = vset1(factor), vhalf = vset1(0.5f);
+  for (int i = 0; i < half; i += kLanes) {
+    const int m = imin(kLanes, half - i);
+    V f1, f2, f3;
+    if (m == kLanes) {
+      f1 = vload(split + i);
+      f2 = vload(split + half + i);
+      f3 = vload(split + 2 * half + i);
+    } else {
+      float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
+      for (int k = 0; k < m; ++k) {
+        t1[k] = split[i + k];
+        t2[k] = split[half + i + k];
+        t3[k] = split[2 * half + i + k];
+      }
+      f1 = vload(t1);
+      f2 = vload(t2);
+      f3 = vload(t3);
+    }
+    V a = vph * f1 * k4096;
+    a = a - vfloor(a);
+    V b = vph * f2 * k4096;
+    b = b - vfloor(b);
+    V ab = a + b;
+    ab = ab - vfloor(ab);
+    const V hi3 = vset1(ph * 4096.0f) * f3;
+    for (int jj = 0; jj < n; ++jj) {
+      const V vpl = vset1(static_cast<float>(pl0 + jj));
+      V c = vpl * f1;
+      c = c - vfloor(c);
+      V t = ab + c;
+      t = t - vfloor(t);
+      t = t + (hi3 + vpl * f2 + vpl * f3);
+      V sv, cv;
+      vsincos_turns(t - vfloor(t + vhalf), &sv, &cv);
+      vstore(out + jj * stride + i, cv * vf);
+      vstore(out + jj * stride + cs_pad + i, sv * vf);
+    }
+  }
+}
+
 // Rotate the first R channels of an fp32 row in place with one table row (cos_sin_row).
 // Half-split pairs (i, i + R/2); interleaved pairs (2i, 2i + 1), whose cos/sin are duplicated
 // in registers (zip) so that rotated = x * (c, c) + swap_pairs(x) * (-s, s).
@@ -275,70 +328,15 @@ static void pv_block(const float* p, int64_t ldr, int64_t ldj, int M, const floa
   }
 }
 
-// One online-softmax step for one row over a block of `nb` keys of which the first `lim` are
-// visible (lim <= 0: none). Scores s (base 2) become probabilities in place; returns the factor
-// that rescales the row's accumulator. Invisible scores are set to -inf and their
+// Online softmax (base-2 scores). The running max m is raised only when a block's max exceeds it
+// by more than kLazyMax: probabilities then stay below 2^8, harmless in fp32, and most blocks
+// skip the rescale (and its exp2) entirely: alpha is exactly 1. The result and the LSE
+// (m + log2 l) are unchanged. Invisible (masked) scores are set to -inf and their
 // probabilities are selected to 0, so nothing from a masked key reaches the accumulator.
-//
-// The running max m is raised only when a block's max exceeds it by more than kLazyMax (base 2):
-// probabilities then stay below 2^8, harmless in fp32, and most blocks skip the rescale (and its
-// exp2) entirely: alpha is exactly 1. The result and the LSE (m + log2 l) are unchanged.
 constexpr float kLazyMax = 8.0f;
-static float softmax_step(float* s, int nb, int lim, float* m, float* l) {
-  const int w = round8(nb);
-  if (lim <= 0) {
-    zero_floats(s, w);
-    return 1.0f;
-  }
-  const bool masked = lim < w;
-  for (int j = lim; j < w; ++j) s[j] = -kInf;
-  V mx0 = vset1(-kInf), mx1 = vset1(-kInf);
-  int j = 0;
-  for (; j + 2 * kLanes <= w; j += 2 * kLanes) {
-    mx0 = vmax(mx0, vload(s + j));
-    mx1 = vmax(mx1, vload(s + j + kLanes));
-  }
-  if (j < w) mx0 = vmax(mx0, vload(s + j));
-  const float m_blk = hmax(vmax(mx0, mx1));
-  float alpha = 1.0f;
-  if (*m == -kInf || m_blk > *m + kLazyMax) {
-    if (m_blk == -kInf) {  // every visible score is -inf (only with infinite inputs)
-      zero_floats(s, w);
-      return 1.0f;
-    }
-    alpha = (*m == -kInf) ? 0.0f : __builtin_exp2f(*m - m_blk);
-    *m = m_blk;
-  }
-  const V vm = vset1(*m);
-  V sum0 = vzero(), sum1 = vzero();
-  j = 0;
-  if (masked) {
-    for (; j < w; j += kLanes) {
-      const V x = vload(s + j);
-      const V pj = vzero_where_neginf(x, vexp2(x - vm));
-      vstore(s + j, pj);
-      sum0 = sum0 + pj;
-    }
-  } else {  // no -inf here: vexp2 of a finite score needs no select
-    for (; j + 2 * kLanes <= w; j += 2 * kLanes) {
-      const V p0 = vexp2(vload(s + j) - vm), p1 = vexp2(vload(s + j + kLanes) - vm);
-      vstore(s + j, p0);
-      vstore(s + j + kLanes, p1);
-      sum0 = sum0 + p0;
-      sum1 = sum1 + p1;
-    }
-    for (; j < w; j += kLanes) {
-      const V p0 = vexp2(vload(s + j) - vm);
-      vstore(s + j, p0);
-      sum0 = sum0 + p0;
-    }
-  }
-  *l = *l * alpha + hsum(sum0 + sum1);
-  return alpha;
-}
 
-// The same online-softmax step for the tiled kernel's S^T [nb keys][ld] (base-2 scores), eight
-// query rows per vector, so nothing is horizontal or scalar per row. `lim` (as floats) holds the
+// One online-softmax step over S^T [nb keys][ld] (scores of one key block for Mp query rows),
+// eight query rows per vector, so nothing is horizontal or scalar per row. `lim` (as floats) holds the
 // number of visible keys of each row for a block that masks some (causal diagonal), or is null
 // when every row sees all nb keys. m, l, alpha are per row (Mp, a multiple of 8).
 static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float* m, float* l, float* alpha) {
@@ -617,10 +615,10 @@ int64_t decode_scratch_floats(const DecodePlan& plan) {
   const DecodeParams& p = plan.p;
   const int Dp = head_dim_pad_of(p.head_dim), cp = cs_pad_of(p.rope.rotary_dim);
   const int64_t rows = static_cast<int64_t>(p.num_heads) * p.seqlen_q;
-  const int64_t group_rows = rows / p.num_heads_k;
-  return 2 * align16(rows * Dp) + 3 * align16(rows) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * cp) +
+  const int64_t rows8 = round8(static_cast<int>(rows));
+  return 2 * align16(rows * Dp) + 4 * align16(rows8) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * cp) +
          align16(kDecodeChunk * 2 * cp) + 2 * align16(static_cast<int64_t>(p.num_heads_k) * kDecodeChunk * Dp) +
-         align16(group_rows * kDecodeChunk);
+         align16(rows8 * kDecodeChunk);
 }
 
 template <class DT>
@@ -651,16 +649,18 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
 
   Bump bump{scratch};
+  const int rows8 = round8(rows);  // scores are kept transposed, St[key][row], rows padded to 8
   float* Qs = bump.take(static_cast<int64_t>(rows) * Dp);
   float* O = bump.take(static_cast<int64_t>(rows) * Dp);
-  float* m = bump.take(rows);
-  float* l = bump.take(rows);
-  float* alpha = bump.take(rows);
+  float* m = bump.take(rows8);
+  float* l = bump.take(rows8);
+  float* alpha = bump.take(rows8);
+  float* lim = bump.take(rows8);
   float* qcs = bump.take(static_cast<int64_t>(Sq) * cs_stride);
   float* kcs = bump.take(kDecodeChunk * cs_stride);
   float* Ks = bump.take(static_cast<int64_t>(Hkv) * kDecodeChunk * Dp);  // [Hkv][chunk][Dp]
   float* Vs = bump.take(static_cast<int64_t>(Hkv) * kDecodeChunk * Dp);
-  float* S = bump.take(static_cast<int64_t>(group_rows) * kDecodeChunk);
+  float* St = bump.take(static_cast<int64_t>(kDecodeChunk) * rows8);
 
   // Queries: rows r = h * Sq + i at positions n - Sq + i.
   const float scale2 = p.softmax_scale * kLog2e;
@@ -672,57 +672,36 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
       float* dst = Qs + static_cast<int64_t>(r) * Dp;
       load_rotate_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, qcs + i * cs_stride, R, cp, il, D, Dp, dst);
       scale_row(dst, Dp, scale2);
-      m[r] = -kInf;
-      l[r] = 0.0f;
     }
   }
+  for (int r = 0; r < rows8; ++r) {
+    m[r] = -kInf;
+    l[r] = 0.0f;
+  }
   zero_floats(O, static_cast<int64_t>(rows) * Dp);
-
-  // Where key j's row of KV head 0 starts (elements), dense or paged.
-  const auto row_offsets = [&](int64_t j, int64_t* k_off, int64_t* v_off) {
-    if (paged) {
-      const int64_t blk = btab[j / p.block_size], t = j % p.block_size;
-      *k_off = blk * p.kc_batch_stride + t * p.kc_row_stride;
-      *v_off = blk * p.vc_batch_stride + t * p.vc_row_stride;
-    } else {
-      *k_off = b * p.kc_batch_stride + j * p.kc_row_stride;
-      *v_off = b * p.vc_batch_stride + j * p.vc_row_stride;
-    }
-  };
-  // Software prefetch one chunk ahead (16 keys x all heads, 64 KiB of fp32 K and V): the loads
-  // of the current chunk then hit L2 instead of waiting on DRAM latency.
-  const int64_t head_bytes = static_cast<int64_t>(D) * sizeof(T);
-  const auto prefetch_chunk = [&](int64_t j0) {
-    for (int64_t j = j0; j < lmin(ke, j0 + kDecodeChunk); ++j) {
-      int64_t k_off, v_off;
-      row_offsets(j, &k_off, &v_off);
-      for (int hkv = 0; hkv < Hkv; ++hkv) {
-        const char* kr = reinterpret_cast<const char*>(kc + k_off + hkv * p.kc_head_stride);
-        const char* vr = reinterpret_cast<const char*>(vc + v_off + hkv * p.vc_head_stride);
-        for (int64_t c = 0; c < head_bytes; c += 64) {
-          __builtin_prefetch(kr + c, 0, 2);
-          __builtin_prefetch(vr + c, 0, 2);
-        }
-      }
-    }
-  };
-  prefetch_chunk(ks);
+  zero_floats(St, static_cast<int64_t>(kDecodeChunk) * rows8);  // padding rows stay finite
 
   for (int64_t c0 = ks; c0 < ke; c0 += kDecodeChunk) {
     const int nc = static_cast<int>(lmin(kDecodeChunk, ke - c0));
     const int w = round8(nc);
-    if (c0 + kDecodeChunk < ke) prefetch_chunk(c0 + kDecodeChunk);
     // cos/sin of this chunk's positions, shared by every KV head.
-    if (R)
-      for (int jj = 0; jj < nc; ++jj)
-        cos_sin_row(static_cast<int32_t>(c0 + jj), table, R / 2, p.rope.attention_factor, cp, kcs + jj * cs_stride);
+    if (R) cos_sin_chunk(static_cast<int32_t>(c0), nc, table, R / 2, p.rope.attention_factor, cp, kcs, cs_stride);
     // K and V of the chunk for every KV head, key by key: in the [.., S, Hkv, D] cache layout a
     // key's heads are adjacent, so this walks memory sequentially (head by head would jump
-    // Hkv * D elements per key, defeating the hardware prefetcher: measured 4 GB/s).
+    // Hkv * D elements per key, defeating the hardware prefetcher: measured 4 vs 7 GB/s).
     for (int jj = 0; jj < w; ++jj) {
       const int64_t j = c0 + jj;
       int64_t k_off = 0, v_off = 0;
-      if (jj < nc) row_offsets(j, &k_off, &v_off);
+      if (jj < nc) {
+        if (paged) {
+          const int64_t blk = btab[j / p.block_size], t = j % p.block_size;
+          k_off = blk * p.kc_batch_stride + t * p.kc_row_stride;
+          v_off = blk * p.vc_batch_stride + t * p.vc_row_stride;
+        } else {
+          k_off = b * p.kc_batch_stride + j * p.kc_row_stride;
+          v_off = b * p.vc_batch_stride + j * p.vc_row_stride;
+        }
+      }
       for (int hkv = 0; hkv < Hkv; ++hkv) {
         float* krow = Ks + (static_cast<int64_t>(hkv) * kDecodeChunk + jj) * Dp;
         if (jj >= nc) {
@@ -734,11 +713,11 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
                      Vs + (static_cast<int64_t>(hkv) * kDecodeChunk + jj) * Dp);
       }
     }
+    // Scores of every head into St[key][row]: tiles of 4 query rows x 2 keys (6 loads per 8
+    // FMAs) reduced eight at a time; leftover rows one row x 8 keys.
     for (int hkv = 0; hkv < Hkv; ++hkv) {
       const float* Kh = Ks + static_cast<int64_t>(hkv) * kDecodeChunk * Dp;
-      const float* Vh = Vs + static_cast<int64_t>(hkv) * kDecodeChunk * Dp;
       const int hr0 = hkv * group_rows;
-      // Scores: tiles of 4 query rows x 2 keys (6 loads per 8 FMAs), reduced eight at a time.
       int rr = 0;
       for (; rr + 4 <= group_rows; rr += 4) {
         const float* q0 = Qs + static_cast<int64_t>(hr0 + rr) * Dp;
@@ -758,12 +737,12 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
           float sums[8];
           vstore(sums, hsum8(acc));
           for (int r = 0; r < 4; ++r) {
-            S[(rr + r) * kDecodeChunk + jj] = sums[2 * r];
-            S[(rr + r) * kDecodeChunk + jj + 1] = sums[2 * r + 1];
+            St[jj * rows8 + hr0 + rr + r] = sums[2 * r];
+            St[(jj + 1) * rows8 + hr0 + rr + r] = sums[2 * r + 1];
           }
         }
       }
-      for (; rr < group_rows; ++rr) {  // remaining rows: one row x 8 keys
+      for (; rr < group_rows; ++rr) {
         const float* qr = Qs + static_cast<int64_t>(hr0 + rr) * Dp;
         for (int jj0 = 0; jj0 < w; jj0 += 8) {
           V acc[8];
@@ -774,15 +753,23 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
 #pragma GCC unroll 8
             for (int t = 0; t < 8; ++t) acc[t] = vfma(qv, vload(kb + t * Dp + d), acc[t]);
           }
-          vstore(S + rr * kDecodeChunk + jj0, hsum8(acc));
+          float sums[8];
+          vstore(sums, hsum8(acc));
+          for (int t = 0; t < 8; ++t) St[(jj0 + t) * rows8 + hr0 + rr] = sums[t];
         }
       }
-      for (rr = 0; rr < group_rows; ++rr) {
-        int lim = nc;
-        if (p.causal) lim = static_cast<int>(lmin(nc, (n - Sq + rr % Sq) - c0 + 1));
-        alpha[hr0 + rr] = softmax_step(S + rr * kDecodeChunk, nc, lim, m + hr0 + rr, l + hr0 + rr);
-      }
-      pv_block(S, kDecodeChunk, 1, group_rows, Vh, Dp, Dp, nc, O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
+    }
+    // One online-softmax step for all rows, eight per vector. Causal with Sq > 1: query i sees
+    // keys j <= n - Sq + i, which cuts into the last chunks only.
+    const bool masked = p.causal && c0 + nc - 1 > n - Sq;
+    if (masked)
+      for (int r = 0; r < rows8; ++r)
+        lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, (n - Sq + r % Sq) - c0 + 1))) : nc;
+    softmax_cols(St, rows8, rows8, nc, masked ? lim : nullptr, m, l, alpha);
+    for (int hkv = 0; hkv < Hkv; ++hkv) {
+      const int hr0 = hkv * group_rows;
+      pv_block(St + hr0, 1, rows8, group_rows, Vs + static_cast<int64_t>(hkv) * kDecodeChunk * Dp, Dp, Dp, nc,
+               O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
     }
   }
 
