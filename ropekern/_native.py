@@ -108,20 +108,26 @@ class NativeBackend:
             return f"{tensor.dtype} inputs (the {self.name} kernels take float32, bfloat16 and float16)"
         return None
 
+    def check_grad(self, *tensors: torch.Tensor | None) -> str | None:
+        """The native forward kernels have no backward: calls that need gradients go elsewhere."""
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return f"inputs require grad (the {self.name} kernels are forward-only)"
+        return None
+
     def check_attention(self, call: Any) -> str | None:
-        return self.check_device(call.q)
+        return self.check_device(call.q) or self.check_grad(call.q, call.k, call.v)
 
     def attention(self, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.ropekern.fwd(*attention_args(call))
 
     def check_kvcache(self, call: Any) -> str | None:
-        return self.check_device(call.q)
+        return self.check_device(call.q) or self.check_grad(call.q, call.k_cache, call.v_cache, call.k_new, call.v_new)
 
     def kvcache(self, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.ropekern.fwd_kvcache(*kvcache_args(call))
 
     def check_rope(self, call: Any) -> str | None:
-        return self.check_device(call.x)
+        return self.check_device(call.x) or self.check_grad(call.x)
 
     def rope(self, call: Any) -> torch.Tensor:
         return torch.ops.ropekern.apply_rope(*rope_args(call))

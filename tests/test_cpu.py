@@ -123,6 +123,7 @@ SWEEP = [
     (1, 40, 65, 2, 2, 20, 10, False, True, F32, "default"),  # R/2 = 5 and D = 20: scalar tails
     (1, 40, 65, 2, 1, 20, 12, True, False, F16, "yarn"),
     (1, 300, 300, 8, 2, 64, None, False, True, F32, "default"),  # several query and key blocks
+    (2, 30, 70, 16, 1, 64, None, True, True, BF16, "llama3"),  # MQA: 16 query heads share one KV head
 ]
 
 
@@ -329,6 +330,16 @@ def test_kvcache(isa, paged, sq, s_new, causal, dtype):
     )
 
 
+def test_kvcache_mqa_and_wide_groups():
+    rope = make_rope("yarn", 64)
+    for hq, sq in ((32, 1), (8, 8), (16, 5)):  # 32 and 64 rows per KV head: decode; 80: tiled
+        q, kc, vc, k_new, v_new, table = cache_case(2, [37, 300], 2, sq, hq, 1, 64, BF16, hq == 8, seed=hq)
+        check_kvcache(
+            q, kc, vc, rope, cache_seqlens=torch.tensor([37, 300], dtype=torch.int32), k_new=k_new, v_new=v_new,
+            block_table=table,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional"])
 def test_kvcache_every_scaling_type(kind):
     rope = make_rope(kind, 64, interleaved=kind in ("ntk", "yarn"))
@@ -423,6 +434,13 @@ def test_auto_picks_cpu_for_cpu_tensors():
     assert ops.select_backend("kvcache", kv, q.device, "auto") is native.cpu_backend
     q64 = q.double()
     assert ops.select_backend("attention", attention_call(q64, q64, q64, rope), q.device, "auto") is ops.TORCH
+    # gradients: the forward-only kernels step aside, the reference differentiates
+    qg = q.clone().requires_grad_()
+    assert ops.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is ops.TORCH
+    rk.rope_attention(qg, k, v, rope).sum().backward()
+    assert qg.grad is not None
+    with torch.no_grad():
+        assert ops.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is native.cpu_backend
     assert rk.available_backends()["cpu"] is True
 
 
