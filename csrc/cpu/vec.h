@@ -38,7 +38,6 @@ RK_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 RK_INLINE int imin(int a, int b) { return a < b ? a : b; }
-RK_INLINE int imax(int a, int b) { return a > b ? a : b; }
 RK_INLINE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 RK_INLINE int64_t lmax_(int64_t a, int64_t b) { return a > b ? a : b; }
 RK_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
@@ -112,18 +111,6 @@ RK_INLINE void vzip(V a, V b, V* lo, V* hi) {
   const __m256 l = _mm256_unpacklo_ps(a.v, b.v), h = _mm256_unpackhi_ps(a.v, b.v);
   lo->v = _mm256_permute2f128_ps(l, h, 0x20);
   hi->v = _mm256_permute2f128_ps(l, h, 0x31);
-}
-RK_INLINE float hsum(V a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-RK_INLINE float hmax(V a) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 // Eight horizontal sums at once: lane i of the result is the sum of a[i].
 RK_INLINE V hsum8(const V* a) {
@@ -269,11 +256,6 @@ RK_INLINE void vzip(V a, V b, V* lo, V* hi) {
 RK_INLINE float hsum(V a) {
   float s = 0.0f;
   RK_LANES s += a.v[i_];
-  return s;
-}
-RK_INLINE float hmax(V a) {
-  float s = a.v[0];
-  RK_LANES s = a.v[i_] > s ? a.v[i_] : s;
   return s;
 }
 RK_INLINE V hsum8(const V* a) {
