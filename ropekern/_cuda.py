@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+# One argument packer for both native backends: the CUDA kernels are registered for the same
+# op schemas (csrc/bindings.cpp) as the CPU ones.
+from ._native import attention_args, kvcache_args, rope_args
+
 __all__ = ["backend", "CudaBackend", "attention_args", "kvcache_args", "rope_args", "HEAD_DIMS"]
 
 HEAD_DIMS = (64, 128, 256)
@@ -142,72 +146,6 @@ class CudaBackend:
 
     def rope(self, call: Any) -> torch.Tensor:
         return torch.ops.ropekern.apply_rope(*rope_args(call))
-
-
-# ----------------------------------------------------------------------------- argument packing
-# One tuple per op schema (csrc/bindings.cpp). `freqs` is the split table [nT, 3, R/2] float32
-# (ropekern.scaling.split_turns), nT = 1 or one per sequence / batch row; rotary_dim 0 runs the
-# kernels without rotation (the benchmarks' RoPE-off baseline, call.rotate == False).
-# The CPU backend (ropekern/_native.py) packs the same schemas; once both are merged they should
-# share one packer.
-
-
-def _rope_scalars(rope: Any, rotate: bool) -> tuple[int, bool, float]:
-    return (rope.rotary_dim if rotate else 0), bool(rope.interleaved), float(rope.attention_factor)
-
-
-def attention_args(call: Any) -> tuple:
-    """``fwd(q, k, v, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    rotary_dim, interleaved, attention_factor, causal, softmax_scale)``."""
-    _, split = call.tables()
-    rotary_dim, interleaved, factor = _rope_scalars(call.rope, call.rotate)
-    return (
-        call.q,
-        call.k,
-        call.v,
-        call.q_positions,
-        call.k_positions,
-        split.contiguous(),
-        call.cu_seqlens_q,
-        call.cu_seqlens_k,
-        int(call.max_seqlen_q),
-        int(call.max_seqlen_k),
-        rotary_dim,
-        interleaved,
-        factor,
-        bool(call.causal),
-        float(call.softmax_scale),
-    )
-
-
-def kvcache_args(call: Any, num_splits: int = 0) -> tuple:
-    """``fwd_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, freqs, rotary_dim,
-    interleaved, attention_factor, causal, softmax_scale, num_splits)``."""
-    _, split = call.tables()
-    rotary_dim, interleaved, factor = _rope_scalars(call.rope, call.rotate)
-    return (
-        call.q,
-        call.k_cache,
-        call.v_cache,
-        call.cache_seqlens,
-        call.k_new,
-        call.v_new,
-        call.block_table,
-        split.contiguous(),
-        rotary_dim,
-        interleaved,
-        factor,
-        bool(call.causal),
-        float(call.softmax_scale),
-        int(num_splits),
-    )
-
-
-def rope_args(call: Any) -> tuple:
-    """``apply_rope(x, positions, freqs, rotary_dim, interleaved, attention_factor)``."""
-    _, split = call.tables()
-    rotary_dim, interleaved, factor = _rope_scalars(call.rope, True)
-    return (call.x, call.positions, split.contiguous(), rotary_dim, interleaved, factor)
 
 
 backend = CudaBackend()

@@ -48,6 +48,7 @@ class TorchBackend:
 # name -> "module:attribute" of the backend object. Order matters only for display.
 _REGISTRY: dict[str, str] = {
     "torch": "ropekern.ops:TORCH",
+    "cpu": "ropekern._native:cpu_backend",
     "triton": "ropekern._triton:backend",
     "cuda": "ropekern._cuda:backend",
 }
