@@ -6,8 +6,9 @@ CUDA extension (``setup.py``: nvcc and a CUDA build of torch, or ``ROPEKERN_BUIL
 This module packs a validated call (``ropekern._validation``) into the op arguments and states,
 per call, what the kernels cannot serve so that ``backend="auto"`` falls back to Triton.
 
-Gradients: ``ropekern::fwd`` is made differentiable by ``ropekern._autograd.register_native_autograd``
-(the fused Triton backward for CUDA tensors, from the saved out and LSE).
+Gradients: ``ropekern::fwd`` is made differentiable once for every device when ``ropekern._native``
+loads the extension (``ropekern._autograd``): the fused Triton backward for CUDA tensors, from the saved
+out and LSE.
 
 What the kernels serve: CUDA tensors on compute capability 8.0+, float16 / bfloat16 (``apply_rope``
 also float32), head dims 64 / 128 / 256, q / k / v / caches 16-byte aligned with batch, row and
@@ -74,22 +75,6 @@ def attention_reason(q: torch.Tensor, head_dim: int, named: dict[str, torch.Tens
         if why:
             return why
     return None
-
-
-def _register_autograd() -> None:
-    """The kernels have no backward: ``ropekern::fwd`` differentiates through the fused Triton
-    backward (or the PyTorch recompute) from the saved out and LSE. Done at import, which runs
-    eagerly even under torch.compile (``ops.import_module``), never while tracing."""
-    try:
-        import ropekern._C  # noqa: F401
-    except ImportError:
-        return
-    from ._autograd import register_native_autograd
-
-    register_native_autograd("ropekern::fwd")
-
-
-_register_autograd()
 
 
 class CudaBackend:
