@@ -135,7 +135,7 @@ def compile_backward(
         fn, warps, stages = backward._bwd_preprocess, 4, 1
     elif kernel == "table":
         half_p = _pow2(r // 2)
-        constexprs = dict(HALF=r // 2, HALF_P=half_p, VARLEN=varlen, BLOCK=max(16, min(128, 4096 // half_p)))
+        constexprs = dict(HALF=r // 2, HALF_P=half_p, VARLEN=varlen, BLOCK=backward.table_block(half_p))
         fn, warps, stages = backward._rope_table, 4, 1
     else:
         bm, bn, warps, stages = block or (backward._DKDV if kernel == "dkdv" else backward._DQ)[0]

@@ -51,10 +51,13 @@ from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pair
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, all compiled for sm_80 and sm_90 at D = 128
-# bf16 with GROUP 4 and checked for spills (ptxas -v, aot.py); none has been timed (no GPU in this
-# session). The dK/dV program keeps dK' and dV (fp32, BLOCK_N x 2D) and the rotated K and V for its
-# whole life, so it takes few query rows per step; the dQ program keeps dQ', Q and dO.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; none has been timed (no GPU in this session).
+# The dK/dV program keeps dK' and dV (fp32, BLOCK_N x 2D) and the rotated K and V for its whole life,
+# so it takes few query rows per step; the dQ program keeps dQ', Q and dO. They all compile for
+# sm_80 / sm_90 but SPILL (ptxas -v, D = 128 bf16, GROUP 4, ``aot.compile_backward``): dK/dV 1.1-5.1
+# KB per thread on sm_90 and 12-37 KB on sm_80 (where ptxas allots only 32 registers); dQ 4-296 B on
+# sm_90 ((64, 16, 4, 1) none) and 0.4-2.3 KB on sm_80. Even (16, 32, 4, 1) without rotation spills
+# 76 B on sm_90: not the tile size alone; open (tests/test_triton_backward.py, xfail strict).
 _DKDV = ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 1))
 _DQ = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 16, 4, 1))
 # Under the interpreter every tile step costs ~1000 Python-level ops: 32 x 32 tiles keep the test
@@ -715,6 +718,13 @@ def preprocess(
     return delta
 
 
+def table_block(half_p: int) -> int:
+    """Tokens per ``_rope_table`` program: 2048 cos/sin pairs, 16 per thread at 4 warps. The
+    accurate angle keeps ~10 fp32 temporaries per pair: 4096 pairs spilled 28 B (sm_90) / 56 B
+    (sm_80) per thread at R = 128 (ptxas -v)."""
+    return max(16, min(128, 2048 // half_p))
+
+
 def rope_table(
     positions: torch.Tensor,
     split: torch.Tensor,
@@ -734,7 +744,7 @@ def rope_table(
         positions = positions.contiguous()
     split = split.contiguous()
     half_p = _pow2(half)
-    block = max(16, min(128, 4096 // half_p))
+    block = table_block(half_p)
     seqlen = max_seqlen if varlen else positions.shape[1]
     _rope_table[(triton.cdiv(seqlen, block), batch)](
         positions, split, table, cu_seqlens if varlen else positions,
