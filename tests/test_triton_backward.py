@@ -124,7 +124,7 @@ def test_head_dims(d, dtype):
 @pytest.mark.parametrize("hq,hkv", [(3, 3), (6, 2), (8, 1)])
 def test_gqa(hq, hkv):
     """dk/dv summed over the query-head group: G = 1, 3, 8 (MQA)."""
-    q, k, v, _ = qkv(2, 19, 37, hq, hkv, 32, BF16)
+    q, k, v, _ = qkv(1, 19, 37, hq, hkv, 32, BF16)
     check(q, k, v, rk.RopeConfig(32), causal=True)
 
 
