@@ -13,7 +13,9 @@ same weights, at the trained length and at ``--factor`` times it under:
              needle-driven perplexity (``ropekern.eval``) of held-out prompts at the long length
 
 and after a short fine-tune at the long length (through ``rk.rope_attention``'s backward) with
-Position Interpolation and, as the control the PI paper runs, with plain extrapolation.
+Position Interpolation and, as the control the PI paper runs, with plain extrapolation
+(``--ft-methods`` adds others). With ``--reuse`` the trained weights and the search checkpoint in
+``--out`` are picked up again.
 Prints a table, writes ``table.md``, ``results.json`` and ``extend_context.png`` to ``--out``.
 
     python examples/extend_context.py --out results/extend_context            # the README table
@@ -26,9 +28,11 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,17 +44,20 @@ from tiny_model import TinyConfig, TinyLM, WordTokenizer, evaluate, load, save, 
 from ropekern.eval import needle_perplexity, passkey_samples  # noqa: E402
 from ropekern.search import longrope_search, with_scaling  # noqa: E402
 
-# (row label, rope method, fine-tuned at the long length?)
-ROWS = [
-    ("extrapolation", "none", False),
-    ("PI", "linear", False),
-    ("NTK", "ntk", False),
-    ("dynamic NTK", "dynamic", False),
-    ("YaRN", "yarn", False),
-    ("LongRoPE (searched)", "longrope", False),
-    ("extrapolation + FT", "none", True),
-    ("PI + FT", "linear", True),
-]
+LABELS = {
+    "none": "extrapolation",
+    "linear": "PI",
+    "ntk": "NTK",
+    "dynamic": "dynamic NTK",
+    "yarn": "YaRN",
+    "longrope": "LongRoPE (searched)",
+}
+
+
+def rows(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(row label, rope method, fine-tuned at the long length?) for every row of the table."""
+    out = [(LABELS[m], m, False) for m in ("none", "linear", "ntk", "dynamic", "yarn", "longrope")]
+    return out + [(LABELS[m] + " + FT", m, True) for m in args.ft_methods]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,48 +65,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="directory for table.md, results.json, the plot, weights")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny budgets; numbers meaningless)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process (1 on a busy machine)")
     p.add_argument("--train-len", type=int, default=128)
     p.add_argument("--factor", type=int, default=4, help="evaluate at factor x train-len")
-    p.add_argument("--train-steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=32, help="training batch at train-len (fine-tune: batch/factor)")
+    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=16, help="training batch at train-len")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--ft-steps", type=int, default=120)
+    p.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of the answer tokens (both phases)")
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--ft-steps", type=int, default=300)
+    p.add_argument("--ft-batch", type=int, default=8, help="fine-tuning batch at factor x train-len")
     p.add_argument("--ft-lr", type=float, default=3e-3)
+    p.add_argument("--ft-eval-every", type=int, default=60, help="fine-tuning steps between accuracy probes")
+    p.add_argument(
+        "--ft-methods",
+        nargs="+",
+        default=["none", "linear"],
+        choices=["none", "linear", "ntk", "yarn"],
+        help="scalings to fine-tune with (none = the direct fine-tuning control of the PI paper)",
+    )
     p.add_argument("--eval-n", type=int, default=40, help="samples per (length, depth) cell and seed")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--search-generations", type=int, default=4)
     p.add_argument("--search-population", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a busy machine)")
     p.add_argument("--backend", default="auto", help="rk.rope_attention backend")
     p.add_argument("--reuse", action="store_true", help="load base_seed<N>.pt from --out instead of training")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds = args.seeds[:1] if args.seeds != [0, 1, 2] else [0]
-        args.train_len, args.train_steps, args.batch, args.ft_steps = 80, 12, 8, 3
+        args.seeds = args.seeds[:1]
+        args.train_len, args.train_steps, args.batch = 80, 12, 8
+        args.ft_steps, args.ft_batch, args.ft_eval_every = 4, 2, 2
         args.eval_n, args.depths = 2, [0.0, 1.0]
         args.search_generations, args.search_population = 1, 4
     if args.factor < 2:
         p.error("--factor must be >= 2")
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     return args
 
 
-def run_seed(args: argparse.Namespace, seed: int, tok: WordTokenizer, log) -> dict:
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
     """Train (or load) one base model and evaluate every row; returns per-row results."""
+    torch.set_num_threads(args.threads)
+    tok = WordTokenizer.for_template()
     long_len = args.train_len * args.factor
     lengths = [args.train_len, long_len]
     weights = args.out / f"base_seed{seed}.pt"
     t0 = time.perf_counter()
     if args.reuse and weights.exists():
         base, _ = load(weights, backend=args.backend)
-        log(f"seed {seed}: loaded {weights}")
+        _log(f"seed {seed}: loaded {weights}")
     else:
         torch.manual_seed(seed)
-        base = TinyLM(TinyConfig(vocab_size=len(tok), train_len=args.train_len), backend=args.backend)
-        log(f"seed {seed}: training {sum(p.numel() for p in base.parameters())} parameters, "
-            f"{args.train_steps} steps at {args.train_len} tokens")  # fmt: skip
+        config = TinyConfig(
+            vocab_size=len(tok), n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, train_len=args.train_len
+        )
+        base = TinyLM(config, backend=args.backend)
+        _log(f"seed {seed}: training {sum(p.numel() for p in base.parameters())} parameters, "
+             f"{args.train_steps} steps at {args.train_len} tokens")  # fmt: skip
         train(base, tok, steps=args.train_steps, length=args.train_len, batch_size=args.batch, lr=args.lr, seed=seed,
-              log_every=0 if args.quick else 100)  # fmt: skip
+              answer_weight=args.answer_weight)  # fmt: skip
         save(base, tok, weights)
+        # A search checkpoint belongs to the weights it scored: a fresh model starts a fresh search.
+        (args.out / f"search_seed{seed}.json").unlink(missing_ok=True)
     times = {"train": time.perf_counter() - t0}
 
     def run_eval(model: TinyLM) -> dict:
@@ -108,37 +142,45 @@ def run_seed(args: argparse.Namespace, seed: int, tok: WordTokenizer, log) -> di
 
     t0 = time.perf_counter()
     held_out = passkey_samples(tok, long_len, [0.1, 0.5, 0.9], 4 if not args.quick else 1, seed=20_000 + seed)
+    scaling_base = scaled_rope(base.config, "none")
 
     def objective(scaling: dict) -> float:
         base.rope = with_scaling(scaling_base, scaling)
         return needle_perplexity(base, held_out, batch_size=16)
 
-    scaling_base = scaled_rope(base.config, "none")
     searched = longrope_search(
         objective, scaling_base, long_len, generations=args.search_generations, population=args.search_population,
         seed=seed, checkpoint=args.out / f"search_seed{seed}.json", progress=False,
     )  # fmt: skip
     times["search"] = time.perf_counter() - t0
 
-    results = {}
-    for label, method, finetune in ROWS:
+    results, curves = {}, {}
+    probe_n = max(1, args.eval_n // 4)  # fine-tuning probes: a quarter of the evaluation prompts
+    for label, method, finetune in rows(args):
         t0 = time.perf_counter()
-        rope = (
-            with_scaling(scaling_base, searched)
-            if method == "longrope"
-            else scaled_rope(base.config, method, args.factor)
-        )
+        if method == "longrope":
+            rope = with_scaling(scaling_base, searched)
+        else:
+            rope = scaled_rope(base.config, method, args.factor)
         model = copy.deepcopy(base) if finetune else base
         model.rope = rope
         if finetune:
+            curve = [(0, results[LABELS[method]]["accuracy"][long_len])]
+
+            def probe(step: int, m: TinyLM, curve: list = curve) -> None:
+                if step % args.ft_eval_every == 0:
+                    r = evaluate(m, tok, lengths=[long_len], depths=args.depths, n=probe_n, seed=30_000)
+                    curve.append((step, r["accuracy"][long_len]))
+
             torch.manual_seed(seed)
-            train(model, tok, steps=args.ft_steps, length=long_len, batch_size=max(1, args.batch // args.factor),
-                  lr=args.ft_lr, warmup=10, seed=1000 + seed)  # fmt: skip
+            train(model, tok, steps=args.ft_steps, length=long_len, batch_size=args.ft_batch, lr=args.ft_lr,
+                  warmup=10, seed=1000 + seed, answer_weight=args.answer_weight, callback=probe)  # fmt: skip
             times[f"finetune {label}"] = time.perf_counter() - t0
+            curves[label] = curve
         results[label] = run_eval(model)
-        log(f"seed {seed}: {label:22s} accuracy {results[label]['accuracy'][args.train_len]:.3f} @ {args.train_len}, "
-            f"{results[label]['accuracy'][long_len]:.3f} @ {long_len}")  # fmt: skip
-    return {"rows": results, "searched": searched, "times": times}
+        _log(f"seed {seed}: {label:22s} accuracy {results[label]['accuracy'][args.train_len]:.3f} @ {args.train_len}, "
+             f"{results[label]['accuracy'][long_len]:.3f} @ {long_len}")  # fmt: skip
+    return {"rows": results, "curves": curves, "searched": searched, "times": times}
 
 
 def summarize(args: argparse.Namespace, per_seed: dict[int, dict]) -> tuple[str, dict]:
@@ -149,11 +191,11 @@ def summarize(args: argparse.Namespace, per_seed: dict[int, dict]) -> tuple[str,
         "|---|---|---|---|---|",
     ]
     summary = {}
-    for label, _, _ in ROWS:
-        rows = [per_seed[s]["rows"][label] for s in per_seed]
+    for label, _, _ in rows(args):
+        results = [per_seed[s]["rows"][label] for s in per_seed]
 
-        def stat(key: str, length: int, rows: list = rows) -> tuple[float, float, float]:
-            vals = [r[key][length] for r in rows]
+        def stat(key: str, length: int, results: list = results) -> tuple[float, float, float]:
+            vals = [r[key][length] for r in results]
             return statistics.mean(vals), min(vals), max(vals)
 
         short, long, digit = (
@@ -161,7 +203,7 @@ def summarize(args: argparse.Namespace, per_seed: dict[int, dict]) -> tuple[str,
             stat("accuracy", long_len),
             stat("token_accuracy", long_len),
         )
-        ppl = math.exp(statistics.mean(math.log(r["needle_ppl"][long_len]) for r in rows))  # geometric mean
+        ppl = math.exp(statistics.mean(math.log(r["needle_ppl"][long_len]) for r in results))  # geometric mean
         summary[label] = {"acc_short": short, "acc_long": long, "digit_acc_long": digit, "answer_ppl_long": ppl}
 
         def fmt(t: tuple[float, float, float]) -> str:
@@ -178,8 +220,8 @@ def plot(args: argparse.Namespace, per_seed: dict[int, dict], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     long_len = args.train_len * args.factor
-    labels = [label for label, _, _ in ROWS]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [label for label, _, _ in rows(args)]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.8))
     width = 0.38
     for j, (length, name) in enumerate([(args.train_len, "trained length"), (long_len, f"{args.factor}x")]):
         means = [statistics.mean(per_seed[s]["rows"][lab]["accuracy"][length] for s in per_seed) for lab in labels]
@@ -198,6 +240,17 @@ def plot(args: argparse.Namespace, per_seed: dict[int, dict], path: Path) -> Non
     ax2.set_ylabel(f"accuracy at {long_len} tokens")
     ax2.set_ylim(-0.03, 1.03)
     ax2.legend(fontsize=7)
+    for lab in labels:
+        curves = [per_seed[s]["curves"][lab] for s in per_seed if lab in per_seed[s]["curves"]]
+        if curves:
+            steps = [step for step, _ in curves[0]]
+            ax3.plot(
+                steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=lab
+            )
+    ax3.set_xlabel(f"fine-tuning steps at {long_len} tokens")
+    ax3.set_ylabel(f"accuracy at {long_len} tokens (probe set)")
+    ax3.set_ylim(-0.03, 1.03)
+    ax3.legend(fontsize=8)
     fig.suptitle(f"Tiny RoPE model trained at {args.train_len} tokens, passkey retrieval at {long_len}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -206,22 +259,23 @@ def plot(args: argparse.Namespace, per_seed: dict[int, dict], path: Path) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f} s] {msg}", flush=True)
-
-    tok = WordTokenizer.for_template()
-    per_seed = {seed: run_seed(args, seed, tok, log) for seed in args.seeds}
+    if args.jobs > 1 and len(args.seeds) > 1:
+        # Seeds are independent: one process each (spawned, so no thread pool is inherited).
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=ctx) as pool:
+            futures = {seed: pool.submit(run_seed, args, seed) for seed in args.seeds}
+            per_seed = {seed: f.result() for seed, f in futures.items()}
+    else:
+        per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
     table, summary = summarize(args, per_seed)
     elapsed = time.perf_counter() - start
     command = "python examples/extend_context.py " + " ".join(sys.argv[1:] if argv is None else argv)
     footer = (
-        f"\n\n{len(args.seeds)} seed(s) x {len(args.depths)} depths x {args.eval_n} prompts per cell; "
-        f"range over seeds in parentheses. `{command}`: {elapsed:.0f} s "
-        f"({torch.get_num_threads()} threads)."
+        f"\n\n{len(args.seeds)} seed(s) x {len(args.depths)} depths x {args.eval_n} prompts per cell"
+        f"{'; mean (range over seeds)' if len(args.seeds) > 1 else ''}. `{command}`: {elapsed:.0f} s "
+        f"({args.jobs} process(es) x {args.threads} thread(s))."
     )
     print("\n" + table + footer)
     (args.out / "table.md").write_text(table + footer + "\n")
@@ -234,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     lab: {k: {str(kk): vv for kk, vv in v.items()} for k, v in r.items()}
                     for lab, r in d["rows"].items()
                 },
+                "finetune_curves": d["curves"],
                 "searched_long_factor": d["searched"]["long_factor"],
                 "times_s": d["times"],
             }
@@ -243,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "results.json").write_text(json.dumps(blob, indent=1))
     plot(args, per_seed, args.out / "extend_context.png")
-    log(f"wrote {args.out / 'table.md'}, results.json and extend_context.png")
+    _log(f"wrote {args.out / 'table.md'}, results.json and extend_context.png in {elapsed:.0f} s")
     return 0
 
 

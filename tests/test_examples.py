@@ -37,6 +37,8 @@ def test_extend_context_quick(tmp_path):
     assert set(results["summary"]) >= {"extrapolation", "PI", "NTK", "YaRN", "PI + FT", "LongRoPE (searched)"}
     for row in results["summary"].values():
         assert 0.0 <= row["acc_short"][0] <= 1.0 and 0.0 <= row["acc_long"][0] <= 1.0
+    curves = results["per_seed"]["0"]["finetune_curves"]
+    assert [step for step, _ in curves["PI + FT"]] == [0, 2, 4]  # probes every 2 of 4 quick steps
 
 
 def tiny_model():
