@@ -64,12 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for table.md, results.json, the plot, weights")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny budgets; numbers meaningless)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process (1 on a busy machine)")
     p.add_argument("--train-len", type=int, default=128)
     p.add_argument("--factor", type=int, default=4, help="evaluate at factor x train-len")
-    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16, help="training batch at train-len")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of the answer tokens (both phases)")
@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["none", "linear", "ntk", "yarn"],
         help="scalings to fine-tune with (none = the direct fine-tuning control of the PI paper)",
     )
+    p.add_argument(
+        "--min-base-acc",
+        type=float,
+        default=0.9,
+        help="seeds whose base model scores below this at the trained length are reported and excluded",
+    )
     p.add_argument("--eval-n", type=int, default=40, help="samples per (length, depth) cell and seed")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--search-generations", type=int, default=4)
@@ -99,6 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ft_steps, args.ft_batch, args.ft_eval_every = 4, 2, 2
         args.eval_n, args.depths = 2, [0.0, 1.0]
         args.search_generations, args.search_population = 1, 4
+        args.min_base_acc = 0.0
     if args.factor < 2:
         p.error("--factor must be >= 2")
     if args.jobs < 1 or args.threads < 1:
@@ -140,6 +147,19 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         # Same prompts for every row and seed (paired comparison); disjoint from the search's.
         return evaluate(model, tok, lengths=lengths, depths=args.depths, n=args.eval_n, seed=10_000)
 
+    # A model that cannot retrieve the passkey at the length it was trained at says nothing about
+    # extending it: tiny transformers learn this copy circuit abruptly, at a seed-dependent step.
+    t0 = time.perf_counter()
+    base.rope = scaled_rope(base.config, "none")
+    results = {LABELS["none"]: run_eval(base)}
+    times["eval"] = time.perf_counter() - t0
+    base_acc = results[LABELS["none"]]["accuracy"][args.train_len]
+    _log(f"seed {seed}: {LABELS['none']:22s} accuracy {base_acc:.3f} @ {args.train_len}, "
+         f"{results[LABELS['none']]['accuracy'][long_len]:.3f} @ {long_len}")  # fmt: skip
+    if base_acc < args.min_base_acc:
+        _log(f"seed {seed}: base model scores {base_acc:.3f} at {args.train_len} < {args.min_base_acc}: excluded")
+        return {"excluded": True, "base_acc": base_acc, "times": times}
+
     t0 = time.perf_counter()
     held_out = passkey_samples(tok, long_len, [0.1, 0.5, 0.9], 4 if not args.quick else 1, seed=20_000 + seed)
     scaling_base = scaled_rope(base.config, "none")
@@ -154,10 +174,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     )  # fmt: skip
     times["search"] = time.perf_counter() - t0
 
-    results, curves = {}, {}
+    curves = {}
     probe_n = max(1, args.eval_n // 4)  # fine-tuning probes: a quarter of the evaluation prompts
     for label, method, finetune in rows(args):
         t0 = time.perf_counter()
+        if label in results:
+            continue
         if method == "longrope":
             rope = with_scaling(scaling_base, searched)
         else:
@@ -165,12 +187,15 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         model = copy.deepcopy(base) if finetune else base
         model.rope = rope
         if finetune:
-            curve = [(0, results[LABELS[method]]["accuracy"][long_len])]
+            curve: list[tuple[int, float]] = []
 
             def probe(step: int, m: TinyLM, curve: list = curve) -> None:
                 if step % args.ft_eval_every == 0:
                     r = evaluate(m, tok, lengths=[long_len], depths=args.depths, n=probe_n, seed=30_000)
                     curve.append((step, r["accuracy"][long_len]))
+
+            with torch.no_grad():
+                probe(0, model)
 
             torch.manual_seed(seed)
             train(model, tok, steps=args.ft_steps, length=long_len, batch_size=args.ft_batch, lr=args.ft_lr,
@@ -180,7 +205,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         results[label] = run_eval(model)
         _log(f"seed {seed}: {label:22s} accuracy {results[label]['accuracy'][args.train_len]:.3f} @ {args.train_len}, "
              f"{results[label]['accuracy'][long_len]:.3f} @ {long_len}")  # fmt: skip
-    return {"rows": results, "curves": curves, "searched": searched, "times": times}
+        if not finetune:
+            times["eval"] += time.perf_counter() - t0
+    _log(f"seed {seed}: done, " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    return {"excluded": False, "base_acc": base_acc, "rows": results, "curves": curves, "searched": searched,
+            "times": times}  # fmt: skip
 
 
 def summarize(args: argparse.Namespace, per_seed: dict[int, dict]) -> tuple[str, dict]:
@@ -269,14 +298,25 @@ def main(argv: list[str] | None = None) -> int:
             per_seed = {seed: f.result() for seed, f in futures.items()}
     else:
         per_seed = {seed: run_seed(args, seed) for seed in args.seeds}
+    runs = per_seed
+    per_seed = {s: r for s, r in runs.items() if not r["excluded"]}
+    excluded = {s: r["base_acc"] for s, r in runs.items() if r["excluded"]}
+    if not per_seed:
+        _log(f"no seed learned the task at {args.train_len} tokens (accuracies {excluded}); nothing to compare")
+        return 1
     table, summary = summarize(args, per_seed)
     elapsed = time.perf_counter() - start
     command = "python examples/extend_context.py " + " ".join(sys.argv[1:] if argv is None else argv)
     footer = (
-        f"\n\n{len(args.seeds)} seed(s) x {len(args.depths)} depths x {args.eval_n} prompts per cell"
-        f"{'; mean (range over seeds)' if len(args.seeds) > 1 else ''}. `{command}`: {elapsed:.0f} s "
+        f"\n\n{len(per_seed)} seed(s) x {len(args.depths)} depths x {args.eval_n} prompts per cell"
+        f"{'; mean (range over seeds)' if len(per_seed) > 1 else ''}. `{command}`: {elapsed:.0f} s "
         f"({args.jobs} process(es) x {args.threads} thread(s))."
     )
+    if excluded:
+        footer += (
+            f" Seeds {sorted(excluded)} were excluded: their base models did not learn the task at the trained "
+            f"length (accuracy {', '.join(f'{a:.2f}' for a in excluded.values())} < {args.min_base_acc})."
+        )
     print("\n" + table + footer)
     (args.out / "table.md").write_text(table + footer + "\n")
     blob = {
@@ -293,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 "times_s": d["times"],
             }
             for s, d in per_seed.items()
+        },
+        "excluded_seeds": {
+            s: {"base_acc": r["base_acc"], "times_s": r["times"]} for s, r in runs.items() if r["excluded"]
         },
         "elapsed_s": elapsed,
     }
