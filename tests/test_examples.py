@@ -81,3 +81,17 @@ def test_tiny_model_train_save_load_deterministic(tmp_path):
     loaded, tok2 = tm.load(tmp_path / "m.pt")
     assert tok2.vocab == tok.vocab and loaded.rope == model.rope
     torch.testing.assert_close(loaded(ids), pi, rtol=0, atol=0)
+
+
+def test_extend_context_excludes_untrained_seeds(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import extend_context
+    finally:
+        sys.path.pop(0)
+    argv = ["--out", str(tmp_path), "--seeds", "3", "--threads", "1", "--train-len", "80", "--train-steps", "2",
+            "--batch", "2", "--eval-n", "1", "--depths", "0.5", "--min-base-acc", "0.5"]  # fmt: skip
+    assert extend_context.main(argv) == 1  # 2 steps learn nothing: the seed is excluded, no table
+    assert "seed 3: base model scores 0.000 at 80 < 0.5: excluded" in capsys.readouterr().out
+    assert not (tmp_path / "table.md").exists()

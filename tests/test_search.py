@@ -129,7 +129,7 @@ def test_partial_rotary_nan_scores_and_bounds():
         seen.append(f)
         return float("nan") if f[0] > 1.5 else float(np.abs(f - 2.0).sum())
 
-    best = longrope_search(objective, rope, 300, generations=2, population=5, max_factor=2.5, progress=False)
+    best = longrope_search(objective, rope, 300, generations=2, population=5, max_factor=2.5, progress=True)
     cfg = with_scaling(rope, best)
     assert cfg.rotary_dim == 16 and cfg.base == 500.0 and len(best["long_factor"]) == 8
     assert best["long_factor"][0] <= 1.5  # NaN candidates rank last

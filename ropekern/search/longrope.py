@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..scaling import RopeConfig
 
@@ -349,8 +350,6 @@ def longrope_search(
     def save() -> None:
         if path is not None:
             _save(path, search.state())
-
-    from tqdm.auto import tqdm
 
     total = population * (generations + 1)
     bar = tqdm(total=total, desc="longrope_search", disable=not progress, leave=False)
