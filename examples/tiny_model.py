@@ -255,6 +255,48 @@ class TinyLM(nn.Module):
             x = block(x, self.rope, positions, self.backend)
         return F.linear(self.norm(x), self.embed.weight)
 
+    def forward_windows(self, windows: list[torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
+        """Parallel Context Windows (Ratner et al. 2023): logits ``[S_t, vocab]`` of the task tokens.
+
+        Each window (int ``[S_w]``) is encoded on its own at positions ``0..S_w-1`` (one varlen
+        ``rk.rope_attention`` call per layer for all windows); the task tokens (int ``[S_t]``) sit at
+        positions ``max(S_w) + i`` and attend causally among themselves and to every window token,
+        in one call per layer with explicit positions and no dense mask: ``causal=True`` is
+        bottom-right aligned, so with the windows' keys first every task token sees all of them.
+        With a single window this is the ordinary forward of ``window + task``.
+        """
+        if not windows or any(w.dim() != 1 or w.numel() == 0 for w in windows) or task_ids.dim() != 1:
+            raise ValueError("forward_windows: `windows` must be non-empty 1-D id tensors and `task_ids` 1-D")
+        c, rope, dev = self.config, self.rope, task_ids.device
+        lens = [w.numel() for w in windows]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+        pos_w = torch.cat([torch.arange(n, device=dev) for n in lens])
+        pos_t = torch.arange(max(lens), max(lens) + task_ids.numel(), device=dev)
+        pos_k = torch.cat([pos_w, pos_t])
+        xw, xt = self.embed(torch.cat(windows)), self.embed(task_ids)
+
+        def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.view(t.shape[0], n, c.head_dim)
+
+        for block in self.blocks:
+            a = block.attn
+            hw, ht = block.norm1(xw), block.norm1(xt)
+            qw, kw, vw = heads(a.wq(hw), c.n_heads), heads(a.wk(hw), c.n_kv_heads), heads(a.wv(hw), c.n_kv_heads)
+            qt, kt, vt = heads(a.wq(ht), c.n_heads), heads(a.wk(ht), c.n_kv_heads), heads(a.wv(ht), c.n_kv_heads)
+            ow = rk.rope_attention(
+                qw, kw, vw, rope, causal=True, q_positions=pos_w, k_positions=pos_w, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                backend=self.backend,
+            )  # fmt: skip
+            ot = rk.rope_attention(
+                qt[None], torch.cat([kw, kt])[None], torch.cat([vw, vt])[None], rope, causal=True,
+                q_positions=pos_t[None], k_positions=pos_k[None], backend=self.backend,
+            )[0]  # fmt: skip
+            xw = xw + a.wo(ow.reshape(xw.shape[0], -1))
+            xt = xt + a.wo(ot.reshape(xt.shape[0], -1))
+            xw = xw + block.mlp(block.norm2(xw))
+            xt = xt + block.mlp(block.norm2(xt))
+        return F.linear(self.norm(xt), self.embed.weight)
+
 
 def training_batch(
     tokenizer: WordTokenizer, batch_size: int, length: int, rng: random.Random, digits: int = 5

@@ -95,3 +95,40 @@ def test_extend_context_excludes_untrained_seeds(tmp_path, capsys):
     assert extend_context.main(argv) == 1  # 2 steps learn nothing: the seed is excluded, no table
     assert "seed 3: base model scores 0.000 at 80 < 0.5: excluded" in capsys.readouterr().out
     assert not (tmp_path / "table.md").exists()
+
+
+def test_parallel_context_windows_and_nbce(tmp_path):
+    import torch
+
+    pytest.importorskip("matplotlib")
+    tm = tiny_model()
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import context_windows
+    finally:
+        sys.path.pop(0)
+    tok = tm.WordTokenizer.for_template()
+    torch.manual_seed(0)
+    model = tm.TinyLM(tm.TinyConfig(vocab_size=len(tok), n_heads=4, n_kv_heads=2)).eval()
+    w = torch.tensor(tok.encode("The grass is green. The pass key is 12345. Remember it."))
+    w2 = torch.tensor(tok.encode("The sky is blue."))
+    t = torch.tensor(tok.encode("What is the pass key? The pass key is 1 2"))
+    with torch.no_grad():
+        # One window: exactly the ordinary forward of window + task (up to fp32 rounding).
+        torch.testing.assert_close(model.forward_windows([w], t), model(torch.cat([w, t])[None])[0, len(w) :])
+        # Windows share positions: the task sees both, and their order does not matter.
+        both = model.forward_windows([w, w2], t)
+        torch.testing.assert_close(both, model.forward_windows([w2, w], t), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(both, model.forward_windows([w], t))
+    # Windows overlapping by m tokens hold every span of m tokens whole.
+    ctx, m = list(range(100)), 7
+    wins = context_windows.windows(ctx, 20, m)
+    assert wins[0][0] == 0 and wins[-1][-1] == 99
+    for start in range(len(ctx) - m + 1):
+        assert any(w[0] <= start and start + m - 1 <= w[-1] for w in wins)
+    tm.save(model, tok, tmp_path / "base_seed0.pt")
+    argv = ["--models", str(tmp_path), "--out", str(tmp_path / "cw"), "--eval-n", "1", "--depths", "0.5",
+            "--threads", "1"]  # fmt: skip
+    assert context_windows.main(argv) == 0
+    assert "| NBCE (min-entropy) |" in (tmp_path / "cw" / "table.md").read_text()
+    assert (tmp_path / "cw" / "context_windows.png").stat().st_size > 0
