@@ -208,11 +208,13 @@ def _cu_seqlens(name: str, cu: Any, total: int, device: torch.device) -> torch.T
 
 
 def _max_seqlen(name: str, value: Any, cu: torch.Tensor) -> int:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value is not None and not _checking():
+        return value  # torch.compile: a given maximum is trusted (reading cu_seqlens is data-dependent)
     actual = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     if value is None:
         return actual
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
     if value < actual:
         raise ValueError(f"`{name}` ({value}) is smaller than the longest sequence ({actual})")
     return value

@@ -14,6 +14,8 @@ import sys
 SUBCOMMANDS = {
     "info": "ropekern._cli_info",
     "check": "ropekern._cli_check",
+    "check-model": "ropekern._cli_check_model",
+    "bench": "ropekern._cli_bench",
 }
 
 
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command line as typed, recorded by subcommands that write result files (bench); with an
+    # explicit argv (tests, embedding) sys.argv belongs to the host program, not to this command
+    args._command = None if argv is None else ["ropekern", *argv]
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ imported lazily, so a missing compiler or Triton only makes that backend unavail
 from __future__ import annotations
 
 import importlib
+import sys
 from functools import cache
 from typing import Any
 
@@ -47,7 +48,9 @@ class TorchBackend:
 # name -> "module:attribute" of the backend object. Order matters only for display.
 _REGISTRY: dict[str, str] = {
     "torch": "ropekern.ops:TORCH",
+    "cpu": "ropekern._native:cpu_backend",
     "triton": "ropekern._triton:backend",
+    "cuda": "ropekern._cuda:backend",
 }
 # What `backend="auto"` tries, per device type, in order.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -59,12 +62,37 @@ TORCH = TorchBackend()
 BACKEND_NAMES = tuple(_REGISTRY)
 
 
+@torch.compiler.assume_constant_result
+def _import_error(module_name: str) -> str:
+    """Import ``module_name``: ``""`` on success, else the error text. torch.compile runs this
+    instead of tracing it (importlib cannot be traced) and folds the string as a constant."""
+    try:
+        importlib.import_module(module_name)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def import_module(module_name: str) -> Any:
+    """``importlib.import_module`` that ``torch.compile(fullgraph=True)`` can trace."""
+    error = _import_error(module_name)
+    if error:
+        raise ImportError(error)
+    # Walk from the top-level package: torch.compile sees sys.modules as it was when tracing
+    # began, but reads module attributes live, so a module imported just above is found.
+    root, *parts = module_name.split(".")
+    module = sys.modules[root]
+    for part in parts:
+        module = getattr(module, part)
+    return module
+
+
 @cache
 def _load(name: str) -> Any:
     """The backend object, or the reason (a string) why it cannot be loaded."""
     module_name, attr = _REGISTRY[name].split(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_module(module_name)
         backend = getattr(module, attr)
     except Exception as exc:  # an unbuilt extension or missing Triton makes only this backend unavailable
         return f"{type(exc).__name__}: {exc}"

@@ -88,6 +88,8 @@ def _attend(
     """
     sq, hq, d = q.shape
     sk, hkv = k.shape[0], k.shape[1]
+    if sk == 0:  # a varlen sequence with queries but no keys: every row sees no key
+        return q.new_zeros(sq, hq, v.shape[-1]), q.new_full((hq, sq), float("-inf"))
     g = hq // hkv
     qg = q.reshape(sq, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, Sq, D]
     kt = k.permute(1, 2, 0)[:, None]  # [Hkv, 1, D, Sk]

@@ -60,8 +60,9 @@ def error_check(
     Non-finite values must match exactly in position and value (``-inf`` LSE rows), else fail.
     """
     dtype = dtype or out.dtype
-    oracle = oracle.to(torch.float64)
-    out64, base64 = out.to(torch.float64).to(oracle.device), baseline.to(torch.float64).to(oracle.device)
+    oracle = oracle.detach().to(torch.float64)
+    out64 = out.detach().to(torch.float64).to(oracle.device)
+    base64 = baseline.detach().to(torch.float64).to(oracle.device)
     finite = torch.isfinite(oracle)
     same_nonfinite = bool(torch.equal(torch.isfinite(out64), finite)) and bool(
         (out64[~finite] == oracle[~finite]).all()

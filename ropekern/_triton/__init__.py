@@ -8,7 +8,6 @@ variable must be set before triton is imported).
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -36,7 +35,9 @@ class TritonBackend:
         return f"tensors on {tensor.device} (triton runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
 
     def _op(self, name: str) -> Any:
-        return importlib.import_module(f"{__name__}.{name}")
+        from ..ops import import_module  # traceable by torch.compile, unlike importlib's
+
+        return import_module(f"{__name__}.{name}")
 
     def check_attention(self, call: Any) -> str | None:
         return self._device_reason(call.q) or self._op("attention").check(call)

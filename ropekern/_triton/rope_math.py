@@ -9,7 +9,8 @@ values below 2 and the final multiplication by 2π round. Error <= ~1.4e-6 rad b
 import triton
 import triton.language as tl
 
-TWO_PI = 6.283185307179586
+# A constexpr: a plain float global compiles under the interpreter but is rejected by the GPU compiler.
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit

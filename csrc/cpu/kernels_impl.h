@@ -1,0 +1,902 @@
+// The CPU kernels, written once against vec.h and compiled once per instruction set
+// (kernels_avx2.cpp, kernels_generic.cpp) into namespace ropekern::cpu::RK_ISA.
+//
+// Numerics (DESIGN §4): fp32 everywhere whatever the I/O dtype; angles by the accurate split of
+// rope_math.h (angle_turns8 below is angle_turns op for op, eight pairs at a time); scores are
+// kept in base 2 (Q is pre-multiplied by softmax_scale * log2(e), so exp is one exp2) and the LSE
+// is converted back to natural log; masked scores are -inf and their probabilities are selected
+// to 0; a row that never sees a key ends as zeros with LSE -inf. Offsets are int64.
+#pragma once
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace ropekern {
+namespace cpu {
+namespace RK_ISA {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMR = 6;   // micro-kernel rows: 6 x 16 accumulators = 12 of the 16 ymm registers
+constexpr int kNR = 16;  // micro-kernel columns (two vectors)
+
+RK_INLINE int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+RK_INLINE int round8(int n) { return (n + 7) / 8 * 8; }
+RK_INLINE int round16(int n) { return (n + 15) / 16 * 16; }
+
+// Bump allocator over an item's scratch (64-byte aligned by ops.cpp; every piece is a multiple
+// of 16 floats, so every piece stays 64-byte aligned).
+struct Bump {
+  float* p;
+  RK_INLINE float* take(int64_t n) {
+    float* r = p;
+    p += align16(n);
+    return r;
+  }
+};
+
+// ---------------------------------------------------------------- rotary tables and rotation
+// Accurate angle in turns for one position and eight split frequencies: rope_math.h angle_turns,
+// operation for operation (every step before the last is exact in fp32).
+RK_INLINE V angle_turns8(float ph, float pl, V f1, V f2, V f3) {
+  const V vph = vset1(ph), vpl = vset1(pl), k4096 = vset1(4096.0f);
+  V a = vph * f1 * k4096;
+  a = a - vfloor(a);
+  V b = vph * f2 * k4096;
+  b = b - vfloor(b);
+  V c = vpl * f1;
+  c = c - vfloor(c);
+  V s = a + b;
+  s = s - vfloor(s);
+  s = s + c;
+  s = s - vfloor(s);
+  s = s + (vset1(ph * 4096.0f) * f3 + vpl * f2 + vpl * f3);
+  return s - vfloor(s + vset1(0.5f));
+}
+
+// cos/sin of the R/2 pair angles of one position into cs = [cos: cs_pad][sin: cs_pad], times
+// `factor`. `split` is one sequence's table float[3][half].
+static void cos_sin_row(int32_t pos, const float* split, int half, float factor, int cs_pad, float* cs) {
+  float* C = cs;
+  float* S = cs + cs_pad;
+  const float ph = static_cast<float>(pos >> 12), pl = static_cast<float>(pos & 4095);
+  const V vf = vset1(factor);
+  for (int i = 0; i < half; i += kLanes) {
+    const int n = imin(kLanes, half - i);
+    V f1, f2, f3;
+    if (n == kLanes) {
+      f1 = vload(split + i);
+      f2 = vload(split + half + i);
+      f3 = vload(split + 2 * half + i);
+    } else {
+      float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
+      for (int k = 0; k < n; ++k) {
+        t1[k] = split[i + k];
+        t2[k] = split[half + i + k];
+        t3[k] = split[2 * half + i + k];
+      }
+      f1 = vload(t1);
+      f2 = vload(t2);
+      f3 = vload(t3);
+    }
+    V s, c;
+    vsincos_turns(angle_turns8(ph, pl, f1, f2, f3), &s, &c);
+    vstore(C + i, c * vf);  // cs_pad is a multiple of 8: full vectors always fit
+    vstore(S + i, s * vf);
+  }
+}
+
+// cos_sin_row for the n consecutive positions pos0 .. pos0 + n - 1, rows `stride` floats apart.
+// When they share the high 12-bit chunk of the position (n <= 16 keys at a multiple of 16 always
+// do), the terms of that chunk are computed once and the keys run as independent chains in the
+// inner loop; every value is still angle_turns' operation for operation.
+static void cos_sin_chunk(int32_t pos0, int n, const float* split, int half, float factor, int cs_pad, float* out,
+                          int64_t stride) {
+  if ((pos0 & 4095) + n > 4096) {
+    for (int jj = 0; jj < n; ++jj) cos_sin_row(pos0 + jj, split, half, factor, cs_pad, out + jj * stride);
+    return;
+  }
+  const float ph = static_cast<float>(pos0 >> 12);
+  const int pl0 = pos0 & 4095;
+  const V vph = vset1(ph), k4096 = vset1(4096.0f), vf = vset1(factor), vhalf = vset1(0.5f);
+  for (int i = 0; i < half; i += kLanes) {
+    const int m = imin(kLanes, half - i);
+    V f1, f2, f3;
+    if (m == kLanes) {
+      f1 = vload(split + i);
+      f2 = vload(split + half + i);
+      f3 = vload(split + 2 * half + i);
+    } else {
+      float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
+      for (int k = 0; k < m; ++k) {
+        t1[k] = split[i + k];
+        t2[k] = split[half + i + k];
+        t3[k] = split[2 * half + i + k];
+      }
+      f1 = vload(t1);
+      f2 = vload(t2);
+      f3 = vload(t3);
+    }
+    V a = vph * f1 * k4096;
+    a = a - vfloor(a);
+    V b = vph * f2 * k4096;
+    b = b - vfloor(b);
+    V ab = a + b;
+    ab = ab - vfloor(ab);
+    const V hi3 = vset1(ph * 4096.0f) * f3;
+    for (int jj = 0; jj < n; ++jj) {
+      const V vpl = vset1(static_cast<float>(pl0 + jj));
+      V c = vpl * f1;
+      c = c - vfloor(c);
+      V t = ab + c;
+      t = t - vfloor(t);
+      t = t + (hi3 + vpl * f2 + vpl * f3);
+      V sv, cv;
+      vsincos_turns(t - vfloor(t + vhalf), &sv, &cv);
+      vstore(out + jj * stride + i, cv * vf);
+      vstore(out + jj * stride + cs_pad + i, sv * vf);
+    }
+  }
+}
+
+// Rotate the first R channels of an fp32 row in place with one table row (cos_sin_row).
+// Half-split pairs (i, i + R/2); interleaved pairs (2i, 2i + 1), whose cos/sin are duplicated
+// in registers (zip) so that rotated = x * (c, c) + swap_pairs(x) * (-s, s).
+static void rotate_row(float* x, const float* cs, int R, int cs_pad, bool interleaved) {
+  const float* C = cs;
+  const float* S = cs + cs_pad;
+  const int h = R / 2;
+  int i = 0;
+  if (interleaved) {
+    for (; i + kLanes <= h; i += kLanes) {
+      const V c = vload(C + i), s = vload(S + i);
+      V clo, chi, slo, shi;
+      vzip(c, c, &clo, &chi);
+      vzip(vneg(s), s, &slo, &shi);
+      const V x0 = vload(x + 2 * i), x1 = vload(x + 2 * i + kLanes);
+      vstore(x + 2 * i, vfma(x0, clo, vswap_pairs(x0) * slo));
+      vstore(x + 2 * i + kLanes, vfma(x1, chi, vswap_pairs(x1) * shi));
+    }
+    for (; i < h; ++i) {
+      const float a = x[2 * i], b = x[2 * i + 1];
+      x[2 * i] = a * C[i] - b * S[i];
+      x[2 * i + 1] = b * C[i] + a * S[i];
+    }
+  } else {
+    for (; i + kLanes <= h; i += kLanes) {
+      const V x1 = vload(x + i), x2 = vload(x + h + i), c = vload(C + i), s = vload(S + i);
+      vstore(x + i, vfms(x1, c, x2 * s));
+      vstore(x + h + i, vfma(x2, c, x1 * s));
+    }
+    for (; i < h; ++i) {
+      const float a = x[i], b = x[h + i];
+      x[i] = a * C[i] - b * S[i];
+      x[h + i] = b * C[i] + a * S[i];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- row load / store
+// D elements of src -> fp32 dst, zero-filled up to `pad`.
+template <class DT>
+RK_INLINE void load_row(const typename DT::T* src, int D, int pad, float* dst) {
+  int d = 0;
+  for (; d + kLanes <= D; d += kLanes) vstore(dst + d, DT::load8(src + d));
+  for (; d < D; ++d) dst[d] = DT::to_float(src[d]);
+  for (; d < pad; ++d) dst[d] = 0.0f;
+}
+
+template <class DT>
+RK_INLINE void store_row(typename DT::T* dst, const float* src, float scale, int D) {
+  const V vs = vset1(scale);
+  int d = 0;
+  for (; d + kLanes <= D; d += kLanes) DT::store8(dst + d, vload(src + d) * vs);
+  for (; d < D; ++d) dst[d] = DT::from_float(src[d] * scale);
+}
+
+// load_row then rotate_row in one pass (no fp32 round trip through memory) for the common
+// layouts: R/2 a multiple of 8 and R a multiple of 8 up to D.
+template <class DT>
+RK_INLINE void load_rotate_row(const typename DT::T* src, const float* cs, int R, int cs_pad, bool interleaved, int D,
+                               int pad, float* dst) {
+  const int h = R / 2;
+  if (h % kLanes != 0 || R == 0) {
+    load_row<DT>(src, D, pad, dst);
+    if (R) rotate_row(dst, cs, R, cs_pad, interleaved);
+    return;
+  }
+  const float* C = cs;
+  const float* S = cs + cs_pad;
+  if (interleaved) {
+    for (int i = 0; i < h; i += kLanes) {
+      const V c = vload(C + i), s = vload(S + i);
+      V clo, chi, slo, shi;
+      vzip(c, c, &clo, &chi);
+      vzip(vneg(s), s, &slo, &shi);
+      const V x0 = DT::load8(src + 2 * i), x1 = DT::load8(src + 2 * i + kLanes);
+      vstore(dst + 2 * i, vfma(x0, clo, vswap_pairs(x0) * slo));
+      vstore(dst + 2 * i + kLanes, vfma(x1, chi, vswap_pairs(x1) * shi));
+    }
+  } else {
+    for (int i = 0; i < h; i += kLanes) {
+      const V x1 = DT::load8(src + i), x2 = DT::load8(src + h + i), c = vload(C + i), s = vload(S + i);
+      vstore(dst + i, vfms(x1, c, x2 * s));
+      vstore(dst + h + i, vfma(x2, c, x1 * s));
+    }
+  }
+  load_row<DT>(src + R, D - R, pad - R, dst + R);  // pass-through channels and zero padding
+}
+
+RK_INLINE void scale_row(float* x, int n, float scale) {
+  const V vs = vset1(scale);
+  for (int d = 0; d < n; d += kLanes) vstore(x + d, vload(x + d) * vs);
+}
+
+RK_INLINE void zero_floats(float* x, int64_t n) { memset(x, 0, static_cast<size_t>(n) * sizeof(float)); }
+
+// ---------------------------------------------------------------- micro-kernels
+// C[MR x 16] = A[MR x Dp] . B[Dp x 16]: MR rows of A (lda apart) against 16 columns of B (ldb per
+// channel). In the tiled kernel A is the rotated K block and B the transposed Q tile, so C is
+// S^T (keys x query rows): K needs no transpose and the softmax runs down columns, eight query
+// rows per vector.
+template <int MR>
+RK_INLINE void outer_tile(const float* a, int lda, const float* b, int ldb, int Dp, float* c, int ldc) {
+  V acc[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vzero();
+  for (int d = 0; d < Dp; ++d) {
+    const V b0 = vload(b + static_cast<int64_t>(d) * ldb), b1 = vload(b + static_cast<int64_t>(d) * ldb + kLanes);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const V ab = vbcast(a + r * lda + d);
+      acc[r][0] = vfma(ab, b0, acc[r][0]);
+      acc[r][1] = vfma(ab, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    vstore(c + static_cast<int64_t>(r) * ldc, acc[r][0]);
+    vstore(c + static_cast<int64_t>(r) * ldc + kLanes, acc[r][1]);
+  }
+}
+
+// O[MR x 16] = O * alpha[r] + P . V[n x 16], where P[r][j] = p[r * ldr + j * ldj] (row-major P
+// in decode, P^T in the tiled kernel).
+template <int MR>
+RK_INLINE void pv_tile(const float* p, int64_t ldr, int64_t ldj, const float* v, int64_t ldv, int n, float* o,
+                       int ldo, const float* alpha) {
+  V acc[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    const V a = vset1(alpha[r]);
+    acc[r][0] = vload(o + r * ldo) * a;
+    acc[r][1] = vload(o + r * ldo + kLanes) * a;
+  }
+  for (int j = 0; j < n; ++j) {
+    const V v0 = vload(v + j * ldv), v1 = vload(v + j * ldv + kLanes);
+    const float* pj = p + j * ldj;
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const V pb = vbcast(pj + r * ldr);
+      acc[r][0] = vfma(pb, v0, acc[r][0]);
+      acc[r][1] = vfma(pb, v1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    vstore(o + r * ldo, acc[r][0]);
+    vstore(o + r * ldo + kLanes, acc[r][1]);
+  }
+}
+
+// The block-level helpers below are ordinary functions (one copy per unit, shared by the three
+// dtypes): their work per call dwarfs a call, and inlining them everywhere only bloats the build.
+
+// C[rows x ncols] = A . B over 16-column tiles (outer: the B tile stays in L1) and 6-row strips.
+static void outer_block(const float* a, int rows, int Dp, const float* b, int ldb, int ncols, float* c, int ldc) {
+  for (int n0 = 0; n0 < ncols; n0 += kNR) {
+    for (int r0 = 0; r0 < rows; r0 += kMR) {
+      const float* ar = a + static_cast<int64_t>(r0) * Dp;
+      float* cr = c + static_cast<int64_t>(r0) * ldc + n0;
+      switch (imin(kMR, rows - r0)) {
+        case 6: outer_tile<6>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 5: outer_tile<5>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 4: outer_tile<4>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 3: outer_tile<3>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        case 2: outer_tile<2>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+        default: outer_tile<1>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
+      }
+    }
+  }
+}
+
+// O[M x Dp] = O * alpha + P . V[n x Dp] (P indexed as in pv_tile, V rows ldv apart).
+static void pv_block(const float* p, int64_t ldr, int64_t ldj, int M, const float* v, int64_t ldv, int Dp, int n,
+                     float* o, const float* alpha) {
+  for (int r0 = 0; r0 < M; r0 += kMR) {
+    const float* pr = p + r0 * ldr;
+    float* orow = o + static_cast<int64_t>(r0) * Dp;
+    for (int c0 = 0; c0 < Dp; c0 += kNR) {
+      switch (imin(kMR, M - r0)) {
+        case 6: pv_tile<6>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 5: pv_tile<5>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 4: pv_tile<4>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 3: pv_tile<3>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        case 2: pv_tile<2>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+        default: pv_tile<1>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
+      }
+    }
+  }
+}
+
+// Online softmax (base-2 scores). The running max m is raised only when a block's max exceeds it
+// by more than kLazyMax: probabilities then stay below 2^8, harmless in fp32, and most blocks
+// skip the rescale (and its exp2) entirely: alpha is exactly 1. The result and the LSE
+// (m + log2 l) are unchanged. Invisible (masked) scores are set to -inf and their
+// probabilities are selected to 0, so nothing from a masked key reaches the accumulator.
+constexpr float kLazyMax = 8.0f;
+
+// One online-softmax step over S^T [nb keys][ld] (scores of one key block for Mp query rows),
+// eight query rows per vector, so nothing is horizontal or scalar per row. `lim` (as floats) holds the
+// number of visible keys of each row for a block that masks some (causal diagonal), or is null
+// when every row sees all nb keys. m, l, alpha are per row (Mp, a multiple of 8).
+static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float* m, float* l, float* alpha) {
+  const V neg_inf = vset1(-kInf), lazy = vset1(kLazyMax), zero = vzero(), one = vset1(1.0f);
+  for (int c = 0; c < Mp; c += kLanes) {
+    float* col = st + c;
+    V mx = neg_inf;
+    if (lim) {
+      const V lv = vload(lim + c);
+      for (int n = 0; n < nb; ++n) {
+        const V x = vselect_lt(vset1(static_cast<float>(n)), lv, vload(col + n * ld), neg_inf);
+        vstore(col + n * ld, x);
+        mx = vmax(mx, x);
+      }
+    } else {
+      for (int n = 0; n < nb; ++n) mx = vmax(mx, vload(col + n * ld));
+    }
+    // Raise the running max only where it was -inf or the block exceeds it by kLazyMax.
+    const V mo = vload(m + c);
+    const auto raise = vor_mask(vcmp_eq(mo, neg_inf), vcmp_gt(mx, mo + lazy));
+    const V mn = vselect(raise, mx, mo);
+    // mo = -inf: alpha 0 (the accumulator is still 0); vexp2 flushes -inf to 0 without NaN.
+    const V a = vselect(raise, vselect(vcmp_eq(mo, neg_inf), zero, vexp2(mo - mn)), one);
+    V sum0 = zero, sum1 = zero;
+    int n = 0;
+    if (lim) {
+      for (; n < nb; ++n) {
+        const V x = vload(col + n * ld);
+        const V pj = vzero_where_neginf(x, vexp2(x - mn));
+        vstore(col + n * ld, pj);
+        sum0 = sum0 + pj;
+      }
+    } else {
+      for (; n + 1 < nb; n += 2) {
+        const V p0 = vexp2(vload(col + n * ld) - mn), p1 = vexp2(vload(col + (n + 1) * ld) - mn);
+        vstore(col + n * ld, p0);
+        vstore(col + (n + 1) * ld, p1);
+        sum0 = sum0 + p0;
+        sum1 = sum1 + p1;
+      }
+      if (n < nb) {
+        const V p0 = vexp2(vload(col + n * ld) - mn);
+        vstore(col + n * ld, p0);
+        sum0 = sum0 + p0;
+      }
+    }
+    vstore(m + c, mn);
+    vstore(l + c, vfma(vload(l + c), a, sum0 + sum1));
+    vstore(alpha + c, a);
+  }
+}
+
+// Natural-log LSE from the base-2 max and the sum; in double, so the change of base adds no
+// rounding to the fp32 result (two fp32 roundings here measured as large as the baseline's error).
+RK_INLINE float finish_lse(float m, float l) {
+  if (!(l > 0.0f)) return -kInf;
+  return static_cast<float>(static_cast<double>(m) * 0.69314718055994530942 + __builtin_log(static_cast<double>(l)));
+}
+
+// ---------------------------------------------------------------- cos/sin tables
+RK_INLINE int batch_of_row(const int32_t* cu, int batch, int64_t r) {
+  int lo = 0, hi = batch;  // largest b with cu[b] <= r (skips empty sequences ending at r)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (cu[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+void cos_sin_rows(const CosSinJob& job, int64_t begin, int64_t end) {
+  const RopeParams& rope = job.rope;
+  const int R = rope.rotary_dim, cp = cs_pad_of(R);
+  for (int64_t r = begin; r < end; ++r) {
+    int b;
+    int64_t first;
+    if (job.cu_rows) {
+      b = batch_of_row(job.cu_rows, job.batch, r);
+      first = job.cu_rows[b];
+    } else {
+      b = static_cast<int>(r / job.rows_per_batch);
+      first = b * job.rows_per_batch;
+    }
+    const int32_t pos = job.positions ? job.positions[r] : static_cast<int32_t>(r - first);
+    cos_sin_row(pos, rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, cp, job.out + r * 2 * cp);
+  }
+}
+
+// ---------------------------------------------------------------- tiled forward
+// Query rows of an item, padded to whole 16-column tiles of the transposed Q.
+RK_INLINE int tile_cols(const TiledPlan& plan) {
+  return round16(plan.block_m * (plan.p.num_heads / plan.p.num_heads_k));
+}
+
+int64_t tiled_scratch_floats(const TiledPlan& plan) {
+  const int Dp = head_dim_pad_of(plan.p.head_dim);
+  const int64_t Mp = tile_cols(plan);
+  return 2 * align16(Mp * Dp) + align16(Mp * kBlockN) + 2 * align16(static_cast<int64_t>(kBlockN) * Dp) +
+         align16(8 * Dp) + 4 * align16(Mp);
+}
+
+// Where key j of one sequence and KV head lives: packed/dense rows, or a paged cache's blocks.
+template <class T>
+struct KVRows {
+  const T* k;
+  const T* v;
+  int64_t k_seq, v_seq;  // offset of the sequence (dense, varlen)
+  int64_t k_row, v_row, k_block, v_block;
+  const int32_t* btab;  // paged: this sequence's block table row, else null
+  int block_size;
+  int64_t row_bytes;
+  RK_INLINE const T* krow(int64_t j) const {
+    return k + (btab ? btab[j / block_size] * k_block + (j % block_size) * k_row : k_seq + j * k_row);
+  }
+  RK_INLINE const T* vrow(int64_t j) const {
+    return v + (btab ? btab[j / block_size] * v_block + (j % block_size) * v_row : v_seq + j * v_row);
+  }
+  // Ask for the K/V rows and cos/sin table rows of keys [j0, j1) one block ahead of use: the QK
+  // and PV work of the current block (~200k cycles) hides their latency (+5% measured).
+  RK_INLINE void prefetch(int64_t j0, int64_t j1, const float* cs, int64_t cs_stride) const {
+    for (int64_t j = j0; j < j1; ++j) {
+      const char* kr = reinterpret_cast<const char*>(krow(j));
+      const char* vr = reinterpret_cast<const char*>(vrow(j));
+      for (int64_t c = 0; c < row_bytes; c += 64) {
+        __builtin_prefetch(kr + c, 0, 3);
+        __builtin_prefetch(vr + c, 0, 3);
+      }
+      if (cs) {
+        const char* cr = reinterpret_cast<const char*>(cs + j * cs_stride);
+        for (int64_t c = 0; c < cs_stride * 4; c += 64) __builtin_prefetch(cr + c, 0, 2);
+      }
+    }
+  }
+};
+
+template <class DT>
+void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
+  using T = typename DT::T;
+  const AttnParams& p = plan.p;
+  const int Hkv = p.num_heads_k, G = p.num_heads / Hkv, D = p.head_dim, Dp = head_dim_pad_of(D);
+  const int R = p.rope.rotary_dim, cp = cs_pad_of(R);
+  const bool il = p.rope.interleaved;
+  const int64_t cs_stride = 2 * cp;
+  // Items of one (sequence, KV head) are consecutive, so the threads share its K/V in L3. Causal
+  // cost grows with the query block: within a head the longest blocks go first, which also
+  // leaves the shortest items for the end of the run.
+  const int64_t bh = item / plan.num_q_blocks;
+  const int64_t rank = item % plan.num_q_blocks;
+  const int64_t qb = p.causal ? plan.num_q_blocks - 1 - rank : rank;
+  const int b = static_cast<int>(bh / Hkv), hkv = static_cast<int>(bh % Hkv);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+
+  int64_t sq, sk, q_row0 = 0, k_row0 = 0;
+  if (varlen) {
+    q_row0 = p.cu_seqlens_q[b];
+    sq = p.cu_seqlens_q[b + 1] - q_row0;
+    k_row0 = p.cu_seqlens_k[b];
+    sk = p.cu_seqlens_k[b + 1] - k_row0;
+  } else {
+    sq = p.seqlen_q;
+    sk = plan.cache_lens ? plan.cache_lens[b] : p.seqlen_k;
+  }
+  const int64_t i0 = qb * plan.block_m;
+  if (i0 >= sq) return;
+  const int64_t i1 = lmin(sq, i0 + plan.block_m);
+  const int nq = static_cast<int>(i1 - i0), M = nq * G;
+  const int64_t off = sk - sq;  // causal: query i sees key j iff j <= i + off
+  const int64_t j_end = p.causal ? lmin(sk, i1 + off) : sk;
+
+  const T* q = static_cast<const T*>(p.q) + (varlen ? q_row0 * p.q_row_stride : b * p.q_batch_stride);
+  T* out = static_cast<T*>(p.out) + (varlen ? q_row0 * p.o_row_stride : b * p.o_batch_stride);
+  KVRows<T> kv;
+  kv.k = static_cast<const T*>(p.k) + hkv * p.k_head_stride;
+  kv.v = static_cast<const T*>(p.v) + hkv * p.v_head_stride;
+  kv.k_seq = varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride;
+  kv.v_seq = varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride;
+  kv.k_row = p.k_row_stride;
+  kv.v_row = p.v_row_stride;
+  kv.k_block = p.k_batch_stride;
+  kv.v_block = p.v_batch_stride;
+  kv.btab = plan.block_table ? plan.block_table + b * plan.block_table_stride : nullptr;
+  kv.block_size = plan.block_size;
+  kv.row_bytes = static_cast<int64_t>(D) * sizeof(T);
+  const float* q_cs = R ? plan.q_cs + (varlen ? q_row0 : b * static_cast<int64_t>(p.seqlen_q)) * cs_stride : nullptr;
+  const float* k_cs = R ? plan.k_cs + (varlen ? k_row0 : b * plan.k_cs_rows) * cs_stride : nullptr;
+  const float scale2 = p.softmax_scale * kLog2e;
+  if (j_end > 0) kv.prefetch(0, lmin(kBlockN, j_end), k_cs, cs_stride);
+
+  const int Mp = round16(M);
+  Bump bump{scratch};
+  float* Qt = bump.take(static_cast<int64_t>(Dp) * Mp);  // Q tile transposed: [Dp][Mp]
+  float* O = bump.take(static_cast<int64_t>(Mp) * Dp);
+  float* St = bump.take(static_cast<int64_t>(kBlockN) * Mp);  // scores, then probabilities: [keys][Mp]
+  float* Ks = bump.take(static_cast<int64_t>(kBlockN) * Dp);
+  float* Vs = bump.take(static_cast<int64_t>(kBlockN) * Dp);
+  float* Q8 = bump.take(8 * Dp);
+  float* m = bump.take(Mp);
+  float* l = bump.take(Mp);
+  float* alpha = bump.take(Mp);
+  float* lim = bump.take(Mp);
+
+  // Q tile: rows r = (i - i0) * G + g, rotated once, pre-scaled into base 2, and transposed eight
+  // rows at a time (rows past M are zeros).
+  for (int r0 = 0; r0 < Mp; r0 += 8) {
+    for (int t = 0; t < 8; ++t) {
+      const int r = r0 + t;
+      float* row = Q8 + t * Dp;
+      if (r >= M) {
+        zero_floats(row, Dp);
+        continue;
+      }
+      const int64_t i = i0 + r / G;
+      const int h = hkv * G + r % G;
+      load_rotate_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, R ? q_cs + i * cs_stride : nullptr, R, cp, il,
+                          D, Dp, row);
+      scale_row(row, Dp, scale2);
+    }
+    for (int d = 0; d < Dp; d += 8) {
+      V r8[8];
+      for (int t = 0; t < 8; ++t) r8[t] = vload(Q8 + t * Dp + d);
+      transpose8(r8);
+      for (int u = 0; u < 8; ++u) vstore(Qt + static_cast<int64_t>(d + u) * Mp + r0, r8[u]);
+    }
+  }
+  for (int r = 0; r < Mp; ++r) {
+    m[r] = -kInf;
+    l[r] = 0.0f;
+  }
+  zero_floats(O, static_cast<int64_t>(Mp) * Dp);
+
+  for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+    const int nb = static_cast<int>(lmin(kBlockN, j_end - j0));
+    // K and V blocks: each key is converted and rotated once for all G * nq query rows.
+    for (int jj = 0; jj < nb; ++jj) {
+      const int64_t j = j0 + jj;
+      float* krow = Ks + static_cast<int64_t>(jj) * Dp;
+      load_rotate_row<DT>(kv.krow(j), R ? k_cs + j * cs_stride : nullptr, R, cp, il, D, Dp, krow);
+      load_row<DT>(kv.vrow(j), D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
+    }
+    if (j0 + kBlockN < j_end) kv.prefetch(j0 + kBlockN, lmin(j0 + 2 * kBlockN, j_end), k_cs, cs_stride);
+
+    outer_block(Ks, nb, Dp, Qt, Mp, Mp, St, Mp);
+    // Causal: rows whose last visible key falls inside this block get a per-row key count.
+    const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
+    if (diagonal)
+      for (int r = 0; r < Mp; ++r)
+        lim[r] = static_cast<float>(r < M ? lmin(nb, lmax_(0, i0 + r / G + off - j0 + 1)) : nb);
+    softmax_cols(St, Mp, Mp, nb, diagonal ? lim : nullptr, m, l, alpha);
+    pv_block(St, 1, Mp, M, Vs, Dp, Dp, nb, O, alpha);
+  }
+
+  for (int r = 0; r < M; ++r) {
+    const int64_t i = i0 + r / G;
+    const int h = hkv * G + r % G;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    store_row<DT>(out + i * p.o_row_stride + h * p.o_head_stride, O + static_cast<int64_t>(r) * Dp, inv, D);
+    if (p.lse) {
+      const int64_t base = varlen ? q_row0 : b * p.lse_batch_stride;
+      p.lse[base + h * p.lse_head_stride + i] = finish_lse(m[r], l[r]);
+    }
+  }
+}
+
+void tiled_item(const TiledPlan& plan, int64_t item, float* scratch) {
+  switch (plan.dtype) {
+    case DType::kFloat32: tiled_item_t<F32>(plan, item, scratch); break;
+    case DType::kBFloat16: tiled_item_t<BF16>(plan, item, scratch); break;
+    case DType::kFloat16: tiled_item_t<F16>(plan, item, scratch); break;
+  }
+}
+
+// ---------------------------------------------------------------- decode
+int64_t decode_scratch_floats(const DecodePlan& plan) {
+  const DecodeParams& p = plan.p;
+  const int Dp = head_dim_pad_of(p.head_dim), cp = cs_pad_of(p.rope.rotary_dim);
+  const int64_t rows = static_cast<int64_t>(p.num_heads) * p.seqlen_q;
+  const int64_t rows8 = round8(static_cast<int>(rows));
+  return 2 * align16(rows * Dp) + 4 * align16(rows8) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * cp) +
+         align16(kDecodeChunk * 2 * cp) + 2 * align16(static_cast<int64_t>(p.num_heads_k) * kDecodeChunk * Dp) +
+         align16(rows8 * kDecodeChunk);
+}
+
+template <class DT>
+void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
+  using T = typename DT::T;
+  const DecodeParams& p = plan.p;
+  const int Hq = p.num_heads, Hkv = p.num_heads_k, G = Hq / Hkv, Sq = p.seqlen_q, D = p.head_dim;
+  const int Dp = head_dim_pad_of(D), R = p.rope.rotary_dim, cp = cs_pad_of(R);
+  const bool il = p.rope.interleaved;
+  const int64_t cs_stride = 2 * cp;
+  const int b = static_cast<int>(item / plan.num_splits), split = static_cast<int>(item % plan.num_splits);
+  const int64_t n = static_cast<int64_t>(p.cache_seqlens[b]) + p.s_new;
+  const int64_t ks = split * plan.split_len, ke = lmin(n, ks + plan.split_len);
+  const int rows = Hq * Sq, group_rows = G * Sq;
+  float* part = plan.partial + (static_cast<int64_t>(b) * plan.num_splits + split) * rows * (Dp + 2);
+  if (ks >= ke) {  // this split holds no key of sequence b
+    for (int r = 0; r < rows; ++r) {
+      part[static_cast<int64_t>(r) * (Dp + 2) + Dp] = -kInf;
+      part[static_cast<int64_t>(r) * (Dp + 2) + Dp + 1] = 0.0f;
+    }
+    return;
+  }
+  const float* table = p.rope.freqs + b * p.rope.freqs_batch_stride;
+  const bool paged = p.block_table != nullptr;
+  const int32_t* btab = paged ? p.block_table + b * p.block_table_batch_stride : nullptr;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+
+  Bump bump{scratch};
+  const int rows8 = round8(rows);  // scores are kept transposed, St[key][row], rows padded to 8
+  float* Qs = bump.take(static_cast<int64_t>(rows) * Dp);
+  float* O = bump.take(static_cast<int64_t>(rows) * Dp);
+  float* m = bump.take(rows8);
+  float* l = bump.take(rows8);
+  float* alpha = bump.take(rows8);
+  float* lim = bump.take(rows8);
+  float* qcs = bump.take(static_cast<int64_t>(Sq) * cs_stride);
+  float* kcs = bump.take(kDecodeChunk * cs_stride);
+  float* Ks = bump.take(static_cast<int64_t>(Hkv) * kDecodeChunk * Dp);  // [Hkv][chunk][Dp]
+  float* Vs = bump.take(static_cast<int64_t>(Hkv) * kDecodeChunk * Dp);
+  float* St = bump.take(static_cast<int64_t>(kDecodeChunk) * rows8);
+
+  // Queries: rows r = h * Sq + i at positions n - Sq + i.
+  const float scale2 = p.softmax_scale * kLog2e;
+  for (int i = 0; i < Sq; ++i)
+    if (R) cos_sin_row(static_cast<int32_t>(n - Sq + i), table, R / 2, p.rope.attention_factor, cp, qcs + i * cs_stride);
+  for (int h = 0; h < Hq; ++h) {
+    for (int i = 0; i < Sq; ++i) {
+      const int r = h * Sq + i;
+      float* dst = Qs + static_cast<int64_t>(r) * Dp;
+      load_rotate_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, qcs + i * cs_stride, R, cp, il, D, Dp, dst);
+      scale_row(dst, Dp, scale2);
+    }
+  }
+  for (int r = 0; r < rows8; ++r) {
+    m[r] = -kInf;
+    l[r] = 0.0f;
+  }
+  zero_floats(O, static_cast<int64_t>(rows) * Dp);
+  zero_floats(St, static_cast<int64_t>(kDecodeChunk) * rows8);  // padding rows stay finite
+
+  for (int64_t c0 = ks; c0 < ke; c0 += kDecodeChunk) {
+    const int nc = static_cast<int>(lmin(kDecodeChunk, ke - c0));
+    const int w = round8(nc);
+    // cos/sin of this chunk's positions, shared by every KV head.
+    if (R) cos_sin_chunk(static_cast<int32_t>(c0), nc, table, R / 2, p.rope.attention_factor, cp, kcs, cs_stride);
+    // K and V of the chunk for every KV head, key by key: in the [.., S, Hkv, D] cache layout a
+    // key's heads are adjacent, so this walks memory sequentially (head by head would jump
+    // Hkv * D elements per key, defeating the hardware prefetcher: measured 4 vs 7 GB/s).
+    for (int jj = 0; jj < w; ++jj) {
+      const int64_t j = c0 + jj;
+      int64_t k_off = 0, v_off = 0;
+      if (jj < nc) {
+        if (paged) {
+          const int64_t blk = btab[j / p.block_size], t = j % p.block_size;
+          k_off = blk * p.kc_batch_stride + t * p.kc_row_stride;
+          v_off = blk * p.vc_batch_stride + t * p.vc_row_stride;
+        } else {
+          k_off = b * p.kc_batch_stride + j * p.kc_row_stride;
+          v_off = b * p.vc_batch_stride + j * p.vc_row_stride;
+        }
+      }
+      for (int hkv = 0; hkv < Hkv; ++hkv) {
+        float* krow = Ks + (static_cast<int64_t>(hkv) * kDecodeChunk + jj) * Dp;
+        if (jj >= nc) {
+          zero_floats(krow, Dp);
+          continue;
+        }
+        load_rotate_row<DT>(kc + k_off + hkv * p.kc_head_stride, kcs + jj * cs_stride, R, cp, il, D, Dp, krow);
+        load_row<DT>(vc + v_off + hkv * p.vc_head_stride, D, Dp,
+                     Vs + (static_cast<int64_t>(hkv) * kDecodeChunk + jj) * Dp);
+      }
+    }
+    // Scores of every head into St[key][row]: tiles of 4 query rows x 2 keys (6 loads per 8
+    // FMAs) reduced eight at a time; leftover rows one row x 8 keys.
+    for (int hkv = 0; hkv < Hkv; ++hkv) {
+      const float* Kh = Ks + static_cast<int64_t>(hkv) * kDecodeChunk * Dp;
+      const int hr0 = hkv * group_rows;
+      int rr = 0;
+      for (; rr + 4 <= group_rows; rr += 4) {
+        const float* q0 = Qs + static_cast<int64_t>(hr0 + rr) * Dp;
+        for (int jj = 0; jj < w; jj += 2) {
+          V acc[8];
+          for (int t = 0; t < 8; ++t) acc[t] = vzero();
+          const float* k0 = Kh + static_cast<int64_t>(jj) * Dp;
+          for (int d = 0; d < Dp; d += kLanes) {
+            const V kv0 = vload(k0 + d), kv1 = vload(k0 + Dp + d);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; ++r) {
+              const V qv = vload(q0 + r * Dp + d);
+              acc[2 * r] = vfma(qv, kv0, acc[2 * r]);
+              acc[2 * r + 1] = vfma(qv, kv1, acc[2 * r + 1]);
+            }
+          }
+          float sums[8];
+          vstore(sums, hsum8(acc));
+          for (int r = 0; r < 4; ++r) {
+            St[jj * rows8 + hr0 + rr + r] = sums[2 * r];
+            St[(jj + 1) * rows8 + hr0 + rr + r] = sums[2 * r + 1];
+          }
+        }
+      }
+      for (; rr < group_rows; ++rr) {
+        const float* qr = Qs + static_cast<int64_t>(hr0 + rr) * Dp;
+        for (int jj0 = 0; jj0 < w; jj0 += 8) {
+          V acc[8];
+          for (int t = 0; t < 8; ++t) acc[t] = vzero();
+          const float* kb = Kh + static_cast<int64_t>(jj0) * Dp;
+          for (int d = 0; d < Dp; d += kLanes) {
+            const V qv = vload(qr + d);
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; ++t) acc[t] = vfma(qv, vload(kb + t * Dp + d), acc[t]);
+          }
+          float sums[8];
+          vstore(sums, hsum8(acc));
+          for (int t = 0; t < 8; ++t) St[(jj0 + t) * rows8 + hr0 + rr] = sums[t];
+        }
+      }
+    }
+    // One online-softmax step for all rows, eight per vector. Causal with Sq > 1: query i sees
+    // keys j <= n - Sq + i, which cuts into the last chunks only.
+    const bool masked = p.causal && c0 + nc - 1 > n - Sq;
+    if (masked)
+      for (int r = 0; r < rows8; ++r)
+        lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, (n - Sq + r % Sq) - c0 + 1))) : nc;
+    softmax_cols(St, rows8, rows8, nc, masked ? lim : nullptr, m, l, alpha);
+    for (int hkv = 0; hkv < Hkv; ++hkv) {
+      const int hr0 = hkv * group_rows;
+      pv_block(St + hr0, 1, rows8, group_rows, Vs + static_cast<int64_t>(hkv) * kDecodeChunk * Dp, Dp, Dp, nc,
+               O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
+    }
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    float* dst = part + static_cast<int64_t>(r) * (Dp + 2);
+    memcpy(dst, O + static_cast<int64_t>(r) * Dp, static_cast<size_t>(Dp) * sizeof(float));
+    dst[Dp] = m[r];
+    dst[Dp + 1] = l[r];
+  }
+}
+
+void decode_item(const DecodePlan& plan, int64_t item, float* scratch) {
+  switch (plan.dtype) {
+    case DType::kFloat32: decode_item_t<F32>(plan, item, scratch); break;
+    case DType::kBFloat16: decode_item_t<BF16>(plan, item, scratch); break;
+    case DType::kFloat16: decode_item_t<F16>(plan, item, scratch); break;
+  }
+}
+
+// Combine the splits of rows (b, r = h * Sq + i) in [begin, end): weights 2^(m_s - max m), the
+// first split's partial row is the accumulator; splits that saw no key (l = 0) are skipped.
+template <class DT>
+void decode_merge_t(const DecodePlan& plan, int64_t begin, int64_t end) {
+  using T = typename DT::T;
+  const DecodeParams& p = plan.p;
+  const int Sq = p.seqlen_q, D = p.head_dim, Dp = head_dim_pad_of(D);
+  const int64_t rows = static_cast<int64_t>(p.num_heads) * Sq;
+  const int64_t row_len = Dp + 2;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t b = idx / rows, r = idx % rows;
+    const int64_t h = r / Sq, i = r % Sq;
+    float* first = plan.partial + (b * plan.num_splits * rows + r) * row_len;
+    T* dst = static_cast<T*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+    float mx = -kInf;
+    for (int s = 0; s < plan.num_splits; ++s) {
+      const float* part = first + s * rows * row_len;
+      if (part[Dp + 1] > 0.0f) mx = fmax_(mx, part[Dp]);
+    }
+    if (mx == -kInf) {
+      for (int d = 0; d < D; ++d) dst[d] = DT::from_float(0.0f);
+      if (p.lse) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = -kInf;
+      continue;
+    }
+    float total = 0.0f;
+    for (int s = 0; s < plan.num_splits; ++s) {
+      float* part = first + s * rows * row_len;
+      const float ls = part[Dp + 1];
+      const float w = ls > 0.0f ? __builtin_exp2f(part[Dp] - mx) : 0.0f;
+      total += ls * w;
+      if (s == 0) {
+        if (w > 0.0f)
+          scale_row(first, Dp, w);
+        else
+          zero_floats(first, Dp);
+      } else if (w > 0.0f) {
+        const V vw = vset1(w);
+        for (int d = 0; d < Dp; d += kLanes) vstore(first + d, vfma(vload(part + d), vw, vload(first + d)));
+      }
+    }
+    store_row<DT>(dst, first, 1.0f / total, D);
+    if (p.lse) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = finish_lse(mx, total);
+  }
+}
+
+void decode_merge(const DecodePlan& plan, int64_t begin, int64_t end) {
+  switch (plan.dtype) {
+    case DType::kFloat32: decode_merge_t<F32>(plan, begin, end); break;
+    case DType::kBFloat16: decode_merge_t<BF16>(plan, begin, end); break;
+    case DType::kFloat16: decode_merge_t<F16>(plan, begin, end); break;
+  }
+}
+
+// ---------------------------------------------------------------- apply_rope
+int64_t rope_scratch_floats(const RopeJob& job) {
+  return align16(2 * cs_pad_of(job.rope.rotary_dim)) + align16(job.rope.rotary_dim);
+}
+
+template <class DT>
+void rope_rows_t(const RopeJob& job, int64_t begin, int64_t end, float* scratch) {
+  using T = typename DT::T;
+  const RopeParams& rope = job.rope;
+  const int R = rope.rotary_dim, cp = cs_pad_of(R), D = job.head_dim;
+  float* cs = scratch;
+  float* row = scratch + align16(2 * cp);
+  for (int64_t rix = begin; rix < end; ++rix) {
+    const int64_t b = rix / job.seqlen, s = rix % job.seqlen;
+    if (R)
+      cos_sin_row(job.positions[rix], rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, cp, cs);
+    const T* x = static_cast<const T*>(job.x) + b * job.x_batch_stride + s * job.x_row_stride;
+    T* out = static_cast<T*>(job.out) + b * job.o_batch_stride + s * job.o_row_stride;
+    for (int h = 0; h < job.num_heads; ++h) {
+      const T* src = x + h * job.x_head_stride;
+      T* dst = out + h * job.o_head_stride;
+      if (R) {
+        load_row<DT>(src, R, R, row);
+        rotate_row(row, cs, R, cp, rope.interleaved);
+        store_row<DT>(dst, row, 1.0f, R);
+      }
+      // Pass-through channels are copied bit for bit (not through fp32).
+      if (D > R) memcpy(dst + R, src + R, static_cast<size_t>(D - R) * sizeof(T));
+    }
+  }
+}
+
+void rope_rows(const RopeJob& job, int64_t begin, int64_t end, float* scratch) {
+  switch (job.dtype) {
+    case DType::kFloat32: rope_rows_t<F32>(job, begin, end, scratch); break;
+    case DType::kBFloat16: rope_rows_t<BF16>(job, begin, end, scratch); break;
+    case DType::kFloat16: rope_rows_t<F16>(job, begin, end, scratch); break;
+  }
+}
+
+}  // namespace RK_ISA
+
+// The unit's entry points, in namespace ropekern::cpu under the name chosen by the unit.
+extern const Kernels RK_KERNELS_SYMBOL;
+const Kernels RK_KERNELS_SYMBOL = {
+    RK_ISA_NAME,
+    &RK_ISA::cos_sin_rows,
+    &RK_ISA::tiled_scratch_floats,
+    &RK_ISA::tiled_item,
+    &RK_ISA::decode_scratch_floats,
+    &RK_ISA::decode_item,
+    &RK_ISA::decode_merge,
+    &RK_ISA::rope_scratch_floats,
+    &RK_ISA::rope_rows,
+};
+
+}  // namespace cpu
+}  // namespace ropekern

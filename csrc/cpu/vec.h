@@ -1,0 +1,412 @@
+// Eight-lane fp32 vectors for the CPU kernels, in two flavours selected by the including unit:
+//   RK_VEC_AVX2=1  AVX2 + FMA + F16C intrinsics (kernels_avx2.cpp, chosen at run time by cpuid);
+//   otherwise      plain arrays with loops that any compiler vectorises for its baseline ISA
+//                  (SSE2 on x86-64, NEON on aarch64) (kernels_generic.cpp).
+// Everything lives in namespace ropekern::cpu::RK_ISA and is force-inlined, so the two units never
+// share an out-of-line function: a generic caller can never land in AVX2 code on an older CPU.
+// No C++ standard library here for the same reason (its inline templates are shared by name).
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#if RK_VEC_AVX2
+#include <immintrin.h>
+#endif
+
+#ifndef RK_ISA
+#error "define RK_ISA (the per-ISA namespace) before including vec.h"
+#endif
+
+#define RK_INLINE inline __attribute__((always_inline))
+
+namespace ropekern {
+namespace cpu {
+namespace RK_ISA {
+
+constexpr int kLanes = 8;
+constexpr float kInf = __builtin_inff();
+
+RK_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+RK_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+RK_INLINE int imin(int a, int b) { return a < b ? a : b; }
+RK_INLINE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+RK_INLINE int64_t lmax_(int64_t a, int64_t b) { return a > b ? a : b; }
+RK_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
+
+// ---------------------------------------------------------------- scalar dtype conversions
+// bf16 and fp16 are carried as raw uint16_t bits. Rounding is to nearest even, as in c10.
+RK_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+RK_INLINE uint16_t float_to_bf16(float f) {
+  if (f != f) return 0x7FC0;  // quiet NaN, as c10::BFloat16
+  const uint32_t u = float_to_bits(f);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+RK_INLINE float f16_to_float_soft(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7F800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+RK_INLINE uint16_t float_to_f16_soft(float f) {
+  uint32_t x = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u);  // NaN / inf
+  if (x >= 0x477FF000u) return sign | 0x7C00u;                                 // >= 65520 rounds to inf
+  if (x < 0x38800000u) {  // below 2^-14: fp16 subnormal (or zero) in units of 2^-24
+    const float units = bits_to_float(x) * 16777216.0f;  // exact scaling by 2^24
+    return sign | static_cast<uint16_t>(__builtin_nearbyintf(units));  // 1024 becomes the smallest normal
+  }
+  x += 0xFFFu + ((x >> 13) & 1u);  // round the 13 dropped bits to nearest even
+  return sign | static_cast<uint16_t>((x - 0x38000000u) >> 13);  // rebias the exponent 127 -> 15
+}
+
+#if RK_VEC_AVX2
+RK_INLINE float f16_to_float(uint16_t h) { return _cvtsh_ss(h); }
+RK_INLINE uint16_t float_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#else
+RK_INLINE float f16_to_float(uint16_t h) { return f16_to_float_soft(h); }
+RK_INLINE uint16_t float_to_f16(float f) { return float_to_f16_soft(f); }
+#endif
+
+// ---------------------------------------------------------------- the vector type
+#if RK_VEC_AVX2
+struct V {
+  __m256 v;
+};
+RK_INLINE V vzero() { return {_mm256_setzero_ps()}; }
+RK_INLINE V vset1(float x) { return {_mm256_set1_ps(x)}; }
+RK_INLINE V vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+RK_INLINE void vstore(float* p, V a) { _mm256_storeu_ps(p, a.v); }
+RK_INLINE V vbcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
+RK_INLINE V operator+(V a, V b) { return {_mm256_add_ps(a.v, b.v)}; }
+RK_INLINE V operator-(V a, V b) { return {_mm256_sub_ps(a.v, b.v)}; }
+RK_INLINE V operator*(V a, V b) { return {_mm256_mul_ps(a.v, b.v)}; }
+RK_INLINE V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }   // a*b + c
+RK_INLINE V vfms(V a, V b, V c) { return {_mm256_fmsub_ps(a.v, b.v, c.v)}; }   // a*b - c
+RK_INLINE V vmax(V a, V b) { return {_mm256_max_ps(a.v, b.v)}; }
+RK_INLINE V vfloor(V a) { return {_mm256_floor_ps(a.v)}; }
+// Lanes where `a == -inf` become 0, others keep `b` (masked probabilities are selected, never multiplied).
+RK_INLINE V vzero_where_neginf(V a, V b) {
+  return {_mm256_andnot_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(-kInf), _CMP_EQ_OQ), b.v)};
+}
+// (x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...): the partner of each interleaved pair.
+RK_INLINE V vswap_pairs(V a) { return {_mm256_permute_ps(a.v, 0xB1)}; }
+// (a0..a7), (b0..b7) -> lo (a0 b0 a1 b1 a2 b2 a3 b3), hi (a4 b4 ... a7 b7).
+RK_INLINE void vzip(V a, V b, V* lo, V* hi) {
+  const __m256 l = _mm256_unpacklo_ps(a.v, b.v), h = _mm256_unpackhi_ps(a.v, b.v);
+  lo->v = _mm256_permute2f128_ps(l, h, 0x20);
+  hi->v = _mm256_permute2f128_ps(l, h, 0x31);
+}
+// Eight horizontal sums at once: lane i of the result is the sum of a[i].
+RK_INLINE V hsum8(const V* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0].v, a[1].v), t1 = _mm256_hadd_ps(a[2].v, a[3].v);
+  const __m256 t2 = _mm256_hadd_ps(a[4].v, a[5].v), t3 = _mm256_hadd_ps(a[6].v, a[7].v);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return {_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))};
+}
+// In-place 8x8 transpose of rows r[0..7].
+RK_INLINE void transpose8(V* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0].v, r[1].v), t1 = _mm256_unpackhi_ps(r[0].v, r[1].v);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2].v, r[3].v), t3 = _mm256_unpackhi_ps(r[2].v, r[3].v);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4].v, r[5].v), t5 = _mm256_unpackhi_ps(r[4].v, r[5].v);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6].v, r[7].v), t7 = _mm256_unpackhi_ps(r[6].v, r[7].v);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0].v = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1].v = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2].v = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3].v = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4].v = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5].v = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6].v = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7].v = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+RK_INLINE V vload_bf16(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+RK_INLINE void vstore_bf16(uint16_t* p, V a) {
+  const __m256i u = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+RK_INLINE V vload_f16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+RK_INLINE void vstore_f16(uint16_t* p, V a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT));
+}
+// 2^x for x <= 0 (scores minus their running max). x < -126 flushes to 0.
+RK_INLINE V vexp2(V x) {
+  __m256 xc = _mm256_max_ps(x.v, _mm256_set1_ps(-127.0f));
+  const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(xc, n);  // [-0.5, 0.5]
+  __m256 p = _mm256_set1_ps(1.5370710752904415e-04f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339985290542245e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618373587727547e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329014658928e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022647738456726e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471824645996e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  // 2^n by building the exponent field; n = -127 gives the bit pattern of +0, so the result is 0.
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
+}
+// Quadrant selection for vsincos_turns: lanes where (q & bit) != 0.
+RK_INLINE __m256 quadrant_mask(__m256i q, int bit) {
+  const __m256i b = _mm256_set1_epi32(bit);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, b), b));
+}
+RK_INLINE V vselect(__m256 mask, V yes, V no) { return {_mm256_blendv_ps(no.v, yes.v, mask)}; }
+RK_INLINE __m256 vcmp_eq(V a, V b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
+RK_INLINE __m256 vcmp_gt(V a, V b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+RK_INLINE __m256 vor_mask(__m256 a, __m256 b) { return _mm256_or_ps(a, b); }
+// a < b ? yes : no, lane by lane.
+RK_INLINE V vselect_lt(V a, V b, V yes, V no) { return {_mm256_blendv_ps(no.v, yes.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))}; }
+RK_INLINE __m256i vround_to_int(V a) { return _mm256_cvtps_epi32(a.v); }
+RK_INLINE V vneg(V a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
+#else  // ------------------------------------------------------------------ portable fallback
+struct V {
+  float v[kLanes];
+};
+#define RK_LANES for (int i_ = 0; i_ < kLanes; ++i_)
+RK_INLINE V vzero() {
+  V r;
+  RK_LANES r.v[i_] = 0.0f;
+  return r;
+}
+RK_INLINE V vset1(float x) {
+  V r;
+  RK_LANES r.v[i_] = x;
+  return r;
+}
+RK_INLINE V vload(const float* p) {
+  V r;
+  RK_LANES r.v[i_] = p[i_];
+  return r;
+}
+RK_INLINE void vstore(float* p, V a) { RK_LANES p[i_] = a.v[i_]; }
+RK_INLINE V vbcast(const float* p) { return vset1(*p); }
+RK_INLINE V operator+(V a, V b) {
+  RK_LANES a.v[i_] += b.v[i_];
+  return a;
+}
+RK_INLINE V operator-(V a, V b) {
+  RK_LANES a.v[i_] -= b.v[i_];
+  return a;
+}
+RK_INLINE V operator*(V a, V b) {
+  RK_LANES a.v[i_] *= b.v[i_];
+  return a;
+}
+RK_INLINE V vfma(V a, V b, V c) {
+  RK_LANES c.v[i_] += a.v[i_] * b.v[i_];
+  return c;
+}
+RK_INLINE V vfms(V a, V b, V c) {
+  RK_LANES c.v[i_] = a.v[i_] * b.v[i_] - c.v[i_];
+  return c;
+}
+RK_INLINE V vmax(V a, V b) {
+  RK_LANES a.v[i_] = a.v[i_] > b.v[i_] ? a.v[i_] : b.v[i_];
+  return a;
+}
+RK_INLINE V vfloor(V a) {
+  RK_LANES a.v[i_] = __builtin_floorf(a.v[i_]);
+  return a;
+}
+RK_INLINE V vzero_where_neginf(V a, V b) {
+  RK_LANES b.v[i_] = a.v[i_] == -kInf ? 0.0f : b.v[i_];
+  return b;
+}
+RK_INLINE V vswap_pairs(V a) {
+  V r;
+  RK_LANES r.v[i_] = a.v[i_ ^ 1];
+  return r;
+}
+RK_INLINE void vzip(V a, V b, V* lo, V* hi) {
+  for (int i = 0; i < kLanes / 2; ++i) {
+    lo->v[2 * i] = a.v[i];
+    lo->v[2 * i + 1] = b.v[i];
+    hi->v[2 * i] = a.v[i + kLanes / 2];
+    hi->v[2 * i + 1] = b.v[i + kLanes / 2];
+  }
+}
+RK_INLINE float hsum(V a) {
+  float s = 0.0f;
+  RK_LANES s += a.v[i_];
+  return s;
+}
+RK_INLINE V hsum8(const V* a) {
+  V r;
+  RK_LANES r.v[i_] = hsum(a[i_]);
+  return r;
+}
+RK_INLINE void transpose8(V* r) {
+  for (int i = 0; i < kLanes; ++i)
+    for (int j = i + 1; j < kLanes; ++j) {
+      const float t = r[i].v[j];
+      r[i].v[j] = r[j].v[i];
+      r[j].v[i] = t;
+    }
+}
+RK_INLINE V vload_bf16(const uint16_t* p) {
+  V r;
+  RK_LANES r.v[i_] = bf16_to_float(p[i_]);
+  return r;
+}
+RK_INLINE void vstore_bf16(uint16_t* p, V a) { RK_LANES p[i_] = float_to_bf16(a.v[i_]); }
+RK_INLINE V vload_f16(const uint16_t* p) {
+  V r;
+  RK_LANES r.v[i_] = f16_to_float(p[i_]);
+  return r;
+}
+RK_INLINE void vstore_f16(uint16_t* p, V a) { RK_LANES p[i_] = float_to_f16(a.v[i_]); }
+RK_INLINE V vexp2(V x) {
+  V r;
+  RK_LANES {
+    const float xc = x.v[i_] > -127.0f ? x.v[i_] : -127.0f;
+    const float n = __builtin_nearbyintf(xc);
+    const float f = xc - n;
+    float p = 1.5370710752904415e-04f;
+    p = p * f + 1.339985290542245e-03f;
+    p = p * f + 9.618373587727547e-03f;
+    p = p * f + 5.550329014658928e-02f;
+    p = p * f + 2.4022647738456726e-01f;
+    p = p * f + 6.931471824645996e-01f;
+    p = p * f + 1.0f;
+    r.v[i_] = p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  }
+  return r;
+}
+struct Mask {
+  bool m[kLanes];
+};
+struct IntV {
+  int32_t v[kLanes];
+};
+RK_INLINE Mask quadrant_mask(IntV q, int bit) {
+  Mask r;
+  RK_LANES r.m[i_] = (q.v[i_] & bit) != 0;
+  return r;
+}
+RK_INLINE V vselect(Mask mask, V yes, V no) {
+  RK_LANES no.v[i_] = mask.m[i_] ? yes.v[i_] : no.v[i_];
+  return no;
+}
+RK_INLINE Mask vcmp_eq(V a, V b) {
+  Mask r;
+  RK_LANES r.m[i_] = a.v[i_] == b.v[i_];
+  return r;
+}
+RK_INLINE Mask vcmp_gt(V a, V b) {
+  Mask r;
+  RK_LANES r.m[i_] = a.v[i_] > b.v[i_];
+  return r;
+}
+RK_INLINE Mask vor_mask(Mask a, Mask b) {
+  RK_LANES a.m[i_] = a.m[i_] || b.m[i_];
+  return a;
+}
+RK_INLINE V vselect_lt(V a, V b, V yes, V no) {
+  RK_LANES no.v[i_] = a.v[i_] < b.v[i_] ? yes.v[i_] : no.v[i_];
+  return no;
+}
+RK_INLINE IntV vround_to_int(V a) {
+  IntV r;
+  RK_LANES r.v[i_] = static_cast<int32_t>(__builtin_nearbyintf(a.v[i_]));
+  return r;
+}
+RK_INLINE V vneg(V a) {
+  RK_LANES a.v[i_] = -a.v[i_];
+  return a;
+}
+#undef RK_LANES
+#endif
+
+// sin and cos of 2*pi*t for t in turns, |t| <= 0.5 (already reduced by angle_turns).
+// The quadrant q = round(4t) is removed exactly (t - q/4 is exact in fp32), the remainder
+// r in [-1/8, 1/8] turn becomes x = 2*pi*r (one rounding, as the scalar header's t * 2*pi), and
+// minimax polynomials on [-pi/4, pi/4] (max error 4e-9 before fp32 rounding) give sin and cos.
+RK_INLINE void vsincos_turns(V t, V* s_out, V* c_out) {
+  const V q4 = t * vset1(4.0f);
+  const auto qi = vround_to_int(q4);
+  V qf;
+#if RK_VEC_AVX2
+  qf.v = _mm256_cvtepi32_ps(qi);
+#else
+  for (int i = 0; i < kLanes; ++i) qf.v[i] = static_cast<float>(qi.v[i]);
+#endif
+  const V r = t - qf * vset1(0.25f);
+  const V x = r * vset1(6.28318530717958647692f);
+  const V x2 = x * x;
+  V sp = vfma(vset1(-1.949347642948851e-04f), x2, vset1(8.331958204507828e-03f));
+  sp = vfma(sp, x2, vset1(-1.6666650772094727e-01f));
+  const V s = vfma(sp * x2, x, x);
+  V cp = vfma(vset1(2.4435832528979518e-05f), x2, vset1(-1.388734090141952e-03f));
+  cp = vfma(cp, x2, vset1(4.166664555668831e-02f));
+  const V c = vfma(cp * x2, x2, vfma(vset1(-0.5f), x2, vset1(1.0f)));
+  // Quadrant q (mod 4): sin(2pi t) = (s, c, -s, -c)[q], cos(2pi t) = (c, -s, -c, s)[q].
+  const auto odd = quadrant_mask(qi, 1);
+  V sin_v = vselect(odd, c, s);
+  V cos_v = vselect(odd, s, c);
+  sin_v = vselect(quadrant_mask(qi, 2), vneg(sin_v), sin_v);
+#if RK_VEC_AVX2
+  const __m256i q1 = _mm256_add_epi32(qi, _mm256_set1_epi32(1));
+#else
+  IntV q1;
+  for (int i = 0; i < kLanes; ++i) q1.v[i] = qi.v[i] + 1;
+#endif
+  cos_v = vselect(quadrant_mask(q1, 2), vneg(cos_v), cos_v);
+  *s_out = sin_v;
+  *c_out = cos_v;
+}
+
+// ---------------------------------------------------------------- element types
+// Tag types: how one input element is loaded into / stored from fp32.
+struct F32 {
+  using T = float;
+  static RK_INLINE V load8(const T* p) { return vload(p); }
+  static RK_INLINE void store8(T* p, V a) { vstore(p, a); }
+  static RK_INLINE float to_float(T x) { return x; }
+  static RK_INLINE T from_float(float x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static RK_INLINE V load8(const T* p) { return vload_bf16(p); }
+  static RK_INLINE void store8(T* p, V a) { vstore_bf16(p, a); }
+  static RK_INLINE float to_float(T x) { return bf16_to_float(x); }
+  static RK_INLINE T from_float(float x) { return float_to_bf16(x); }
+};
+struct F16 {
+  using T = uint16_t;
+  static RK_INLINE V load8(const T* p) { return vload_f16(p); }
+  static RK_INLINE void store8(T* p, V a) { vstore_f16(p, a); }
+  static RK_INLINE float to_float(T x) { return f16_to_float(x); }
+  static RK_INLINE T from_float(float x) { return float_to_f16(x); }
+};
+
+}  // namespace RK_ISA
+}  // namespace cpu
+}  // namespace ropekern

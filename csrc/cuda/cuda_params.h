@@ -1,0 +1,34 @@
+// Parameter structs of the CUDA kernels beyond the shared ones in ropekern/params.h. Kept here,
+// not in params.h, because only the CUDA path needs them: the split-K workspace of the decode
+// kernel and the standalone apply_rope op.
+#pragma once
+
+#include <stdint.h>
+
+#include "ropekern/params.h"
+
+namespace ropekern {
+namespace cuda {
+
+// rope_attention_with_kvcache on the GPU: the shared DecodeParams plus the split-K workspace.
+struct CacheParams {
+  DecodeParams p;
+  int max_seqlen_k = 0;          // cache capacity per sequence (dense: Smax; paged: max_blocks * block_size)
+  float* out_accum = nullptr;    // [num_splits, B, Hq, Sq, D] fp32, each split normalised by its own sum
+  float* lse_accum = nullptr;    // [num_splits, B, Hq, Sq]; -inf for a split that saw no key
+};
+
+// apply_rope: x [B, S, H, D] (a packed [T, H, D] input is passed as B = 1); out is contiguous.
+struct RopeApplyParams {
+  const void* x = nullptr;
+  void* out = nullptr;
+  int64_t x_batch_stride = 0, x_row_stride = 0, x_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  const int32_t* positions = nullptr;  // [B, S]
+  int64_t pos_batch_stride = 0;
+  int batch = 0, seqlen = 0, num_heads = 0, head_dim = 0;
+  RopeParams rope;  // freqs_batch_stride != 0: one table per batch row
+};
+
+}  // namespace cuda
+}  // namespace ropekern

@@ -1,0 +1,132 @@
+"""The ``cuda`` backend: the hand-written CUDA kernels of ``csrc/cuda`` behind ``torch.ops.ropekern``.
+
+The kernels are registered for the CUDA dispatch key of the ops that ``csrc/bindings.cpp``
+defines (``fwd``, ``fwd_kvcache``, ``apply_rope``); they exist when ``ropekern._C`` was built as a
+CUDA extension (``setup.py``: nvcc and a CUDA build of torch, or ``ROPEKERN_BUILD_CUDA=1``).
+This module packs a validated call (``ropekern._validation``) into the op arguments and states,
+per call, what the kernels cannot serve so that ``backend="auto"`` falls back to Triton.
+
+What the kernels serve: CUDA tensors on compute capability 8.0+, float16 / bfloat16 (``apply_rope``
+also float32), head dims 64 / 128 / 256, q / k / v / caches 16-byte aligned with batch, row and
+head strides that are multiples of 8 elements (cp.async moves 16-byte chunks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# One argument packer for both native backends: the CUDA kernels are registered for the same
+# op schemas (csrc/bindings.cpp) as the CPU ones.
+from ._native import attention_args, kvcache_args, rope_args
+
+__all__ = ["backend", "CudaBackend", "attention_args", "kvcache_args", "rope_args", "HEAD_DIMS"]
+
+HEAD_DIMS = (64, 128, 256)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+ROPE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# CUDA grid limits: query heads and sequences index grid.y / grid.z (prefill), batch * kv heads
+# indexes grid.z (cache kernel).
+_GRID_YZ = 65535
+
+
+def _has_cuda_kernels() -> bool:
+    """True when a CUDA implementation of ``ropekern::fwd`` is registered."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("ropekern::fwd", "CUDA"))
+    except RuntimeError:  # the op itself is not registered
+        return False
+
+
+def _aligned_reason(name: str, t: torch.Tensor) -> str | None:
+    """cp.async moves 16-byte chunks: base address 16-byte aligned, leading strides multiples of 8."""
+    if t.numel() == 0:
+        return None
+    if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+        return (
+            f"`{name}` is not 16-byte aligned with strides that are multiples of 8 elements "
+            f"(strides {t.stride()}, storage offset {t.storage_offset()}); pass it as .contiguous()"
+        )
+    return None
+
+
+def _device_reason(t: torch.Tensor) -> str | None:
+    if t.device.type != "cuda":
+        return f"tensors on {t.device} (the cuda backend runs on CUDA tensors)"
+    major, minor = torch.cuda.get_device_capability(t.device)
+    if major < 8:
+        return f"compute capability {major}.{minor}; the CUDA kernels need 8.0+ (mma.sync bf16, cp.async)"
+    return None
+
+
+def attention_reason(q: torch.Tensor, head_dim: int, named: dict[str, torch.Tensor]) -> str | None:
+    """Why the attention kernels cannot take these tensors (device not checked), or None."""
+    if q.dtype not in ATTENTION_DTYPES:
+        return f"dtype {q.dtype}; the CUDA attention kernels take float16 or bfloat16"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} has no CUDA kernel (compiled: {', '.join(map(str, HEAD_DIMS))})"
+    for name, t in named.items():
+        why = _aligned_reason(name, t)
+        if why:
+            return why
+    return None
+
+
+class CudaBackend:
+    """Backend object for ``ropekern.ops`` (see the module docstring for what it serves)."""
+
+    name = "cuda"
+
+    def unavailable(self) -> str | None:
+        try:
+            import ropekern._C  # noqa: F401  (registers the ops and, in a CUDA build, their kernels)
+        except ImportError as exc:
+            return f"the native extension ropekern._C is not built ({exc})"
+        if not _has_cuda_kernels():
+            return (
+                "ropekern._C was built without CUDA kernels (build with nvcc and a CUDA build of torch, "
+                "or ROPEKERN_BUILD_CUDA=1)"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def check_attention(self, call: Any) -> str | None:
+        why = _device_reason(call.q)
+        if why:
+            return why
+        hq = call.q.shape[-2]
+        if hq > _GRID_YZ or call.batch > _GRID_YZ:
+            return f"{hq} query heads / {call.batch} sequences exceed the CUDA grid limit of {_GRID_YZ}"
+        return attention_reason(call.q, call.q.shape[-1], {"q": call.q, "k": call.k, "v": call.v})
+
+    def attention(self, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.ropekern.fwd(*attention_args(call))
+
+    def check_kvcache(self, call: Any) -> str | None:
+        why = _device_reason(call.q)
+        if why:
+            return why
+        if call.q.shape[0] * call.k_cache.shape[2] > _GRID_YZ:
+            return f"batch * kv heads exceeds the CUDA grid limit of {_GRID_YZ}"
+        named = {"q": call.q, "k_cache": call.k_cache, "v_cache": call.v_cache}
+        return attention_reason(call.q, call.q.shape[-1], named)
+
+    def kvcache(self, call: Any, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_splits``: split-K partitions of the cache; 0 lets the launcher choose."""
+        return torch.ops.ropekern.fwd_kvcache(*kvcache_args(call, num_splits))
+
+    def check_rope(self, call: Any) -> str | None:
+        why = _device_reason(call.x)
+        if why:
+            return why
+        if call.x.dtype not in ROPE_DTYPES:
+            return f"dtype {call.x.dtype}; apply_rope on CUDA takes float16, bfloat16 or float32"
+        return None
+
+    def rope(self, call: Any) -> torch.Tensor:
+        return torch.ops.ropekern.apply_rope(*rope_args(call))
+
+
+backend = CudaBackend()

@@ -1,0 +1,141 @@
+"""Compile the Triton kernels for a GPU architecture on a machine without a GPU.
+
+The interpreter (CI) executes kernels but never runs the GPU compiler, which rejects things the
+interpreter accepts (non-constexpr globals, dot operands < 16, type mismatches across constexpr
+branches). This module compiles through Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
+cubin with the ptxas bundled in the triton wheel) and reads the cubin's resource usage::
+
+    python -m ropekern._triton.aot --arch 90 --dtype bf16 --head-dim 128 --block 128 64 8 3
+
+prints ``registers``, ``local`` (bytes of spill per thread) and ``shared`` (bytes per block).
+It must run without ``TRITON_INTERPRET=1`` (under the interpreter kernels are not compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention, rope
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def _require_compiler() -> None:
+    if attention._INTERPRET:
+        raise RuntimeError("unset TRITON_INTERPRET: under the interpreter kernels are not compiled")
+
+
+def _usage(kernel) -> dict[str, int]:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "local": int(local.group(1)) if local else -1,
+        "shared": kernel.metadata.shared,
+    }
+
+
+def compile_attention(
+    arch: int,
+    dtype: str = "bf16",
+    head_dim: int = 128,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    causal: bool = True,
+    varlen: bool = False,
+    group: int = 1,
+    block: tuple[int, int, int, int] = (128, 64, 4, 3),
+    rotate: bool = True,
+) -> dict[str, int]:
+    """Compile the fused forward for ``sm_<arch>``; ``dtype`` in fp16/bf16/fp32; ``block`` is
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. Returns registers / local / shared."""
+    r = head_dim if rotary_dim is None else rotary_dim
+    bm, bn, warps, stages = block
+    constexprs = dict(
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=_pow2(head_dim), HALF=r // 2, HALF_P=_pow2(r // 2),
+        PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 0, INTERLEAVED=interleaved,
+        ROTATE=rotate, CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+        UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
+    )  # fmt: skip
+    fn = attention._rope_attn_fwd.fn
+    pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": "fp32", "QPos": "i32", "KPos": "i32"}
+    pointers.update({"Split": "fp32", "CuQ": "i32", "CuK": "i32"})
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "attention_factor") else "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return _usage(kernel)
+
+
+def compile_rope(
+    arch: int, dtype: str = "bf16", head_dim: int = 128, rotary_dim: int | None = None, interleaved: bool = False
+) -> dict[str, int]:
+    """Compile the standalone apply_rope kernel for ``sm_<arch>`` (block as ``rope.forward`` picks on GPUs)."""
+    _require_compiler()
+    r = head_dim if rotary_dim is None else rotary_dim
+    half_p = _pow2(r // 2)
+    constexprs = dict(
+        HALF=r // 2, HALF_P=half_p, PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 16,
+        INTERLEAVED=interleaved, BLOCK_S=max(16, min(128, 2048 // half_p)),
+    )  # fmt: skip
+    fn = rope._apply_rope_kernel
+    pointers = {"X": dtype, "Out": dtype, "Pos": "i32", "Split": "fp32"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name == "attention_factor" else "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return _usage(triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100)")
+    p.add_argument("--dtype", default="bf16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--rotary-dim", type=int, default=None)
+    p.add_argument("--interleaved", action="store_true")
+    p.add_argument("--group", type=int, default=1, help="query heads per key/value head")
+    p.add_argument("--block", type=int, nargs=4, default=(128, 64, 4, 3), metavar=("M", "N", "WARPS", "STAGES"))
+    p.add_argument("--no-rotate", action="store_true", help="the RoPE-off variant")
+    p.add_argument("--rope", action="store_true", help="compile the apply_rope kernel instead")
+    a = p.parse_args(argv)
+    if a.rope:
+        usage = compile_rope(a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved)
+    else:
+        usage = compile_attention(
+            a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, group=a.group, block=tuple(a.block),
+            rotate=not a.no_rotate,
+        )  # fmt: skip
+    print(" ".join(f"{k}={v}" for k, v in usage.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

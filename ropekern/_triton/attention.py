@@ -1,0 +1,465 @@
+"""Triton fused scaled-RoPE + FlashAttention-2 forward (DESIGN §2, §4; issue 3).
+
+One kernel serves every rope type, both layouts and both pair conventions. It takes **un-rotated**
+q, k, v: the Q tile is rotated once after it loads, each K tile right after it loads, in fp32
+registers with the accurate angle of ``rope_math.rope_cos_sin``; V is never rotated. A K tile whose
+positions are consecutive (default positions) gets its cos/sin by angle addition from one accurate
+row and a per-program step table (``rope_tile.tile_cos_sin``): the per-element trigonometry is what
+the rotation costs, and each K tile is rotated once per query tile. Scaling laws reach the kernel
+only as the host split table ``[nT, 3, R/2]`` (batch stride 0 when shared), so a new law needs no
+new kernel.
+
+Tiling. A program owns ``BLOCK_M`` rows of one (sequence, kv head): row ``r`` is query
+``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, i.e. the GQA group is folded into M,
+so each K/V tile (and its rotation) is loaded once for the whole group. Keys are visited in two
+phases: blocks that every row sees (no masks at all), then the causal diagonal / ragged tail with
+masks. q·k is the sum of three partial dots over the rotary halves and the pass-through block
+(see ``rope_tile``), so no in-register permute is needed for either pair layout.
+
+Outputs: ``out`` like q (contiguous) and the natural-log LSE in fp32, which is what a
+FlashAttention-2 backward needs besides the inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .rope_tile import load_2d, load_pairs, load_pass, load_rotary, rotate_pairs, step_table, tile_cos_sin
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535  # CUDA limit of grid dimensions y and z
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Starting points taken from the shapes public FA2
+# Triton kernels use on these parts, pruned per call (shared memory, registers). All compile for
+# sm_80 / sm_90 without spills at D = 128 bf16 (``aot.py``); none has been timed (no GPU in this
+# session). (64, 32, 4, 1) is the fallback: <= 107 KB of shared memory even for fp32 at D = 256.
+_AMPERE = ((128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1))
+_HOPPER = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 1))
+# Under the interpreter every tile step is ~1000 Python-level ops (~40 ms): 32 x 32 tiles keep the
+# test shapes (<= 129 tokens) on several blocks, so ragged tails, both key phases and GQA groups
+# split across tiles are exercised, at a quarter of the iterations of 16 x 16.
+_INTERPRETER = ((32, 32, 4, 1),)
+
+
+def _configs() -> list[triton.Config]:
+    shapes = _INTERPRETER if _INTERPRET else tuple(dict.fromkeys(_AMPERE + _HOPPER))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def select_configs(
+    configs: list[triton.Config], major: int, smem_limit: int, elem_size: int, head_dim_p: int, k_cols: int
+) -> list[triton.Config]:
+    """The configs of this GPU generation (``major`` 9+: Hopper list, else Ampere) that fit
+    ``smem_limit`` bytes of shared memory and the register file, for a padded head of
+    ``head_dim_p`` (V / accumulator) and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns."""
+    family = set(_HOPPER if major >= 9 else _AMPERE)
+    keep = []
+    for c in configs:
+        bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        if (bm, bn, w, s) not in family:
+            continue
+        # Shared memory: one K and one V tile is a lower bound. Compiled for sm_80/sm_90 with D = 128
+        # bf16, Triton allocated 0.75-1.5x of it whatever num_stages (24-66 KB): K passes through
+        # registers to be rotated, so only part of the loads are multi-buffered. Configs that
+        # still do not fit fail at launch with OutOfResources, which the autotuner skips.
+        smem = bn * (k_cols + head_dim_p) * elem_size
+        # The fp32 accumulator and the rotated Q tile stay in registers for the whole key loop.
+        # Compiled for sm_80/sm_90 (ptxas, no GPU), D = 128 bf16 at 128 x 64 x 4 warps (192 by this
+        # estimate) uses 255 registers with no spill; D = 256 at 4 warps (384) cannot fit.
+        regs = bm * (head_dim_p + k_cols * elem_size // 4) // (32 * w)
+        if smem <= smem_limit and regs <= 192:
+            keep.append(c)
+    if not keep:  # (64, 32, 4, 1) is in both families and is the smallest
+        keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return keep
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner hook: ``select_configs`` for the device of ``Q`` and this call's head layout."""
+    q = named_args["Q"]
+    major = torch.cuda.get_device_capability(q.device)[0]
+    props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
+    k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
+    return select_configs(configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter multiplies bf16 as raw uint16 bits: compute in fp32 there (same rounded
+    # inputs, so the result matches the GPU's fp32-accumulated bf16 MMA up to summation order).
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def _attn_keys(
+    acc,
+    l_i,
+    m_i,
+    q1,
+    q2,
+    qp,
+    qi,
+    k_base,
+    v_base,
+    kpos_base,
+    split,
+    step_cos,
+    step_sin,
+    attention_factor,
+    qk_scale,
+    k_start,
+    sk,
+    causal_offset,
+    lo,
+    hi,
+    stride_ks,
+    stride_vs,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    PASS: tl.constexpr,
+    PASS_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online softmax over key blocks ``[lo, hi)``; ``MASKED`` blocks may be ragged or causal."""
+    d = tl.arange(0, HEAD_DIM_P)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < sk
+        cols64 = (k_start + cols).to(tl.int64)
+        k_rows = k_base + cols64 * stride_ks
+        if MASKED:
+            kpos = tl.load(kpos_base + cols, mask=col_ok, other=0)
+        else:
+            kpos = tl.load(kpos_base + cols)
+        k1, k2 = load_pairs(k_rows, col_ok, HALF, HALF_P, INTERLEAVED, MASKED)
+        if ROTATE:
+            cos, sin = tile_cos_sin(kpos, col_ok, split, step_cos, step_sin, attention_factor, HALF, HALF_P, BLOCK_N)
+            r1, r2 = rotate_pairs(k1, k2, cos, sin)
+            k1 = r1.to(k1.dtype)
+            k2 = r2.to(k2.dtype)
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s = _dot(q1, tl.trans(k1), s, DOT_PREC, UPCAST)
+        s = _dot(q2, tl.trans(k2), s, DOT_PREC, UPCAST)
+        if PASS > 0:
+            kp = load_pass(k_rows, col_ok, 2 * HALF, PASS, PASS_P, MASKED)
+            s = _dot(qp, tl.trans(kp), s, DOT_PREC, UPCAST)
+        s = s * qk_scale
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= qi[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        if MASKED:
+            p = tl.where(keep, p, 0.0)  # select, never multiply: NaN in a masked slot must not leak
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_2d(
+            v_base + cols64[:, None] * stride_vs + d[None, :], col_ok, d < HEAD_DIM, MASKED, HEAD_DIM != HEAD_DIM_P
+        )
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=[
+        "HEAD_DIM_P",
+        "HALF_P",
+        "PASS_P",
+        "GROUP",
+        "INTERLEAVED",
+        "ROTATE",
+        "CAUSAL",
+        "VARLEN",
+        "Q_BUCKET",
+        "K_BUCKET",
+    ],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit(do_not_specialize=["Q_BUCKET", "K_BUCKET", "seqlen_q", "seqlen_k"])
+def _rope_attn_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    QPos,
+    KPos,
+    Split,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_qpb,
+    stride_kpb,
+    stride_tb,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,
+    attention_factor,
+    Q_BUCKET,
+    K_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    PASS: tl.constexpr,
+    PASS_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Heaviest (causal: last) query blocks first, so the tail of the grid is short blocks.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    hkv = tl.program_id(1)
+    b = tl.program_id(2)
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        sq = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        sk = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        sq = seqlen_q
+        k_start = 0
+        sk = seqlen_k
+    r0 = pid_m * BLOCK_M
+    if r0 >= sq * GROUP:
+        return
+
+    rows = r0 + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    head64 = (hkv * GROUP + rows % GROUP).to(tl.int64)
+    row_ok = qi < sq
+    b64 = b.to(tl.int64)
+    tok64 = (q_start + qi).to(tl.int64)
+    # int64 offsets: B·S·H·D passes 2**31 at e.g. 128K tokens x 32 heads x 128 (or any packed qkv).
+    q_rows = Q + b64 * stride_qb + tok64 * stride_qs + head64 * stride_qh
+    q_pos = tl.load(QPos + b64 * stride_qpb + q_start + qi, mask=row_ok, other=0)
+    split = Split + b * stride_tb
+    q1, q2 = load_rotary(q_rows, row_ok, q_pos, split, attention_factor, HALF, HALF_P, INTERLEAVED, ROTATE, True)
+    if PASS > 0:
+        qp = load_pass(q_rows, row_ok, 2 * HALF, PASS, PASS_P, True)
+    else:
+        qp = q1  # never read: PASS == 0 compiles the third dot out
+
+    causal_offset = sk - sq  # bottom-right alignment: query i sees key j iff j <= i + Sk - Sq
+    if CAUSAL:
+        i_lo = r0 // GROUP
+        i_hi = tl.minimum((r0 + BLOCK_M - 1) // GROUP, sq - 1)
+        hi = tl.maximum(tl.minimum(sk, i_hi + causal_offset + 1), 0)
+        full = tl.maximum(tl.minimum(sk, i_lo + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = sk
+        full = sk // BLOCK_N * BLOCK_N
+
+    hkv64 = hkv.to(tl.int64)
+    k_base = K + b64 * stride_kb + hkv64 * stride_kh
+    v_base = V + b64 * stride_vb + hkv64 * stride_vh
+    kpos_base = KPos + b64 * stride_kpb + k_start
+
+    if ROTATE:
+        step_cos, step_sin = step_table(split, HALF, HALF_P, BLOCK_N)
+    else:
+        step_cos = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)  # unused: rotation compiled out
+        step_sin = step_cos
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    acc, l_i, m_i = _attn_keys(
+        acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
+        qk_scale, k_start, sk, causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P,
+        PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_keys(
+        acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
+        qk_scale, k_start, sk, causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P,
+        PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+    # Rows that saw no key (causal with Sq > Sk, or an empty key sequence): zeros and LSE -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
+    d = tl.arange(0, HEAD_DIM_P)
+    o_rows = Out + b64 * stride_ob + tok64 * stride_os + head64 * stride_oh
+    tl.store(o_rows[:, None] + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+    tl.store(Lse + b64 * stride_lb + head64 * stride_lh + tok64, lse, mask=row_ok)
+
+
+def _pow2(n: int) -> int:
+    """Padded block width: a power of two >= 16 (the smallest tl.dot operand dimension on GPUs)."""
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    split: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    attention_factor: float,
+    rotary_dim: int,
+    interleaved: bool,
+    causal: bool,
+    rotate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel on validated inputs.
+
+    Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, S]`` (last stride 1,
+    batch stride may be 0). Varlen: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, positions ``[T]``,
+    ``cu_seqlens_*`` int32 ``[B + 1]``. ``split`` float32 ``[nT, 3, R/2]`` with nT in {1, B}.
+    Returns ``out`` (contiguous, q's shape and dtype) and LSE float32 ``[B, Hq, Sq]`` / ``[Hq, Tq]``.
+    """
+    varlen = cu_seqlens_q is not None
+    d = q.shape[-1]
+    hq, hkv = q.shape[-2], k.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
+        sb = (0, 0, 0, 0)
+        sq_k_o = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0))
+        so_h, sl = out.stride(1), (0, lse.stride(0))
+        spos = (0, 0)
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    else:
+        batch = q.shape[0]
+        lse = torch.empty((batch, hq, q.shape[1]), dtype=torch.float32, device=q.device)
+        sb = (q.stride(0), k.stride(0), v.stride(0), out.stride(0))
+        sq_k_o = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1))
+        so_h, sl = out.stride(2), (lse.stride(0), lse.stride(1))
+        if q_positions.shape[-1] > 1 and q_positions.stride(-1) != 1:
+            q_positions = q_positions.contiguous()
+        if k_positions.shape[-1] > 1 and k_positions.stride(-1) != 1:
+            k_positions = k_positions.contiguous()
+        spos = (q_positions.stride(0), k_positions.stride(0))
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+        max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
+    if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    if max_seqlen_k == 0 or k.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    split = split.contiguous()
+    stride_tb = split.stride(0) if split.shape[0] > 1 else 0
+    half = rotary_dim // 2
+    group = hq // hkv
+    dummy = q_positions  # stands in for the cu_seqlens pointers of the dense layout (never read)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q * group, meta["BLOCK_M"]), hkv, batch)
+
+    _rope_attn_fwd[grid](
+        q, k, v, out, lse, q_positions, k_positions, split,
+        cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
+        sb[0], sq_k_o[0], sq_k_o[1],
+        sb[1], sq_k_o[2], sq_k_o[3],
+        sb[2], sq_k_o[4], sq_k_o[5],
+        sb[3], sq_k_o[6], so_h,
+        sl[0], sl[1],
+        spos[0], spos[1], stride_tb,
+        seqlen_q, seqlen_k,
+        softmax_scale * _LOG2E, attention_factor,
+        triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
+        GROUP=group, HEAD_DIM=d, HEAD_DIM_P=_pow2(d), HALF=half, HALF_P=_pow2(half),
+        PASS=d - rotary_dim, PASS_P=_pow2(d - rotary_dim) if d > rotary_dim else 0,
+        INTERLEAVED=interleaved, ROTATE=rotate, CAUSAL=causal, VARLEN=varlen,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return out, lse
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check(call) -> str | None:
+    """None when the kernel supports the validated ``AttentionCall``, else the reason."""
+    if call.q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
+    d = call.q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    hkv = call.k.shape[-2]
+    if hkv > _MAX_GRID_YZ or call.batch > _MAX_GRID_YZ:
+        return f"batch ({call.batch}) and key/value heads ({hkv}) must each be <= {_MAX_GRID_YZ}"
+    return None
+
+
+def run(call) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` for a validated ``AttentionCall``, through the registered torch op."""
+    from .ops import attention_fwd
+
+    _, split = call.tables()
+    return attention_fwd(
+        call.q,
+        call.k,
+        call.v,
+        call.q_positions,
+        call.k_positions,
+        split,
+        call.cu_seqlens_q,
+        call.cu_seqlens_k,
+        call.max_seqlen_q,
+        call.max_seqlen_k,
+        call.softmax_scale,
+        call.rope.attention_factor,
+        call.rope.rotary_dim,
+        call.rope.interleaved,
+        call.causal,
+        call.rotate,
+    )

@@ -1,0 +1,555 @@
+"""KV-cache decode with RoPE on read (the ``triton`` backend's ``kvcache`` op, DESIGN §1–§2).
+
+The cache holds **un-rotated** keys. Each call
+
+1. appends ``k_new``/``v_new`` in place at ``cache_seqlens`` (``_append_kernel``, dense or paged);
+2. attends the last Sq tokens of every sequence to its ``n = cache_seqlens + S_new`` keys
+   (``_decode_kernel``), rotating every key as it is loaded with the table of *that sequence's
+   current n* (``split [B, 3, R/2]`` for dynamic NTK / LongRoPE, ``[1, 3, R/2]`` otherwise). This is
+   identical to recomputing the whole prefix, which is why length-dependent scaling stays exact;
+3. with split-K (flash-decoding), merges the partial results by their LSE (``_merge_kernel``).
+
+One program owns one (sequence, KV head, block of query rows, key split). Its M rows are the
+GQA group's G query heads times the Sq queries (row ``m = i * G + g``, padded to >= 16), so each
+K/V tile is read once per group, not once per query head.
+
+Rotation cost. A K tile of BLOCK_N keys needs cos/sin for BLOCK_N x R/2 angles. Computing each
+with the accurate-angle scheme (``rope_math.angle_turns``, ~25 fp32 ops) plus cos and sin would
+cost ~30 ops per pair: about 10 ops per byte of fp16 K/V, the whole fp32 budget of an H100 at
+full HBM bandwidth. Instead the kernel uses ``R(base + j) = R(base) R(j)``: the table for the
+offsets ``j < BLOCK_N`` is computed once per program, and per tile only the R/2 angles of the tile
+start ``base`` are formed, applied to the (small) Q tile as ``R(-base)``. The K tile then costs
+4 fp32 ops per pair. Both angles come from ``angle_turns`` (exact below 2**24), and the extra
+rounding of the composition is within the DESIGN §4 budget (2e-6): the composed cos/sin of these
+device functions are within 6.2e-7 of fp64 at positions near 0, 2**20 and 2**24 (D 64 and 128,
+bases 1e4 and 1e6; ``tests/test_triton_decode.py::test_composed_angles_accurate``, interpreter).
+
+Numerics: rotation, scores, online softmax and accumulation in fp32; Q and K are cast back to
+the I/O dtype after rotation for the fp16/bf16 tensor-core dots (fp32 I/O uses IEEE fp32 dots,
+never TF32). Masked probabilities are *selected* to zero, and slots at or past n are never loaded
+(nor their block-table entries), so NaN in unused cache slots or garbage in unused block-table
+entries cannot leak. All memory offsets are int64.
+
+Performance: no GPU was available while this was written; the tile sizes below are a reasoned,
+untimed heuristic (see ``_config``) and the kernel has only run under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .rope_math import TWO_PI, angle_turns
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+# A split should stream at least this many keys: below it the partial write + merge pass costs
+# more than the extra parallelism gains (FlashDecoding uses splits of >= 256 keys for the same reason).
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, x)))
+
+
+# ---------------------------------------------------------------------------------- kernels
+@triton.jit
+def _append_kernel(
+    KNEW,
+    VNEW,
+    KC,
+    VC,
+    SEQLENS,
+    TABLE,
+    S_NEW,
+    HKV,
+    stride_nb,
+    stride_ns,
+    stride_nh,
+    stride_vnb,
+    stride_vns,
+    stride_vnh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PAGED: tl.constexpr,
+    LOG2_BS: tl.constexpr,
+):
+    """Copy token s of sequence b (program (b * S_NEW + s, head block)) into slot cache_seqlens[b] + s."""
+    pid = tl.program_id(0)
+    b = pid // S_NEW
+    s = pid % S_NEW
+    b64 = b.to(tl.int64)
+    t = tl.load(SEQLENS + b) + s
+    if PAGED:
+        blk = tl.load(TABLE + b64 * stride_tb + (t >> LOG2_BS)).to(tl.int64)
+        slot = (t & ((1 << LOG2_BS) - 1)).to(tl.int64)
+        k_dst = KC + blk * stride_kb + slot * stride_ks
+        v_dst = VC + blk * stride_vb + slot * stride_vs
+    else:
+        k_dst = KC + b64 * stride_kb + t.to(tl.int64) * stride_ks
+        v_dst = VC + b64 * stride_vb + t.to(tl.int64) * stride_vs
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, DP)
+    mask = (heads < HKV)[:, None] & (d < D)[None, :]
+    h64 = heads.to(tl.int64)[:, None]
+    k = tl.load(KNEW + b64 * stride_nb + s * stride_ns + h64 * stride_nh + d[None, :], mask=mask, other=0.0)
+    v = tl.load(VNEW + b64 * stride_vnb + s * stride_vns + h64 * stride_vnh + d[None, :], mask=mask, other=0.0)
+    tl.store(k_dst + h64 * stride_kh + d[None, :], k, mask=mask)
+    tl.store(v_dst + h64 * stride_vh + d[None, :], v, mask=mask)
+
+
+@triton.jit
+def _cos_sin(pos, f1, f2, f3):
+    """fp32 cos/sin ``[len(pos), P]`` of the accurate angle (turns reduced to [-0.5, 0.5], then x 2π)."""
+    angle = angle_turns(pos[:, None], f1[None, :], f2[None, :], f3[None, :]) * TWO_PI
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, DT: tl.constexpr):
+    """acc + a @ b with the operands rounded to the I/O dtype ``DT`` and fp32 accumulation.
+
+    ``DOT_F32``: IEEE fp32 dot (never TF32) for fp32 I/O, and for bf16 under the interpreter, whose
+    bf16 dot multiplies raw bits: rounding to bf16 first keeps exactly the GPU's operand precision.
+    """
+    if DOT_F32:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT), acc)
+
+
+@triton.jit
+def _decode_kernel(
+    Q,
+    KC,
+    VC,
+    SEQLENS,
+    TABLE,
+    SPLIT,
+    OUT,
+    LSE,
+    S_NEW,
+    SQ,
+    HKV,
+    NUM_SPLITS,
+    qk_scale,
+    attention_factor,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_fb,
+    stride_os,
+    stride_ob,
+    stride_oi,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    HALF: tl.constexpr,
+    HP: tl.constexpr,
+    PASS: tl.constexpr,
+    PP: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PAGED: tl.constexpr,
+    LOG2_BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Program (b * HKV + h, m block, split): rows m = i * G + g of KV head h of sequence b.
+
+    Writes ``OUT[split, b, i, h * G + g, :]`` (normalised by its own softmax sum) and the natural-log
+    ``LSE[split, b, h * G + g, i]``; ``stride_os``/``stride_ls`` are 0 without split-K.
+    """
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    DT: tl.constexpr = KC.dtype.element_ty
+    n = tl.load(SEQLENS + b) + S_NEW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_i = offs_m // G
+    head = h * G + offs_m % G
+    row_ok = row_i < SQ
+    q_pos = n - SQ + row_i  # query i sits at position n - Sq + i
+
+    pair = tl.arange(0, HP)
+    pair_ok = pair < HALF
+    if INTERLEAVED:
+        c1 = 2 * pair
+        c2 = 2 * pair + 1
+    else:
+        c1 = pair
+        c2 = pair + HALF
+    q_row = Q + b64 * stride_qb + row_i.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
+    q_mask = row_ok[:, None] & pair_ok[None, :]
+    q1 = tl.load(q_row[:, None] + c1[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_row[:, None] + c2[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    pp = tl.arange(0, PP)
+    pass_ok = pp < PASS
+    if PASS > 0:
+        qp = tl.load(q_row[:, None] + (2 * HALF + pp)[None, :], mask=row_ok[:, None] & pass_ok[None, :], other=0.0)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    if ROTATE:
+        f_ptr = SPLIT + b64 * stride_fb  # this sequence's table (stride 0 when shared)
+        f1 = tl.load(f_ptr + pair, mask=pair_ok, other=0.0)
+        f2 = tl.load(f_ptr + HALF + pair, mask=pair_ok, other=0.0)
+        f3 = tl.load(f_ptr + 2 * HALF + pair, mask=pair_ok, other=0.0)
+        cq, sq = _cos_sin(q_pos, f1, f2, f3)
+        cq = cq * attention_factor
+        sq = sq * attention_factor
+        q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
+        # R(j) for the offsets inside a tile, once per program; the attention factor rides here
+        # so that the rotated part of every product carries its square (DESIGN §2).
+        cj, sj = _cos_sin(offs_n, f1, f2, f3)
+        cj = cj * attention_factor
+        sj = sj * attention_factor
+
+    # This split's keys: per-sequence chunks, a multiple of BLOCK_N so tiles never straddle splits.
+    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    kv_end = tl.minimum(start + chunk, n)
+    loop_end = kv_end
+    if CAUSAL:
+        last_i = tl.minimum(SQ - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // G)
+        loop_end = tl.minimum(loop_end, n - SQ + last_i + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+    d = tl.arange(0, DP)
+    d_ok = d < D
+    for j0 in range(start, loop_end, BLOCK_N):
+        offs_j = j0 + offs_n
+        key_ok = offs_j < kv_end
+        if PAGED:
+            # Table entries of slots >= n are never read: they may be garbage (unallocated blocks).
+            blk = tl.load(TABLE + b64 * stride_tb + (offs_j >> LOG2_BS), mask=key_ok, other=0).to(tl.int64)
+            slot = (offs_j & ((1 << LOG2_BS) - 1)).to(tl.int64)
+            k_row = KC + blk * stride_kb + slot * stride_ks + h64 * stride_kh
+            v_row = VC + blk * stride_vb + slot * stride_vs + h64 * stride_vh
+        else:
+            k_row = KC + b64 * stride_kb + offs_j.to(tl.int64) * stride_ks + h64 * stride_kh
+            v_row = VC + b64 * stride_vb + offs_j.to(tl.int64) * stride_vs + h64 * stride_vh
+        k_mask = key_ok[:, None] & pair_ok[None, :]
+        k1 = tl.load(k_row[:, None] + c1[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_row[:, None] + c2[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        if ROTATE:
+            # q . R(j0 + j) k = (R(-j0) q) . (R(j) k): R(-j0) on the small Q tile, R(j) on K.
+            cb, sb = _cos_sin(j0 + tl.zeros([1], dtype=tl.int32), f1, f2, f3)
+            qa = q1 * cb + q2 * sb
+            qb = q2 * cb - q1 * sb
+            ka = k1 * cj - k2 * sj
+            kb = k2 * cj + k1 * sj
+        else:
+            qa = q1
+            qb = q2
+            ka = k1
+            kb = k2
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s = _dot(qa, tl.trans(ka), s, DOT_F32, DT)
+        s = _dot(qb, tl.trans(kb), s, DOT_F32, DT)
+        if PASS > 0:
+            kp = tl.load(k_row[:, None] + (2 * HALF + pp)[None, :], mask=key_ok[:, None] & pass_ok[None, :], other=0.0)
+            s = _dot(qp, tl.trans(kp), s, DOT_F32, DT)
+        s = s * qk_scale  # softmax scale x log2(e): exp2 below
+        valid = key_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            valid = valid & (offs_j[None, :] <= q_pos[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.where(valid, tl.exp2(s - m_use[:, None]), 0.0)  # select, never multiply: NaN cannot leak
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_row[:, None] + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _dot(p, v, acc * alpha[:, None], DOT_F32, DT)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptr = (
+        OUT
+        + pid_s.to(tl.int64) * stride_os
+        + b64 * stride_ob
+        + row_i.to(tl.int64) * stride_oi
+        + head.to(tl.int64) * stride_oh
+    )
+    tl.store(o_ptr[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    l_ptr = LSE + pid_s.to(tl.int64) * stride_ls + b64 * stride_lb + head.to(tl.int64) * stride_lh + row_i
+    tl.store(l_ptr, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    OPART,
+    LPART,
+    OUT,
+    LSE,
+    NUM_SPLITS,
+    HQ,
+    SQ,
+    stride_ps,
+    stride_ls,
+    stride_ob,
+    stride_oi,
+    stride_oh,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    SP: tl.constexpr,
+):
+    """Program r = (b * HQ + h) * SQ + i combines the splits' partials of one query row by LSE."""
+    r = tl.program_id(0).to(tl.int64)
+    b = r // (HQ * SQ)
+    h = (r // SQ) % HQ
+    i = r % SQ
+    s = tl.arange(0, SP)
+    lse_s = tl.load(LPART + s * stride_ls + r, mask=s < NUM_SPLITS, other=float("-inf"))
+    live = lse_s > float("-inf")  # empty splits (no key in range) carry -inf and a zero partial
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(live, tl.exp(lse_s - m_use), 0.0)
+    total = tl.sum(w, 0)
+    d = tl.arange(0, DP)
+    part = tl.load(
+        OPART + s[:, None] * stride_ps + r * D + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0
+    )
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(part * w[:, None], 0) / total_safe
+    tl.store(OUT + b * stride_ob + i * stride_oi + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    tl.store(LSE + r, tl.where(total == 0.0, float("-inf"), m_use + tl.log(total_safe)))
+
+
+# ---------------------------------------------------------------------------------- host side
+def check(call) -> str | None:
+    """None when the kernel supports ``call`` (a ``KVCacheCall``), else the reason."""
+    if call.q.dtype not in _DTYPES:
+        return f"dtype {call.q.dtype} (the triton decode kernel takes float16, bfloat16 or float32)"
+    d = call.q.shape[-1]
+    if d > _MAX_HEAD_DIM:
+        return f"head dim {d} > {_MAX_HEAD_DIM} (register budget of the decode kernel)"
+    if call.paged:
+        bs = call.k_cache.shape[1]
+        if bs < 16 or bs & (bs - 1):
+            return f"paged block size {bs} is not a power of two >= 16"
+    return None
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 1  # the interpreter runs programs one after another: splitting only adds work
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:  # queried once per device: decode steps are latency-bound
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits_heuristic(batch: int, hkv: int, m_blocks: int, capacity: int, num_sms: int) -> int:
+    """Key splits for flash-decoding: enough programs for ~2 per SM, each streaming >= 256 keys.
+
+    ``capacity`` is the cache's token capacity (dense Smax, or max_blocks x block_size), not the
+    actual lengths: reading those would cost a host sync and break CUDA graphs (FlashAttention's
+    kvcache heuristic makes the same choice). Splits that find no key of a shorter sequence exit
+    at once and are ignored by the merge.
+    """
+    programs = batch * hkv * m_blocks
+    if programs >= num_sms:
+        return 1
+    want = triton.cdiv(2 * num_sms, programs)
+    by_length = max(1, capacity // _MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, by_length, _MAX_SPLITS))
+
+
+def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``dp`` (padded) and G x Sq ``rows``.
+
+    Not timed (no GPU in this session) but checked statically: every choice compiles for sm_90
+    with ptxas reporting no spills when launched with 16-divisible strides (paged, rotated, the
+    worst case): the R(j) offset table alone is 2 x BLOCK_N x R/2 fp32 values, 64 registers per
+    thread at BLOCK_N 64, R 128 and 4 warps, so 8 warps are used wherever a tile is that large.
+    """
+    if _INTERPRET:
+        return min(64, _pow2(rows)), 16, 1, 1
+    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers
+    block_m = min(16 if fp32 else 32 if dp > 128 else 64, _pow2(rows))
+    block_n = 32 if fp32 or dp > 128 else 64
+    num_warps = 4 if dp <= 64 and block_m == 16 else 8
+    return block_m, block_n, num_warps, 2
+
+
+def append(call) -> None:
+    """Write ``k_new``/``v_new`` into the caches in place at ``cache_seqlens`` (un-rotated)."""
+    if not call.s_new:
+        return
+    b, s_new, hkv, d = call.k_new.shape
+    kc, vc, kn, vn = call.k_cache, call.v_cache, call.k_new, call.v_new
+    block_h = min(16, triton.next_power_of_2(hkv))
+    table = call.block_table if call.paged else call.cache_seqlens  # unused pointer when dense
+    log2_bs = int(math.log2(kc.shape[1])) if call.paged else 0
+    grid = (b * s_new, triton.cdiv(hkv, block_h))
+    _append_kernel[grid](
+        kn,
+        vn,
+        kc,
+        vc,
+        call.cache_seqlens,
+        table,
+        s_new,
+        hkv,
+        *kn.stride()[:3],
+        *vn.stride()[:3],
+        *kc.stride()[:3],
+        *vc.stride()[:3],
+        table.stride(0),
+        D=d,
+        DP=_pow2(d),
+        BLOCK_H=block_h,
+        PAGED=call.paged,
+        LOG2_BS=log2_bs,
+    )
+
+
+def attend(call, *, num_splits: int | None = None, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the last Sq queries against the (already appended) caches: ``(out, lse)``.
+
+    ``num_splits`` / ``block_n`` override the heuristics (tests force split-K on and off, and large
+    tiles to reach positions near 2**20 quickly under the interpreter).
+    """
+    q, kc, vc = call.q, call.k_cache, call.v_cache
+    b, sq, hq, d = q.shape
+    hkv = kc.shape[2]
+    g = hq // hkv
+    rope = call.rope
+    half = rope.rotary_dim // 2
+    dp, hp = _pow2(d), _pow2(half)
+    passthrough = d - rope.rotary_dim
+    block_m, cfg_n, num_warps, num_stages = _config(q.dtype, dp, g * sq)
+    block_n = block_n or cfg_n
+    m_blocks = triton.cdiv(g * sq, block_m)
+    if call.paged:
+        capacity = call.block_table.shape[1] * kc.shape[1]
+    else:
+        capacity = kc.shape[1]
+    if num_splits is None:
+        num_splits = num_splits_heuristic(b, hkv, m_blocks, capacity, _num_sms(q.device))
+    _, split = call.tables()
+    split = split.contiguous()
+    stride_fb = split.stride(0) if split.shape[0] > 1 else 0
+
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        o_dst = torch.empty(num_splits, b, hq, sq, d, dtype=torch.float32, device=q.device)
+        l_dst = torch.empty(num_splits, b, hq, sq, dtype=torch.float32, device=q.device)
+        o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(3), o_dst.stride(2))
+        l_strides = l_dst.stride()[:3]
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (0, out.stride(0), out.stride(1), out.stride(2))
+        l_strides = (0, lse.stride(0), lse.stride(1))
+    table = call.block_table if call.paged else call.cache_seqlens
+    log2_bs = int(math.log2(kc.shape[1])) if call.paged else 0
+    grid = (b * hkv, m_blocks, num_splits)
+    _decode_kernel[grid](
+        q,
+        kc,
+        vc,
+        call.cache_seqlens,
+        table,
+        split,
+        o_dst,
+        l_dst,
+        call.s_new,
+        sq,
+        hkv,
+        num_splits,
+        call.softmax_scale * _LOG2E,
+        rope.attention_factor,
+        *q.stride()[:3],
+        *kc.stride()[:3],
+        *vc.stride()[:3],
+        table.stride(0),
+        stride_fb,
+        *o_strides,
+        *l_strides,
+        G=g,
+        D=d,
+        DP=dp,
+        HALF=half,
+        HP=hp,
+        PASS=passthrough,
+        PP=_pow2(passthrough),
+        INTERLEAVED=rope.interleaved,
+        ROTATE=call.rotate,
+        CAUSAL=call.causal,
+        PAGED=call.paged,
+        LOG2_BS=log2_bs,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_F32=q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_kernel[(b * hq * sq,)](
+            o_dst,
+            l_dst,
+            out,
+            lse,
+            num_splits,
+            hq,
+            sq,
+            o_dst.stride(0),
+            l_dst.stride(0),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            D=d,
+            DP=dp,
+            SP=triton.next_power_of_2(num_splits),
+        )
+    return out, lse
+
+
+def run(call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the new tokens, then attend: ``(out [B, Sq, Hq, D] like q, lse float32 [B, Hq, Sq])``."""
+    append(call)
+    return attend(call)

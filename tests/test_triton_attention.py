@@ -1,0 +1,440 @@
+"""The Triton fused RoPE + FlashAttention forward against the fp64 oracle (DESIGN §5).
+
+On a CPU-only machine the kernel runs under ``TRITON_INTERPRET=1`` (set by conftest), where the
+single interpreter config uses 32 x 32 tiles: the shapes below (<= 129 tokens) are chosen to cross
+several tiles, leave ragged tails and split GQA groups across tiles, while each call stays under
+~1 s. With a GPU the same tests run on CUDA, plus the ``gpu``-marked 1K-16K tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ropekern as rk
+from ropekern import reference
+from ropekern._validation import attention_call
+from ropekern.ops import get_backend
+from ropekern.testing import baseline_attention, error_check, oracle_attention, random_qkv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def qkv(b, sq, sk, hq, hkv, d, dtype=F32, seed=0, varlen=None):
+    return random_qkv(b, sq, sk, hq, hkv, d, dtype=dtype, device=DEVICE, seed=seed, varlen_lengths=varlen)
+
+
+def run_triton(q, k, v, rope, **kw):
+    return rk.rope_attention(q, k, v, rope, backend="triton", return_lse=True, **kw)
+
+
+def check(q, k, v, rope, **kw):
+    """Run the kernel and assert the error-ratio rule on out and LSE; returns (out, lse)."""
+    out, lse = run_triton(q, k, v, rope, **kw)
+    o, l_ = oracle_attention(q, k, v, rope, **kw)
+    bo, bl = baseline_attention(q, k, v, rope, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == l_.shape and lse.dtype == torch.float32
+    res = error_check(out, o, bo, q.dtype)
+    assert res.ok, f"out {res}"
+    res = error_check(lse, l_, bl, q.dtype)
+    assert res.ok, f"lse {res}"
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------- the sweep
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (1, 129), (113, 129), (129, 113), (40, 17)])
+def test_seqlens(sq, sk, causal, dtype):
+    """Lengths off the tile grid, Sq != Sk both ways (causal Sq > Sk leaves rows with no key)."""
+    q, k, v, _ = qkv(1, sq, sk, 2, 1, 64, dtype)
+    out, lse = check(q, k, v, rk.RopeConfig(64), causal=causal)
+    if causal and sq > sk:
+        assert (out[:, : sq - sk] == 0).all()
+        assert torch.isneginf(lse[:, :, : sq - sk]).all()
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp16(causal):
+    q, k, v, _ = qkv(2, 47, 71, 4, 2, 64, F16)
+    check(q, k, v, rk.RopeConfig(64), causal=causal)
+
+
+@pytest.mark.parametrize(
+    "d,dtype",
+    [(32, F32), (64, F16), (80, BF16), (80, F32), (96, BF16), (128, BF16), (256, F32), (256, BF16), (48, F16)],
+)
+def test_head_dims(d, dtype):
+    """Non-powers of two are padded to a power of two with masked loads."""
+    q, k, v, _ = qkv(1, 33, 45, 2, 1, d, dtype)
+    check(q, k, v, rk.RopeConfig(d), causal=True)
+
+
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (4, 2), (6, 2), (8, 1)])
+def test_gqa(hq, hkv):
+    """Group folded into the tile's M dimension: G = 1, 2, 3 (groups straddle tiles), 8 (MQA)."""
+    q, k, v, _ = qkv(2, 19, 37, hq, hkv, 32, BF16)
+    check(q, k, v, rk.RopeConfig(32), causal=True)
+
+
+def _ropes(d: int) -> dict[str, rk.RopeConfig]:
+    half = d // 2
+    return {
+        "default": rk.RopeConfig(d),
+        "linear": rk.RopeConfig(d, scaling={"rope_type": "linear", "factor": 4.0}),
+        "ntk": rk.RopeConfig(d, scaling={"rope_type": "ntk", "factor": 4.0}),
+        "dynamic": rk.RopeConfig(d, scaling={"rope_type": "dynamic", "factor": 3.0}, max_position_embeddings=32),
+        "yarn": rk.RopeConfig(
+            d, base=5e5, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
+        ),
+        "longrope": rk.RopeConfig(
+            d,
+            scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.01 * i for i in range(half)],
+                "long_factor": [1.0 + 0.5 * i for i in range(half)],
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        "llama3": rk.RopeConfig(
+            d,
+            base=5e5,
+            scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        "proportional": rk.RopeConfig(d, scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25}),
+    }
+
+
+def test_every_rope_type_is_covered():
+    assert set(_ropes(64)) == set(rk.scaling.ROPE_TYPES)
+
+
+@pytest.mark.parametrize("rope_type", list(_ropes(64)))
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rope_types(rope_type, dtype):
+    """Every scaling law through the host tables. Sequence 0 stays below the trained length (32),
+    sequence 1 goes past it, so length-dependent types get a different table per sequence."""
+    rope = _ropes(64)[rope_type]
+    q, k, v, _ = qkv(2, 9, 24, 2, 1, 64, dtype)
+    k_pos = torch.stack([torch.arange(24), torch.arange(24) + 40]).to(DEVICE)
+    q_pos = k_pos[:, -9:]
+    if rope.is_length_dependent:
+        call = attention_call(q, k, v, rope, q_positions=q_pos, k_positions=k_pos)
+        inv, _ = call.tables()
+        assert inv.shape[0] == 2 and not torch.equal(inv[0], inv[1])
+    check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("d,rotary_dim", [(64, 64), (64, 32), (80, 16), (128, 96)])
+def test_partial_and_interleaved(d, rotary_dim, interleaved):
+    """Both pair layouts; pass-through widths 0, 32, 64 and 32 (R/2 = 8 padded to 16)."""
+    rope = rk.RopeConfig(d, rotary_dim=rotary_dim, interleaved=interleaved)
+    q, k, v, _ = qkv(1, 21, 35, 2, 1, d, BF16)
+    check(q, k, v, rope, causal=True)
+
+
+# ---------------------------------------------------------------------------------- positions
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_explicit_positions_repeats_and_jumps(dtype):
+    """Parallel context windows (repeated positions) and a prefix-reuse jump."""
+    q, k, v, _ = qkv(2, 12, 40, 2, 2, 64, dtype)
+    windows = torch.cat([torch.arange(20), torch.arange(20)])  # two windows sharing positions
+    jump = torch.cat([torch.arange(10), torch.arange(30) + 5000])
+    k_pos = torch.stack([windows, jump]).to(DEVICE)
+    q_pos = torch.stack([torch.arange(20, 32), torch.arange(5030, 5042)]).to(DEVICE)
+    check(q, k, v, rk.RopeConfig(64, rotary_dim=48), q_positions=q_pos, k_positions=k_pos)
+    check(q, k, v, rk.RopeConfig(64, interleaved=True), causal=True, q_positions=q_pos, k_positions=k_pos)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_positions_near_2_pow_20(dtype):
+    """Accurate angles: at position ~2**20 fp32 angles are off by ~0.06 rad; the kernel's are not."""
+    q, k, v, _ = qkv(1, 16, 40, 2, 1, 64, dtype)
+    base = 2**20 - 20
+    k_pos = (torch.arange(40) + base)[None].to(DEVICE)
+    q_pos = k_pos[:, -16:]
+    rope = rk.RopeConfig(64, base=10000.0)
+    out, _ = check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
+    if dtype == F32:
+        o, _ = oracle_attention(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
+        bo, _ = baseline_attention(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
+        err, base_err = (out.double() - o).abs().max().item(), (bo.double() - o).abs().max().item()
+        assert err < 2e-5 < base_err, (err, base_err)
+
+
+def test_position_zero_is_identity_bitwise():
+    """All positions 0 (attention factor 1): cos = 1, sin = 0 exactly, so the fused kernel must
+    equal the same kernel with rotation compiled out, bit for bit."""
+    q, k, v, _ = qkv(1, 20, 37, 4, 2, 80, BF16)
+    rope = rk.RopeConfig(80, rotary_dim=64)
+    zq = torch.zeros(1, 20, dtype=torch.int32, device=DEVICE)
+    zk = torch.zeros(1, 37, dtype=torch.int32, device=DEVICE)
+    out, lse = run_triton(q, k, v, rope, causal=True, q_positions=zq, k_positions=zk)
+    call = attention_call(q, k, v, rope, causal=True)
+    call.rotate = False
+    out0, lse0 = get_backend("triton").attention(call)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+
+
+# ---------------------------------------------------------------------------------- varlen
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(causal, dtype):
+    """Packed sequences, including an empty query sequence, an empty key sequence and Sq > Sk."""
+    lens = ([1, 17, 0, 40, 9], [5, 17, 6, 40, 0])
+    q, k, v, extra = qkv(5, 0, 0, 2, 1, 64, dtype, varlen=lens)
+    out, lse = check(q, k, v, rk.RopeConfig(64), causal=causal, **extra)
+    assert (out[-9:] == 0).all() and torch.isneginf(lse[:, -9:]).all()  # no keys at all
+
+
+def test_varlen_length_dependent_positions():
+    """Per-sequence dynamic-NTK tables with explicit (jumping) positions in the packed layout."""
+    lens = ([7, 13], [20, 30])
+    q, k, v, extra = qkv(2, 0, 0, 2, 1, 64, BF16, varlen=lens)
+    rope = _ropes(64)["dynamic"]
+    k_pos = torch.cat([torch.arange(20), torch.arange(30) + 100]).to(DEVICE)
+    q_pos = torch.cat([torch.arange(13, 20), torch.arange(117, 130)]).to(DEVICE)
+    check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos, **extra)
+
+
+def test_varlen_nan_in_other_sequences_does_not_leak():
+    """Ragged tiles of sequence 0 overlap sequence 1's tokens; those are masked, never multiplied."""
+    lens = ([9, 20], [21, 30])
+    q, k, v, extra = qkv(2, 0, 0, 2, 1, 64, BF16, varlen=lens)
+    k[21:], v[21:], q[9:] = float("nan"), float("nan"), float("nan")
+    out, lse = run_triton(q, k, v, rk.RopeConfig(64), causal=True, **extra)
+    assert torch.isfinite(out[:9]).all() and torch.isfinite(lse[:, :9]).all()
+    o, l_ = oracle_attention(q[None, :9], k[None, :21], v[None, :21], rk.RopeConfig(64), causal=True)
+    bo, bl = baseline_attention(q[None, :9], k[None, :21], v[None, :21], rk.RopeConfig(64), causal=True)
+    assert error_check(out[None, :9], o, bo).ok and error_check(lse[None, :, :9], l_, bl, BF16).ok
+
+
+# ---------------------------------------------------------------------------------- layouts
+def test_strided_views_of_packed_qkv_with_nan_padding():
+    """q, k, v as strided views of one packed buffer whose padding columns (D = 80 of a 96-wide
+    row; the kernel pads the head to 128) and padding keys beyond Sk hold NaN."""
+    b, s, hq, hkv, d = 2, 37, 4, 2, 80
+    buf = torch.full((b, s + 7, hq + 2 * hkv, 96), float("nan"), dtype=BF16, device=DEVICE)
+    buf[:, :s, :, :d] = torch.randn(b, s, hq + 2 * hkv, d).to(buf)
+    q, k, v = buf[:, :s, :hq, :d], buf[:, :s, hq : hq + hkv, :d], buf[:, :s, hq + hkv :, :d]
+    assert not q.is_contiguous() and k.stride(1) == (hq + 2 * hkv) * 96
+    check(q, k, v, rk.RopeConfig(d, rotary_dim=64), causal=True)
+    check(q[:, :20], k, v, rk.RopeConfig(d, interleaved=True), causal=False)
+
+
+def test_batch_invariance_and_determinism():
+    """Each sequence's result does not depend on its batch neighbours; reruns are bitwise equal."""
+    q, k, v, _ = qkv(3, 25, 33, 4, 2, 64, BF16)
+    rope = rk.RopeConfig(64, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    out, lse = run_triton(q, k, v, rope, causal=True)
+    again, lse2 = run_triton(q, k, v, rope, causal=True)
+    assert torch.equal(out, again) and torch.equal(lse, lse2)
+    one, lse1 = run_triton(q[1:2], k[1:2], v[1:2], rope, causal=True)
+    assert torch.equal(one, out[1:2]) and torch.equal(lse1, lse[1:2])
+
+
+def test_inputs_not_modified():
+    q, k, v, _ = qkv(1, 17, 33, 2, 1, 64, BF16)
+    copies = [t.clone() for t in (q, k, v)]
+    run_triton(q, k, v, rk.RopeConfig(64, interleaved=True), causal=True)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
+
+
+def test_rotation_off_matches_plain_attention():
+    """``call.rotate = False`` (benchmarks' RoPE-tax baseline) is plain attention, no RoPE at all."""
+    q, k, v, _ = qkv(2, 30, 41, 4, 2, 64, F32)
+    rope = rk.RopeConfig(64, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    call = attention_call(q, k, v, rope, causal=True)
+    call.rotate = False
+    out, lse = get_backend("triton").attention(call)
+    call64 = attention_call(q.double(), k.double(), v.double(), rope, causal=True)
+    call64.rotate = False
+    o, l_ = reference.attention(call64)
+    bo, bl = reference.attention(call)
+    assert error_check(out, o, bo).ok and error_check(lse, l_, bl).ok
+
+
+def test_empty_inputs():
+    rope = rk.RopeConfig(32)
+    for b, sq, sk in [(0, 5, 5), (2, 0, 5), (2, 5, 0)]:
+        q, k, v, _ = qkv(b, sq, sk, 2, 1, 32, BF16)
+        out, lse = run_triton(q, k, v, rope, causal=True)
+        assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_unsupported_calls_name_the_reason():
+    q, k, v, _ = qkv(1, 4, 4, 1, 1, 32, torch.float64)
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        rk.rope_attention(q, k, v, rk.RopeConfig(32), backend="triton")
+    q, k, v, _ = qkv(1, 2, 2, 1, 1, 320, F16)
+    with pytest.raises(ValueError, match="head dim 320 > 256"):
+        rk.rope_attention(q, k, v, rk.RopeConfig(320), backend="triton")
+
+
+def test_autotune_configs():
+    """One config under the interpreter; on GPUs the per-generation lists, pruned per head layout."""
+    import triton
+
+    from ropekern._triton import attention as A
+
+    if A._INTERPRET:
+        assert len(A._rope_attn_fwd.configs) == 1
+    every = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A._AMPERE + A._HOPPER
+    ]
+
+    def shapes(*args):
+        return {
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in A.select_configs(every, *args)
+        }
+
+    hopper_128 = shapes(9, 232448, 2, 128, 128)  # H100: 227 KB shared memory per block
+    assert hopper_128 and hopper_128 <= set(A._HOPPER) and (128, 128, 8, 3) in hopper_128
+    ampere_128 = shapes(8, 166912, 2, 128, 128)  # A100: 163 KB
+    assert ampere_128 and ampere_128 <= set(A._AMPERE) and (128, 64, 4, 3) in ampere_128
+    # D = 256: a 128-row fp32 accumulator needs 8 warps (256 registers per thread at 4 warps).
+    assert all(w == 8 for m, _, w, _ in shapes(9, 232448, 2, 256, 256) if m == 128)
+    assert shapes(8, 101376, 4, 256, 256) == {(64, 32, 4, 1)}  # fp32 D = 256 on a 99 KB part: the fallback
+
+
+def test_kernels_compile_for_gpus():
+    """The interpreter never runs the GPU compiler; compile both kernels for sm_90 / sm_80 through
+    Triton's real pipeline (bundled ptxas, no GPU needed) and require no register spills."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from ropekern._triton import aot\n"
+        "print(aot.compile_attention(90, 'bf16', 80, 48, True, True, True, 2, (64, 32, 4, 2)))\n"
+        "print(aot.compile_rope(80, 'fp16', 96, 64, interleaved=True))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.strip().splitlines():
+        usage = ast.literal_eval(line)
+        assert usage["registers"] > 0 and usage["local"] == 0, usage
+
+
+# ---------------------------------------------------------------------------------- torch.library
+def _op_args(q, k, v, rope, **kw):
+    call = attention_call(q, k, v, rope, **kw)
+    _, split = call.tables()
+    return (
+        q, k, v, call.q_positions, call.k_positions, split, call.cu_seqlens_q, call.cu_seqlens_k,
+        call.max_seqlen_q, call.max_seqlen_k, call.softmax_scale, rope.attention_factor, rope.rotary_dim,
+        rope.interleaved, call.causal, True,
+    )  # fmt: skip
+
+
+def test_opcheck_dense_and_varlen():
+    q, k, v, _ = qkv(1, 8, 12, 2, 1, 32, BF16)
+    torch.library.opcheck(torch.ops.ropekern_triton.attention_fwd.default, _op_args(q, k, v, rk.RopeConfig(32)))
+    q, k, v, extra = qkv(2, 0, 0, 2, 2, 32, F32, varlen=([3, 5], [4, 6]))
+    rope = rk.RopeConfig(32, rotary_dim=16, interleaved=True)
+    args = _op_args(q, k, v, rope, causal=True, **extra)
+    torch.library.opcheck(torch.ops.ropekern_triton.attention_fwd.default, args)
+
+
+_DYNAMIC = rk.RopeConfig(32, scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=4)
+
+
+@pytest.mark.parametrize("case", ["dense_causal", "varlen", "dynamic_positions"])
+def test_compile_fullgraph(case):
+    """torch.compile(fullgraph=True) traces the public call (validation, dispatch, tables, op);
+    aot_eager runs the fake (shapes, dtypes, strides) and then the real op. Inductor itself is
+    exercised by the GPU test (on CPU it spends ~1 min compiling C++ for the glue ops)."""
+    if case == "dense_causal":
+        q, k, v, _ = qkv(1, 9, 9, 2, 1, 32, BF16)
+        args = (q, k, v)
+
+        def f(q, k, v):
+            return rk.rope_attention(q, k, v, rk.RopeConfig(32), causal=True, backend="triton", return_lse=True)
+
+    elif case == "varlen":
+        q, k, v, extra = qkv(2, 0, 0, 2, 1, 32, BF16, varlen=([3, 5], [4, 6]))
+        args = (q, k, v, extra["cu_seqlens_q"], extra["cu_seqlens_k"])
+
+        def f(q, k, v, cu_q, cu_k):
+            kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=6, return_lse=True)
+            return rk.rope_attention(q, k, v, rk.RopeConfig(32), causal=True, backend="triton", **kw)
+
+    else:
+        q, k, v, _ = qkv(2, 9, 9, 2, 1, 32, F32)
+        args = (q, k, v, torch.arange(9, device=DEVICE).expand(2, 9) * 3)
+
+        def f(q, k, v, pos):
+            return rk.rope_attention(
+                q, k, v, _DYNAMIC, q_positions=pos, k_positions=pos, backend="triton", return_lse=True
+            )
+
+    torch._dynamo.reset()
+    cout, clse = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    out, lse = f(*args)
+    assert torch.equal(cout, out) and torch.equal(clse, lse)
+
+
+# ---------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", [1024, 4096, 16384])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_long(seqlen, causal):
+    rope = rk.RopeConfig(
+        128, base=5e5, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048}
+    )
+    q, k, v, _ = qkv(1, seqlen, seqlen, 8, 2, 128, BF16)
+    check(q, k, v, rope, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,dtype", [(64, F16), (96, BF16), (128, F32), (256, BF16)])
+def test_gpu_head_dims_and_varlen(d, dtype):
+    lens = ([1, 1000, 2049, 300], [1024, 1000, 2049, 4000])
+    q, k, v, extra = qkv(4, 0, 0, 8, 2, d, dtype, varlen=lens)
+    check(q, k, v, rk.RopeConfig(d, rotary_dim=d // 2, interleaved=True), causal=True, **extra)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """Key offsets past 2**31 elements: the last varlen sequence starts at token ~2.2M x 8 heads x 128."""
+    hkv, d, total = 8, 128, 2_200_064
+    q = torch.randn(32, 8, d, dtype=BF16, device=DEVICE)
+    k = torch.randn(total, hkv, d, dtype=BF16, device=DEVICE)
+    v = torch.randn(total, hkv, d, dtype=BF16, device=DEVICE)
+    cu_q = torch.tensor([0, 16, 16, 32], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 32, total - 32, total], dtype=torch.int32, device=DEVICE)
+    assert (total - 32) * hkv * d > 2**31
+    rope = rk.RopeConfig(d)
+    out = rk.rope_attention(q, k, v, rope, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton")
+    for qs, ks in [(slice(0, 16), slice(0, 32)), (slice(16, 32), slice(total - 32, total))]:
+        o, _ = oracle_attention(q[qs][None], k[ks][None], v[ks][None], rope)
+        bo, _ = baseline_attention(q[qs][None], k[ks][None], v[ks][None], rope)
+        res = error_check(out[qs][None], o, bo)
+        assert res.ok, f"{qs}: {res}"
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    rope = rk.RopeConfig(128)
+    q, k, v, _ = qkv(2, 512, 512, 8, 2, 128, BF16)
+
+    def f(q, k, v):
+        return rk.rope_attention(q, k, v, rope, causal=True, backend="triton")
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))

@@ -1,0 +1,151 @@
+"""The Triton ``apply_rope`` kernel against the fp64 oracle (DESIGN §5), through the interpreter on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ropekern as rk
+from ropekern.testing import baseline_rope, error_check, oracle_rope
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def randn(*shape, dtype=F32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def check(x, rope, positions=None, seq_len=None):
+    out = rk.apply_rope(x, rope, positions, seq_len=seq_len, backend="triton")
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    res = error_check(out, oracle_rope(x, rope, positions, seq_len), baseline_rope(x, rope, positions, seq_len))
+    assert res.ok, str(res)
+    r = rope.rotary_dim
+    assert torch.equal(out[..., r:], x[..., r:])  # pass-through channels bit-exact
+    return out
+
+
+def _ropes(d: int) -> dict[str, rk.RopeConfig]:
+    half = d // 2
+    return {
+        "default": rk.RopeConfig(d),
+        "linear": rk.RopeConfig(d, scaling={"rope_type": "linear", "factor": 4.0}),
+        "ntk": rk.RopeConfig(d, scaling={"rope_type": "ntk", "factor": 4.0}),
+        "dynamic": rk.RopeConfig(d, scaling={"rope_type": "dynamic", "factor": 3.0}, max_position_embeddings=32),
+        "yarn": rk.RopeConfig(
+            d, base=5e5, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
+        ),
+        "longrope": rk.RopeConfig(
+            d,
+            scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.01 * i for i in range(half)],
+                "long_factor": [1.0 + 0.5 * i for i in range(half)],
+                "original_max_position_embeddings": 32,
+                "factor": 4.0,
+            },
+        ),
+        "llama3": rk.RopeConfig(
+            d,
+            base=5e5,
+            scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        "proportional": rk.RopeConfig(d, scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5}),
+    }
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("rope_type", list(_ropes(64)))
+def test_rope_types(rope_type, dtype):
+    """Row 0 stays below the trained length 32, row 1 goes past it (per-row tables)."""
+    rope = _ropes(64)[rope_type]
+    assert rope_type == rope.rope_type
+    x = randn(2, 21, 3, 64, dtype=dtype)
+    pos = torch.stack([torch.arange(21), torch.arange(21) + 60]).to(DEVICE)
+    check(x, rope, pos)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(
+    "d,rotary_dim,dtype",
+    [(32, 32, F16), (64, 16, BF16), (80, 80, F32), (96, 64, BF16), (128, 32, F16), (256, 256, BF16)],
+)
+def test_head_dims_partial_interleaved(d, rotary_dim, interleaved, dtype):
+    rope = rk.RopeConfig(d, rotary_dim=rotary_dim, interleaved=interleaved)
+    check(randn(2, 17, 2, d, dtype=dtype), rope)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_packed_3d_and_seq_len(dtype):
+    """``[T, H, D]`` input with explicit positions, and an explicit scaling length for dynamic NTK."""
+    x = randn(33, 4, 64, dtype=dtype)
+    pos = torch.cat([torch.arange(20), torch.arange(13) + 7]).to(DEVICE)
+    check(x, rk.RopeConfig(64, interleaved=True), pos)
+    check(x, _ropes(64)["dynamic"], pos, seq_len=200)
+
+
+def test_positions_near_2_pow_20():
+    """fp32 angles are ~0.06 rad off at 2**20; the kernel's accurate angles are within ~1e-6."""
+    x = randn(1, 40, 2, 64)
+    rope = rk.RopeConfig(64)
+    pos = (torch.arange(40) + 2**20 - 20)[None].to(DEVICE)
+    out = check(x, rope, pos)
+    err = (out.double() - oracle_rope(x, rope, pos)).abs().max().item()
+    base_err = (baseline_rope(x, rope, pos).double() - oracle_rope(x, rope, pos)).abs().max().item()
+    assert err < 2e-5 < base_err, (err, base_err)
+
+
+def test_strided_view_with_nan_padding():
+    """A head slice of a packed buffer whose padding columns and other heads hold NaN."""
+    buf = torch.full((2, 19, 5, 96), float("nan"), dtype=BF16, device=DEVICE)
+    buf[:, :, 1:3, :80] = randn(2, 19, 2, 80, dtype=BF16)
+    x = buf[:, :, 1:3, :80]
+    out = check(x, rk.RopeConfig(80, rotary_dim=48))
+    assert torch.isfinite(out).all() and out.is_contiguous()
+
+
+def test_position_zero_is_identity_and_input_untouched():
+    x = randn(1, 1, 4, 64, dtype=BF16)
+    before = x.clone()
+    out = rk.apply_rope(x, rk.RopeConfig(64, interleaved=True), backend="triton")
+    assert torch.equal(out, x) and torch.equal(x, before)
+
+
+def test_empty_and_unsupported():
+    x = torch.empty(0, 5, 2, 32, dtype=BF16, device=DEVICE)
+    assert rk.apply_rope(x, rk.RopeConfig(32), backend="triton").shape == x.shape
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        rk.apply_rope(randn(1, 3, 1, 32, dtype=torch.float64), rk.RopeConfig(32), backend="triton")
+
+
+def test_opcheck_and_compile():
+    from ropekern._validation import rope_call
+
+    x = randn(2, 9, 2, 32, dtype=BF16)
+    rope = rk.RopeConfig(32, rotary_dim=16)
+    call = rope_call(x, rope)
+    _, split = call.tables()
+    args = (x, call.positions, split, rope.attention_factor, rope.rotary_dim, rope.interleaved)
+    torch.library.opcheck(torch.ops.ropekern_triton.apply_rope.default, args)
+
+    def f(x):
+        return rk.apply_rope(x, rope, backend="triton")
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_gpu_large(dtype):
+    x = randn(2, 8192, 32, 128, dtype=dtype)
+    check(x, _ropes(128)["yarn"])
+    check(x[:, :4096, :8], _ropes(128)["longrope"])
