@@ -2,11 +2,15 @@
 
 * ``nbce_combine``: Naive Bayes-based Context Extension, combining per-context next-token
   predictions (min-entropy / mean / max pooling).
+* ``nbce_generate``: NBCE decoding of a transformers model (all contexts + the unconditional row as
+  one batch, one shared token per step).
+* ``pcw_generate``: Parallel Context Windows decoding of a transformers model (windows share the
+  positions 0..n_w-1; task tokens attend to all of them), one fused ``rk.rope_attention`` per layer.
 
-``nbce_generate`` and ``pcw_generate`` (Parallel Context Windows) drive a transformers model and
-build on the Hugging Face integration (``ropekern.integrations.hf``); they are not in this module yet.
+The generation functions import ``transformers`` (through ``ropekern.integrations.hf``) on first use.
 """
 
+from .generate import nbce_generate, pcw_generate
 from .nbce import POOLINGS, nbce_combine
 
-__all__ = ["nbce_combine", "POOLINGS"]
+__all__ = ["nbce_combine", "nbce_generate", "pcw_generate", "POOLINGS"]
