@@ -20,6 +20,7 @@ after emitting one).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -127,6 +128,12 @@ def _device(model: torch.nn.Module) -> torch.device:
         raise ValueError("`model` has no parameters") from exc
 
 
+def _last_only(model: torch.nn.Module) -> dict:
+    """``logits_to_keep=1`` where the model takes it: only the last position's logits are used, and a
+    full ``[B, S, V]`` logits tensor is large (4 windows x 8K tokens x 128K vocab x 4 B = 16 GiB)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _check_common(model: Any, max_new_tokens: Any) -> None:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"`model` must be a transformers causal LM, got {type(model).__name__}")
@@ -203,6 +210,7 @@ def pcw_generate(
             position_ids=positions,
             past_key_values=window_cache,
             use_cache=True,
+            **_last_only(model),
         )
         # 2. Join: one sequence holding every window's valid keys/values with their own positions.
         joined = DynamicCache()
@@ -226,6 +234,7 @@ def pcw_generate(
                 position_ids=torch.arange(pos, pos + n, device=device)[None],
                 past_key_values=joined,
                 use_cache=True,
+                **_last_only(model),
             )
             pos += n
             logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
@@ -293,7 +302,12 @@ def nbce_generate(
         step, step_pos = batch, positions
         for _ in range(max_new_tokens):
             out = model(
-                input_ids=step, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True
+                input_ids=step,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+                **_last_only(model),
             )
             combined = nbce_combine(out.logits[:, -1].float(), beta=beta, pooling=pooling)
             token = _choose(combined, opts)
