@@ -96,6 +96,9 @@ def test_ppl_needle_and_text_with_scaling(checkpoint, tmp_path, capsys):
     argv = ["eval", "ppl", "--model", str(checkpoint), "--lengths", "100", "--depths", "0.5", "--n", "3", "--seed", "4"]
     assert cli.main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"][0]["needle_ppl"] == pytest.approx(expected, rel=1e-4)
+    assert cli.main([*argv, "--stock", "--json"]) == 0  # stock transformers through the same CLI path
+    stock = json.loads(capsys.readouterr().out)
+    assert not stock["patched"] and stock["rows"][0]["needle_ppl"] == pytest.approx(expected, rel=1e-4)
     # YaRN x2 changes the model (positions past 128 now interpolated): a different perplexity at 200
     out_file = tmp_path / "r.json"
     assert cli.main(["eval", "ppl", "--model", str(checkpoint), "--lengths", "200", "--json", str(out_file)]) == 0
