@@ -178,8 +178,22 @@ def render_file(path: Path, md_dir: Path) -> list[str]:
     return lines
 
 
+def bench_files(results_dir: Path) -> list[Path]:
+    """The ``ropekern bench`` result files under ``results_dir`` (other JSON there, such as
+    ``benchmarks/bench_cpu.py``'s records, has its own format and is left alone)."""
+    out = []
+    for path in sorted(results_dir.glob("**/*.json"), key=lambda p: (p.parent.name, p.stem)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and {"meta", "config", "rows"} <= data.keys():
+            out.append(path)
+    return out
+
+
 def render(results_dir: Path, md_path: Path) -> str:
-    files = sorted(results_dir.glob("**/*.json"), key=lambda p: (p.parent.name, p.stem))
+    files = bench_files(results_dir)
     lines = USAGE.strip("\n").splitlines() + [
         "",
         "### Performance",
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         from ropekern.bench.results import load_results, write_plots
 
-        for path in sorted(args.results.glob("**/*.json")):
+        for path in bench_files(args.results):
             write_plots(load_results(path), path.parent, path.stem)
     render(args.results, args.out)
     print(f"wrote {args.out}")

@@ -6,6 +6,10 @@ CUDA extension (``setup.py``: nvcc and a CUDA build of torch, or ``ROPEKERN_BUIL
 This module packs a validated call (``ropekern._validation``) into the op arguments and states,
 per call, what the kernels cannot serve so that ``backend="auto"`` falls back to Triton.
 
+Gradients: ``ropekern::fwd`` is made differentiable once for every device when ``ropekern._native``
+loads the extension (``ropekern._autograd``): the fused Triton backward for CUDA tensors, from the saved
+out and LSE.
+
 What the kernels serve: CUDA tensors on compute capability 8.0+, float16 / bfloat16 (``apply_rope``
 also float32), head dims 64 / 128 / 256, q / k / v / caches 16-byte aligned with batch, row and
 head strides that are multiples of 8 elements (cp.async moves 16-byte chunks).

@@ -11,6 +11,13 @@ backend interface of ``ropekern.ops``.
 The fake (meta) implementations registered here let ``torch.compile`` trace the ops and make
 ``torch.library.opcheck`` pass; they allocate what the kernels return: ``out`` contiguous with
 q's shape and dtype, ``lse`` float32 ``[B, Hq, Sq]`` (varlen ``[Hq, Tq]``).
+
+Gradients: ``fwd`` gets one autograd formula (``ropekern._autograd.register_native_autograd``),
+shared by its CPU and CUDA kernels: q, k, v, out and the LSE are saved and the backward recomputes
+P from the LSE (FlashAttention-2) with the inverse rotation on dq/dk: the fused Triton kernels for
+CUDA tensors, else a PyTorch recompute (fp32 compute for fp16/bf16 inputs, fp64 for fp32). So
+``backend="auto"`` keeps the native forward under grad. ``fwd_kvcache`` and ``apply_rope`` have no
+formula: their calls that require grad are declined (``check_grad``) and fall back to ``torch``.
 """
 
 from __future__ import annotations
@@ -109,13 +116,14 @@ class NativeBackend:
         return None
 
     def check_grad(self, *tensors: torch.Tensor | None) -> str | None:
-        """The native forward kernels have no backward: calls that need gradients go elsewhere."""
+        """``fwd_kvcache`` (appends into the caches in place) and ``apply_rope`` have no autograd
+        formula: calls that need their gradients go elsewhere. ``fwd`` has one (module docstring)."""
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return f"inputs require grad (the {self.name} kernels are forward-only)"
+            return f"inputs require grad (the {self.name} kv-cache and rope kernels are forward-only)"
         return None
 
     def check_attention(self, call: Any) -> str | None:
-        return self.check_device(call.q) or self.check_grad(call.q, call.k, call.v)
+        return self.check_device(call.q)
 
     def attention(self, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.ropekern.fwd(*attention_args(call))
@@ -164,3 +172,9 @@ def _register_fakes() -> None:
 
 if _LOAD_ERROR is None:
     _register_fakes()
+    # ``ropekern::fwd`` is differentiable on every device it has kernels for (the CPU ones here,
+    # the CUDA ones in a CUDA build): the backward recomputes P from the saved out and LSE (the
+    # fused Triton kernels for CUDA tensors, the PyTorch FA2-style recompute otherwise).
+    from ._autograd import register_native_autograd
+
+    register_native_autograd("ropekern::fwd")

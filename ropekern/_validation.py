@@ -10,6 +10,7 @@ one host synchronisation and are skipped while ``torch.compile`` traces.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,8 +118,13 @@ class RopeCall:
 
 
 def _checking() -> bool:
-    """Data-dependent checks need a host sync; they are skipped while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+    """Data-dependent checks (cache lengths, block tables, ``cu_seqlens`` order) read device data on
+    the host, i.e. synchronise. They are skipped while torch.compile traces, while a CUDA graph is
+    being captured (a sync there is an error), and when ``ROPEKERN_SKIP_DATA_CHECKS=1`` (decode
+    loops that must not wait for the device; the inputs are then trusted)."""
+    if torch.compiler.is_compiling() or os.environ.get("ROPEKERN_SKIP_DATA_CHECKS") == "1":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _tensor(name: str, t: Any, ndims: tuple[int, ...]) -> torch.Tensor:

@@ -284,3 +284,29 @@ def test_strided_views_of_packed_qkv():
     out = rk.rope_attention(q, k, v, ROPE, causal=True)
     ref = rk.rope_attention(q.contiguous(), k.contiguous(), v.contiguous(), ROPE, causal=True)
     assert torch.equal(out, ref)
+
+
+def test_skip_data_checks_env(monkeypatch):
+    """ROPEKERN_SKIP_DATA_CHECKS=1 drops the host-synchronising checks (decode loops, CUDA graphs)
+    and nothing else: the same valid call gives the same result, shape errors still raise."""
+    from ropekern import _validation
+
+    q = torch.randn(1, 1, 4, 16)
+    kc, vc = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    lens = torch.tensor([5], dtype=torch.int32)
+    want = rk.rope_attention_with_kvcache(q, kc, vc, ROPE, cache_seqlens=lens, backend="torch")
+    assert _validation._checking()
+    monkeypatch.setenv("ROPEKERN_SKIP_DATA_CHECKS", "1")
+    assert not _validation._checking()
+    got = rk.rope_attention_with_kvcache(q, kc, vc, ROPE, cache_seqlens=lens, backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    expect(
+        ValueError,
+        r"`cache_seqlens` must have shape \[1\]",
+        rk.rope_attention_with_kvcache,
+        q,
+        kc,
+        vc,
+        ROPE,
+        cache_seqlens=torch.tensor([1, 2], dtype=torch.int32),
+    )

@@ -434,13 +434,15 @@ def test_auto_picks_cpu_for_cpu_tensors():
     assert ops.select_backend("kvcache", kv, q.device, "auto") is native.cpu_backend
     q64 = q.double()
     assert ops.select_backend("attention", attention_call(q64, q64, q64, rope), q.device, "auto") is ops.TORCH
-    # gradients: the forward-only kernels step aside, the reference differentiates
+    # gradients: attention keeps the native forward (``ropekern::fwd`` has an autograd formula,
+    # tests/test_backward_native.py); the forward-only rope kernel steps aside for the reference
     qg = q.clone().requires_grad_()
-    assert ops.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is ops.TORCH
+    assert ops.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is native.cpu_backend
     rk.rope_attention(qg, k, v, rope).sum().backward()
     assert qg.grad is not None
+    assert ops.select_backend("rope", rope_call(qg, rope), q.device, "auto") is ops.TORCH
     with torch.no_grad():
-        assert ops.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is native.cpu_backend
+        assert ops.select_backend("rope", rope_call(qg, rope), q.device, "auto") is native.cpu_backend
     assert rk.available_backends()["cpu"] is True
 
 

@@ -30,7 +30,8 @@ the same rule ``rope_attention`` applies to the gathered sequence.
 Backward (``torch.autograd``) runs the ring again: K/V and positions travel as in the forward,
 and the fp32 dK/dV accumulator of each block travels with it, one step behind, collecting every
 rank's contribution, and takes one extra hop home to the block's owner. Per-block gradients come
-from the saved global LSE (``block_backward``, the seam for a fused backward kernel).
+from the saved global LSE (``block_backward``: the fused Triton backward kernels when they take the
+tensors, else the PyTorch recompute).
 """
 
 from __future__ import annotations
@@ -42,17 +43,13 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from .._autograd import dense_backward, triton_serves
 from .._validation import FLOAT_DTYPES, AttentionCall, attention_call
-from ..reference import cos_sin, rotate
-from ..scaling import RopeConfig
+from ..scaling import RopeConfig, split_turns
 
 __all__ = ["LAYOUTS", "block_backward", "ring_rope_attention", "shard", "shard_indices", "unshard"]
 
 LAYOUTS = ("zigzag", "contiguous")
-
-# Scores held at once per query chunk in block_backward: 2**24 elements (128 MiB in fp64, ~5 live
-# copies: s, p, dp, ds and a product), so the pure-PyTorch backward fits next to the activations.
-_SCORE_BUDGET = 1 << 24
 
 # gloo matches messages between a pair of ranks by tag (NCCL by order; both hold here).
 _TAG_KV, _TAG_POS, _TAG_DKV = 0, 1, 2
@@ -208,12 +205,6 @@ def _ring_forward(q, k, v, q_pos, k_pos, seq_lens, setup: _Setup) -> tuple[torch
 
 
 # ---------------------------------------------------------------------------------- backward
-def _cos_sin(pos: torch.Tensor, inv64: torch.Tensor, rope: RopeConfig, dtype: torch.dtype):
-    """fp64-angle cos/sin ``[B, S, 1, R/2]`` (factor applied) for positions ``[B, S]``, table ``[nT, R/2]``."""
-    cos, sin = cos_sin(pos, inv64[:, None, :], rope.attention_factor, dtype)
-    return cos[:, :, None, :], sin[:, :, None, :]
-
-
 def block_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,6 +218,7 @@ def block_backward(
     rope: RopeConfig,
     softmax_scale: float,
     causal: bool,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (query block, key block) pair from the global softmax statistics.
 
@@ -236,53 +228,24 @@ def block_backward(
             ``[B, Hq, Sq]`` of the final output O (FlashAttention-2).
         q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
-    Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in the compute dtype: fp32 for fp16/bf16
-    inputs, fp64 for fp32/fp64 ones; dk/dv are summed over each GQA group.
-
-    On rotated Q', K' (fp64 angles): P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - delta),
-    dQ' = dS K' · scale, dK' = dSᵀ Q' · scale; the inverse rotation (the transpose: the same cos
-    with -sin, times the attention factor) maps dQ', dK' back to the un-rotated inputs, and
-    pass-through channels keep the plain gradient. A fused backward kernel replaces this whole.
+        backend: the ring's forward backend. The fused Triton backward serves the block when it
+            takes the tensors (CUDA; or CPU under ``TRITON_INTERPRET=1`` when ``"triton"`` was
+            asked for); ``"torch"`` or anything it cannot take runs the PyTorch recompute
+            (``ropekern._autograd.dense_backward``).
+    Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in float32 (the PyTorch path: fp64 for
+    fp32/fp64 inputs); dk/dv are summed over each GQA group.
     """
-    # P = exp(S - lse) takes lse from the *forward* kernel, so rounding in this S is not cancelled
-    # by the softmax normalisation as it is in a single-pass autograd backward. With fp32 S, dV of
-    # fp32 inputs reached 0.84 of the error-ratio bound (YaRN, non-causal, W = 2); with fp64 S it
-    # is 0.46, the rest being the forward's fp32 lse. Half-precision inputs are far from that.
-    cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    g = hq // hkv
-    r, il = rope.rotary_dim, rope.interleaved
-    cq, sq_ = _cos_sin(q_pos, inv64, rope, cd)
-    ck, sk_ = _cos_sin(k_pos, inv64, rope, cd)
-    qr = rotate(q.to(cd), cq, sq_, r, il).view(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sq, D]
-    kr = rotate(k.to(cd), ck, sk_, r, il).permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Sk, D]
-    vt = v.to(cd).permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Sk, D]
-    dot = do.to(cd).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sq, D]
-    lse = lse.to(cd).reshape(b, hkv, g, sq)
-    delta = delta.to(cd).reshape(b, hkv, g, sq)
-    dqr = torch.empty_like(qr)
-    dkr = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
-    dv = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
-    chunk = max(1, _SCORE_BUDGET // max(1, b * hq * sk))
-    for i0 in range(0, sq, chunk):
-        i1 = min(sq, i0 + chunk)
-        qc, doc = qr[:, :, :, i0:i1], dot[:, :, :, i0:i1]
-        lc = lse[..., i0:i1, None]
-        s = torch.matmul(qc, kr.transpose(-1, -2)) * softmax_scale  # [B, Hkv, G, c, Sk]
-        keep = torch.isfinite(lc).expand_as(s)  # a row that saw no key has lse -inf and no gradient
-        if causal:
-            rows = torch.arange(i0, i1, device=q.device)[:, None]
-            keep = keep & (torch.arange(sk, device=q.device)[None, :] <= rows + (sk - sq))
-        p = torch.where(keep, torch.exp(s - torch.where(torch.isfinite(lc), lc, 0)), 0)  # select, never multiply
-        dv += torch.matmul(p.transpose(-1, -2), doc).sum(2)
-        dp = torch.matmul(doc, vt.transpose(-1, -2))
-        ds = p * (dp - delta[..., i0:i1, None])
-        dqr[:, :, :, i0:i1] = torch.matmul(ds, kr) * softmax_scale
-        dkr += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * softmax_scale
-    dq = rotate(dqr.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d), cq, -sq_, r, il)
-    dk = rotate(dkr.permute(0, 2, 1, 3), ck, -sk_, r, il)
-    return dq, dk, dv.permute(0, 2, 1, 3)
+    if backend != "torch" and triton_serves(q, k, q.shape[0], allow_interpreter=backend == "triton"):
+        kernels = ops.import_module("ropekern._triton.backward")
+        return kernels.backward(
+            do, q, k, v, lse.to(torch.float32), delta.to(torch.float32), q_pos.to(torch.int32),
+            k_pos.to(torch.int32), split_turns(inv64), None, None, q.shape[1], k.shape[1], softmax_scale,
+            rope.attention_factor, rope.rotary_dim, rope.interleaved, causal, True, grad_dtype=torch.float32,
+        )  # fmt: skip
+    return dense_backward(
+        q, k, v, do, lse, delta, q_pos, k_pos, inv64, rope.rotary_dim, rope.interleaved, rope.attention_factor,
+        softmax_scale, causal,
+    )  # fmt: skip
 
 
 def _ring_backward(q, k, v, q_pos, k_pos, seq_lens, out, lse, dout, setup: _Setup):
@@ -315,6 +278,7 @@ def _ring_backward(q, k, v, q_pos, k_pos, seq_lens, out, lse, dout, setup: _Setu
                 setup.rope,
                 setup.softmax_scale,
                 causal,
+                setup.backend,
             )
             dq[:, qs] += dq_p
             dkv[0][:, ks] += dk_p

@@ -1,0 +1,259 @@
+"""Attention gradients recomputed from the saved log-sum-exp, for every backend (issue 4).
+
+The FlashAttention-2 recompute backward in plain PyTorch (``dense_backward``, chunked over queries
+so that no ``[Sq, Sk]`` matrix of a whole sequence is ever held), and ``attention_backward``, the
+one backward that a forward kernel without its own backward uses: the fused Triton backward when
+it can serve the call (CUDA tensors), else the PyTorch recompute (any device; registered as the op
+``ropekern_autograd::recompute_bwd`` so that ``torch.compile`` traces it as one opaque node).
+
+``register_native_autograd()`` makes the C++ op ``ropekern::fwd`` (CUDA kernels today, the native
+CPU kernels when they land; both register under the same schema) differentiable: it saves q, k, v,
+out and the LSE and calls ``attention_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import cos_sin, rotate
+
+__all__ = ["attention_backward", "dense_backward", "recompute_backward", "register_native_autograd"]
+
+# Scores held at once per query chunk: 2**24 elements (128 MiB in fp64, ~5 live copies: s, p,
+# dp, ds and a product), so the pure-PyTorch backward fits next to the activations.
+_SCORE_BUDGET = 1 << 24
+
+
+def inv_freq_from_split(split: torch.Tensor) -> torch.Tensor:
+    """float64 ``[nT, R/2]`` radians per position from the kernels' split table ``[nT, 3, R/2]``
+    (``f1 + f2 + f3`` is the frequency in turns to ~2**-50 relative, ``scaling.split_turns``)."""
+    return split.to(torch.float64).sum(-2) * (2.0 * math.pi)
+
+
+def dense_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    inv64: torch.Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    attention_factor: float,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one dense (query block, key block) pair from the softmax statistics.
+
+    Args:
+        q: un-rotated ``[B, Sq, Hq, D]``; k, v: un-rotated ``[B, Sk, Hkv, D]``; do: ``[B, Sq, Hq, D]``.
+        lse: the log-sum-exp ``[B, Hq, Sq]`` over *all* the keys of the queries (for a block of a
+            longer sequence, the global one); delta: ``rowsum(dO * O) - dlse`` ``[B, Hq, Sq]`` of the
+            final output O (FlashAttention-2).
+        q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
+        rotary_dim: rotated channels R (0: no rotation); interleaved: pair layout.
+        causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
+    Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in the compute dtype: fp32 for fp16/bf16
+    inputs, fp64 for fp32/fp64 ones; dk/dv are summed over each GQA group.
+
+    On rotated Q', K' (fp64 angles): P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - delta),
+    dQ' = dS K' · scale, dK' = dSᵀ Q' · scale; the inverse rotation (the transpose: the same cos
+    with -sin, times the attention factor) maps dQ', dK' back to the un-rotated inputs, and
+    pass-through channels keep the plain gradient.
+    """
+    # P = exp(S - lse) takes lse from the *forward* kernel, so rounding in this S is not cancelled
+    # by the softmax normalisation as it is in a single-pass autograd backward. With fp32 S, dV of
+    # fp32 inputs reached 0.84 of the error-ratio bound (YaRN, non-causal, ring W = 2); with fp64 S
+    # it is 0.46, the rest being the forward's fp32 lse. Half-precision inputs are far from that.
+    cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    r, il = rotary_dim, interleaved
+    if r:
+        cq, sq_ = cos_sin(q_pos, inv64[:, None, :], attention_factor, cd)
+        ck, sk_ = cos_sin(k_pos, inv64[:, None, :], attention_factor, cd)
+        cq, sq_, ck, sk_ = (t[:, :, None, :] for t in (cq, sq_, ck, sk_))  # [B, S, 1, R/2]
+        qr, kr = rotate(q.to(cd), cq, sq_, r, il), rotate(k.to(cd), ck, sk_, r, il)
+    else:
+        qr, kr = q.to(cd), k.to(cd)
+    qr = qr.view(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sq, D]
+    kr = kr.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Sk, D]
+    vt = v.to(cd).permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Sk, D]
+    dot = do.to(cd).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sq, D]
+    lse = lse.to(cd).reshape(b, hkv, g, sq)
+    delta = delta.to(cd).reshape(b, hkv, g, sq)
+    dqr = torch.empty_like(qr)
+    dkr = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
+    dv = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
+    chunk = max(1, _SCORE_BUDGET // max(1, b * hq * sk))
+    for i0 in range(0, sq, chunk):
+        i1 = min(sq, i0 + chunk)
+        qc, doc = qr[:, :, :, i0:i1], dot[:, :, :, i0:i1]
+        lc = lse[..., i0:i1, None]
+        s = torch.matmul(qc, kr.transpose(-1, -2)) * softmax_scale  # [B, Hkv, G, c, Sk]
+        keep = torch.isfinite(lc).expand_as(s)  # a row that saw no key has lse -inf and no gradient
+        if causal:
+            rows = torch.arange(i0, i1, device=q.device)[:, None]
+            keep = keep & (torch.arange(sk, device=q.device)[None, :] <= rows + (sk - sq))
+        p = torch.where(keep, torch.exp(s - torch.where(torch.isfinite(lc), lc, 0)), 0)  # select, never multiply
+        dv += torch.matmul(p.transpose(-1, -2), doc).sum(2)
+        dp = torch.matmul(doc, vt.transpose(-1, -2))
+        ds = p * (dp - delta[..., i0:i1, None])
+        dqr[:, :, :, i0:i1] = torch.matmul(ds, kr) * softmax_scale
+        dkr += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * softmax_scale
+    dq = dqr.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
+    dk = dkr.permute(0, 2, 1, 3)
+    if r:
+        dq, dk = rotate(dq, cq, -sq_, r, il), rotate(dk, ck, -sk_, r, il)
+    return dq, dk, dv.permute(0, 2, 1, 3)
+
+
+@torch.library.custom_op("ropekern_autograd::recompute_bwd", mutates_args=())
+def recompute_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    split: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    softmax_scale: float,
+    attention_factor: float,
+    rotary_dim: int,
+    interleaved: bool,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` (input dtype) of a whole ``rope_attention`` call in PyTorch, any device.
+
+    Layouts as ``rope_attention`` (dense, or varlen with ``cu_seqlens_*``, one sequence at a time);
+    ``split`` is the kernels' table ``[nT, 3, R/2]``; ``rotary_dim`` 0 means no rotation."""
+    cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
+    delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [B, Sq, Hq] / [Tq, Hq]
+    delta = delta.transpose(-1, -2)  # the LSE layout
+    if dlse is not None:
+        delta = delta - dlse.to(cd)
+    inv64 = inv_freq_from_split(split)
+    args = (rotary_dim, interleaved, attention_factor, softmax_scale, causal)
+    if cu_seqlens_q is None:
+        grads = dense_backward(q, k, v, dout, lse, delta, q_positions, k_positions, inv64, *args)
+        return tuple(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v)))
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if qs.start == qs.stop or ks.start == ks.stop:
+            continue  # no queries or no keys: zero gradients
+        table = inv64[b : b + 1] if inv64.shape[0] > 1 else inv64
+        grads = dense_backward(
+            q[None, qs], k[None, ks], v[None, ks], dout[None, qs], lse[None, :, qs], delta[None, :, qs],
+            q_positions[None, qs], k_positions[None, ks], table, *args,
+        )  # fmt: skip
+        dq[qs], dk[ks], dv[ks] = (gr[0].to(dq.dtype) for gr in grads)
+    return dq, dk, dv
+
+
+@recompute_backward.register_fake
+def _recompute_backward_fake(dout, q, k, v, *rest):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+def triton_serves(q: torch.Tensor, k: torch.Tensor, batch: int, allow_interpreter: bool = False) -> bool:
+    """Whether the fused Triton backward takes these inputs: CUDA tensors (CPU tensors only with
+    ``allow_interpreter`` under ``TRITON_INTERPRET=1``) of the kernels' dtypes and head dims."""
+    from .ops import _load, import_module
+
+    backend = _load("triton")
+    if isinstance(backend, str) or backend._device_reason(q) is not None:
+        return False
+    if q.device.type != "cuda" and not allow_interpreter:
+        return False
+    return import_module("ropekern._triton.backward").check(q, k, batch) is None
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    split: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    attention_factor: float,
+    rotary_dim: int,
+    interleaved: bool,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of a fused forward that has none of its own (arguments as the ``ropekern::fwd``
+    schema, ``rotary_dim`` 0 = no rotation): the fused Triton kernels for CUDA tensors they take,
+    else ``recompute_backward``. Returns ``(dq, dk, dv)`` in the input dtype."""
+    batch = cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]
+    if triton_serves(q, k, batch):
+        from .ops import import_module
+
+        bwd = import_module("ropekern._triton.ops").attention_bwd
+        # rotary_dim 0 (no rotation) still needs the head split as the kernels read it: the table's R.
+        return bwd(
+            dout, q, k, v, out, lse, dlse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, softmax_scale, attention_factor, rotary_dim or 2 * split.shape[-1],
+            interleaved, causal, rotary_dim > 0,
+        )  # fmt: skip
+    return recompute_backward(
+        dout, q, k, v, out, lse, dlse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k,
+        softmax_scale, attention_factor, rotary_dim, interleaved, causal,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- native forward ops
+_REGISTERED: set[str] = set()
+
+
+def _native_setup_context(ctx, inputs, output) -> None:
+    q, k, v, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k = inputs[:8]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k)
+    ctx.scalars = inputs[8:]  # max_seqlen_q/k, rotary_dim, interleaved, attention_factor, causal, softmax_scale
+
+
+def _native_backward(ctx, dout, dlse):
+    q, k, v, out, lse, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_q, max_k, rotary_dim, interleaved, factor, causal, scale = ctx.scalars
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_backward(
+        dout, q, k, v, out, lse, dlse, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, factor,
+        rotary_dim, interleaved, causal,
+    )  # fmt: skip
+    return (dq, dk, dv) + (None,) * 12
+
+
+def register_native_autograd(qualname: str = "ropekern::fwd") -> None:
+    """Make a forward op with the ``ropekern::fwd`` schema differentiable (idempotent).
+
+    ``fwd(q, k, v, q_pos, k_pos, freqs, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k,
+    rotary_dim, interleaved, attention_factor, causal, softmax_scale) -> (out, lse)``: one
+    registration covers every device the op has kernels for (the CUDA backend's, and the native CPU
+    backend's when it registers under the same schema). The op must exist (its library loaded).
+    """
+    if qualname in _REGISTERED:
+        return
+    torch.library.register_autograd(qualname, _native_backward, setup_context=_native_setup_context)
+    _REGISTERED.add(qualname)

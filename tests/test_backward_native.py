@@ -1,0 +1,133 @@
+"""Gradients of ``rk.rope_attention(..., backend="cpu")``: the native CPU forward (``ropekern::fwd``)
+with the autograd formula that ``ropekern._native`` registers on the op (the PyTorch FA2-style
+recompute from the saved out and LSE, inverse rotation on dq / dk).
+
+Held to the DESIGN §5 rule with factor 3 against fp64 autograd through the reference, with autograd
+through the reference in the test dtype with fp32 angles as the yardstick (as the Triton backward in
+tests/test_triton_backward.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ropekern as rk
+from ropekern import ops, reference
+from ropekern._validation import attention_call
+from ropekern.testing import baseline_attention, error_check, random_qkv
+
+native = pytest.importorskip("ropekern._native")
+if native.cpu_backend.unavailable():
+    pytest.skip(native.cpu_backend.unavailable(), allow_module_level=True)
+
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+def _randn_like(x, seed):
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
+
+
+def grads(fn, q, k, v, dout, dtype=None, dlse=None):
+    """``(out, dq, dk, dv)`` of ``fn(q, k, v) -> (out, lse)`` with leaves cast to ``dtype``."""
+    dtype = dtype or q.dtype
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    outputs, cotangents = [out], [dout.to(dtype)]
+    if dlse is not None:
+        outputs.append(lse)
+        cotangents.append(dlse.to(lse.dtype))
+    torch.autograd.backward(outputs, cotangents)
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+def check(q, k, v, rope, *, with_lse=False, **kw):
+    """cpu-backend gradients of q, k, v against the oracle under the factor-3 rule."""
+    dout = _randn_like(q, 7)
+    dlse = None
+    if with_lse:
+        shape = (q.shape[1], q.shape[0]) if "cu_seqlens_q" in kw else (q.shape[0], q.shape[2], q.shape[1])
+        dlse = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    got = grads(lambda *a: rk.rope_attention(*a, rope, backend="cpu", return_lse=True, **kw), q, k, v, dout, dlse=dlse)
+    exact = grads(lambda *a: reference.rope_attention(*a, rope, return_lse=True, **kw), q, k, v, dout, F64, dlse)
+    base = grads(lambda *a: baseline_attention(*a, rope, **kw), q, k, v, dout, dlse=dlse)
+    for name, g, o, b, x in zip(("dq", "dk", "dv"), got[1:], exact[1:], base[1:], (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        res = error_check(g, o, b, q.dtype, factor=3.0)
+        assert res.ok, f"{name} {res}"
+    return got
+
+
+_DYNAMIC = {"rope_type": "dynamic", "factor": 3.0}
+_YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize(
+    "sq,sk,hq,hkv,d,causal,dtype",
+    [
+        (17, 17, 2, 2, 64, True, F32),
+        (1, 33, 4, 2, 64, True, BF16),
+        (40, 17, 6, 2, 64, True, F16),  # Sq > Sk causal: the first 23 rows see no key
+        (19, 37, 8, 1, 128, False, BF16),
+        (23, 23, 2, 1, 80, False, F32),
+    ],
+)
+def test_dense(sq, sk, hq, hkv, d, causal, dtype):
+    q, k, v, _ = random_qkv(2, sq, sk, hq, hkv, d, dtype=dtype, seed=1)
+    _, dq, _, _ = check(q, k, v, rk.RopeConfig(d, scaling=_YARN, base=5e5), causal=causal)
+    if causal and sq > sk:
+        assert (dq[:, : sq - sk] == 0).all()
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_partial_rotary(interleaved):
+    q, k, v, _ = random_qkv(1, 21, 35, 4, 2, 64, dtype=BF16, seed=2)
+    check(q, k, v, rk.RopeConfig(64, rotary_dim=32, interleaved=interleaved), causal=not interleaved)
+
+
+def test_length_dependent_type_with_positions():
+    """Dynamic NTK: one table per sequence (sequence 1 passes the trained length 32)."""
+    q, k, v, _ = random_qkv(2, 9, 24, 2, 1, 64, dtype=F32, seed=3)
+    k_pos = torch.stack([torch.arange(24), torch.arange(24) + 40])
+    rope = rk.RopeConfig(64, scaling=_DYNAMIC, max_position_embeddings=32)
+    check(q, k, v, rope, causal=True, q_positions=k_pos[:, -9:], k_positions=k_pos)
+
+
+@pytest.mark.parametrize("causal,dtype", [(False, F32), (True, BF16)])
+def test_varlen(causal, dtype):
+    """Packed sequences, an empty query sequence, an empty key sequence, Sq > Sk; the LSE output
+    takes a gradient too (delta = rowsum(dO * O) - dlse)."""
+    lens = ([1, 17, 0, 40, 9], [5, 17, 6, 40, 0])
+    q, k, v, extra = random_qkv(5, 0, 0, 2, 1, 64, dtype=dtype, seed=4, varlen_lengths=lens)
+    rope = rk.RopeConfig(64, scaling=_DYNAMIC, max_position_embeddings=32)
+    _, dq, dk, dv = check(q, k, v, rope, causal=causal, with_lse=not causal, **extra)
+    assert (dq[-9:] == 0).all()  # no keys
+    assert (dk[22:28] == 0).all() and (dv[22:28] == 0).all()  # keys of the sequence with no queries
+
+
+def test_auto_keeps_the_native_forward_under_grad():
+    """``auto`` picks the cpu kernels for calls that require grad, and the graph holds ``fwd``."""
+    rope = rk.RopeConfig(32)
+    q, k, v, _ = random_qkv(1, 5, 7, 2, 1, 32, seed=5)
+    q.requires_grad_()
+    assert ops.select_backend("attention", attention_call(q, k, v, rope), q.device, "auto") is native.cpu_backend
+    out = rk.rope_attention(q, k, v, rope, causal=True)
+    assert "ropekern_fwd" in type(out.grad_fn).__name__, type(out.grad_fn).__name__
+    out.square().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and bool(q.grad.abs().sum() > 0)
+
+
+def test_compiled_training_step():
+    """fullgraph torch.compile (aot_eager) of a loss through the cpu backend: the backward graph
+    holds the recompute op (with its fake); gradients equal the eager ones bit for bit."""
+    rope = rk.RopeConfig(32, scaling=_YARN)
+    q, k, v, _ = random_qkv(2, 9, 9, 2, 1, 32, seed=6)
+
+    def loss(q_, k_, v_):
+        return rk.rope_attention(q_, k_, v_, rope, causal=True, backend="cpu").square().sum()
+
+    one = torch.ones(())
+    torch._dynamo.reset()
+    eager = grads(lambda *a: (loss(*a), None), q, k, v, one)
+    compiled = grads(lambda *a: (torch.compile(loss, fullgraph=True, backend="aot_eager")(*a), None), q, k, v, one)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
