@@ -187,3 +187,21 @@ def test_errors():
     with pytest.raises(ValueError, match="beta"):
         nbce_generate(model, [[3]], [4], 2, beta=-1.0)
     assert not hf.is_patched(model)
+
+
+def test_searched_longrope_factors_go_into_extend_context():
+    """A longrope_search result is a scaling dict hf.extend_context accepts for the model it was searched for."""
+    from ropekern.search import longrope_search
+
+    model = tiny_llama()  # head_dim 16: 8 frequencies, pretrained length 64
+    rope = hf.rope_config(hf.patch(model))
+    hf.unpatch(model)
+    scaling = longrope_search(
+        lambda s: sum(abs(f - 3.0) for f in s["long_factor"]), rope, 256, generations=1, population=4, progress=False
+    )
+    hf.extend_context(model, scaling)
+    got = hf.rope_config(model)
+    assert got.rope_type == "longrope" and model.config.max_position_embeddings == 256
+    assert list(got.scaling["long_factor"]) == scaling["long_factor"]
+    with torch.no_grad():
+        assert torch.isfinite(model(rand_ids(100, 1)[None]).logits).all()
