@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "check": "ropekern._cli_check",
     "check-model": "ropekern._cli_check_model",
     "bench": "ropekern._cli_bench",
+    "eval": "ropekern._cli_eval",
 }
 
 
