@@ -330,6 +330,21 @@ def test_kvcache(isa, paged, sq, s_new, causal, dtype):
     )
 
 
+@pytest.mark.parametrize("d", [20, 40, 72])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_kvcache_head_dims_off_16(isa, d, dtype):
+    """Head dims that are not multiples of 16 take the decode kernel's V-copy path (P.V reads V in
+    place from the cache only when D % 16 == 0)."""
+    rope = make_rope("default", d)
+    lens = [45, 300]
+    for paged in (False, True):
+        q, kc, vc, k_new, v_new, table = cache_case(2, lens, 1, 1, 4, 2, d, dtype, paged, seed=d)
+        check_kvcache(
+            q, kc, vc, rope, cache_seqlens=torch.tensor(lens, dtype=torch.int32), k_new=k_new, v_new=v_new,
+            block_table=table,
+        )  # fmt: skip
+
+
 def test_kvcache_mqa_and_wide_groups():
     rope = make_rope("yarn", 64)
     for hq, sq in ((32, 1), (8, 8), (16, 5)):  # 32 and 64 rows per KV head: decode; 80: tiled

@@ -3,7 +3,7 @@
 //
 // Numerics (DESIGN §4): fp32 everywhere whatever the I/O dtype; angles by the accurate split of
 // rope_math.h (angle_turns8 below is angle_turns op for op, eight pairs at a time); scores are
-// kept in base 2 (Q is pre-multiplied by softmax_scale * log2(e), so exp is one exp2) and the LSE
+// kept in base 2 (each q.k is multiplied by softmax_scale * log2(e), so exp is one exp2) and the LSE
 // is converted back to natural log; masked scores are -inf and their probabilities are selected
 // to 0; a row that never sees a key ends as zeros with LSE -inf. Offsets are int64.
 #pragma once
@@ -238,24 +238,38 @@ RK_INLINE void zero_floats(float* x, int64_t n) { memset(x, 0, static_cast<size_
 // channel). In the tiled kernel A is the rotated K block and B the transposed Q tile, so C is
 // S^T (keys x query rows): K needs no transpose and the softmax runs down columns, eight query
 // rows per vector.
+// Each score sums its channels in chunks of kDotChunk, the chunk sums added in C: one FMA chain
+// over all 256 channels of a D = 256 head made the fp32 output error 1.5x the eager baseline's
+// (BLAS dots are blocked) and broke the 2x rule of DESIGN §5 in 1 case of 25; the extra C
+// load/add/store per chunk is 12 of every 12 * 64 vector ops and runs beside the FMAs.
+constexpr int kDotChunk = 64;
 template <int MR>
 RK_INLINE void outer_tile(const float* a, int lda, const float* b, int ldb, int Dp, float* c, int ldc) {
-  V acc[MR][2];
+  for (int d0 = 0; d0 < Dp; d0 += kDotChunk) {
+    const int d1 = imin(Dp, d0 + kDotChunk);
+    V acc[MR][2];
 #pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vzero();
-  for (int d = 0; d < Dp; ++d) {
-    const V b0 = vload(b + static_cast<int64_t>(d) * ldb), b1 = vload(b + static_cast<int64_t>(d) * ldb + kLanes);
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vzero();
+    for (int d = d0; d < d1; ++d) {
+      const V b0 = vload(b + static_cast<int64_t>(d) * ldb), b1 = vload(b + static_cast<int64_t>(d) * ldb + kLanes);
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        const V ab = vbcast(a + r * lda + d);
+        acc[r][0] = vfma(ab, b0, acc[r][0]);
+        acc[r][1] = vfma(ab, b1, acc[r][1]);
+      }
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const V ab = vbcast(a + r * lda + d);
-      acc[r][0] = vfma(ab, b0, acc[r][0]);
-      acc[r][1] = vfma(ab, b1, acc[r][1]);
+      float* cr = c + static_cast<int64_t>(r) * ldc;
+      if (d0 == 0) {
+        vstore(cr, acc[r][0]);
+        vstore(cr + kLanes, acc[r][1]);
+      } else {
+        vstore(cr, vload(cr) + acc[r][0]);
+        vstore(cr + kLanes, vload(cr + kLanes) + acc[r][1]);
+      }
     }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    vstore(c + static_cast<int64_t>(r) * ldc, acc[r][0]);
-    vstore(c + static_cast<int64_t>(r) * ldc + kLanes, acc[r][1]);
   }
 }
 
@@ -385,24 +399,34 @@ static void pv_block_direct(const float* p, int64_t ldr, int64_t ldj, int M, con
 // probabilities are selected to 0, so nothing from a masked key reaches the accumulator.
 constexpr float kLazyMax = 8.0f;
 
-// One online-softmax step over S^T [nb keys][ld] (scores of one key block for Mp query rows),
+// One online-softmax step over S^T [nb keys][ld] (raw q.k of one key block for Mp query rows),
 // eight query rows per vector, so nothing is horizontal or scalar per row. `lim` (as floats) holds the
 // number of visible keys of each row for a block that masks some (causal diagonal), or is null
 // when every row sees all nb keys. m, l, alpha are per row (Mp, a multiple of 8).
-static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float* m, float* l, float* alpha) {
+// `scale2` (softmax_scale * log2 e) multiplies each finished score once, here, rather than the
+// rotated Q row before the dot: pre-scaling Q adds one rounding per channel to every score, and
+// in fp32 that took the output error to 2.7x the eager fp32 baseline's in the worst of 200 random
+// small cases (emulated; 1.8x scaling here), breaking the 2x rule of DESIGN §5 at small positions.
+static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float scale2, float* m, float* l,
+                         float* alpha) {
   const V neg_inf = vset1(-kInf), lazy = vset1(kLazyMax), zero = vzero(), one = vset1(1.0f);
+  const V sc = vset1(scale2);
   for (int c = 0; c < Mp; c += kLanes) {
     float* col = st + c;
     V mx = neg_inf;
     if (lim) {
       const V lv = vload(lim + c);
       for (int n = 0; n < nb; ++n) {
-        const V x = vselect_lt(vset1(static_cast<float>(n)), lv, vload(col + n * ld), neg_inf);
+        const V x = vselect_lt(vset1(static_cast<float>(n)), lv, vload(col + n * ld) * sc, neg_inf);
         vstore(col + n * ld, x);
         mx = vmax(mx, x);
       }
     } else {
-      for (int n = 0; n < nb; ++n) mx = vmax(mx, vload(col + n * ld));
+      for (int n = 0; n < nb; ++n) {
+        const V x = vload(col + n * ld) * sc;
+        vstore(col + n * ld, x);
+        mx = vmax(mx, x);
+      }
     }
     // Raise the running max only where it was -inf or the block exceeds it by kLazyMax.
     const V mo = vload(m + c);
@@ -590,8 +614,8 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   float* alpha = bump.take(Mp);
   float* lim = bump.take(Mp);
 
-  // Q tile: rows r = (i - i0) * G + g, rotated once, pre-scaled into base 2, and transposed eight
-  // rows at a time (rows past M are zeros).
+  // Q tile: rows r = (i - i0) * G + g, rotated once (the base-2 softmax scale is applied to the
+  // finished scores, see softmax_cols) and transposed eight rows at a time (rows past M are zeros).
   for (int r0 = 0; r0 < Mp; r0 += 8) {
     for (int t = 0; t < 8; ++t) {
       const int r = r0 + t;
@@ -604,7 +628,6 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       const int h = hkv * G + r % G;
       load_rotate_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, R ? q_cs + i * cs_stride : nullptr, R, cp, il,
                           D, Dp, row);
-      scale_row(row, Dp, scale2);
     }
     for (int d = 0; d < Dp; d += 8) {
       V r8[8];
@@ -636,7 +659,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
     const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
     if (!diagonal) {
       outer_block(Ks, nb, Dp, Qt, Mp, Mp, St, Mp);
-      softmax_cols(St, Mp, Mp, nb, nullptr, m, l, alpha);
+      softmax_cols(St, Mp, Mp, nb, nullptr, scale2, m, l, alpha);
       pv_block(St, 1, Mp, M, Vs, Dp, Dp, nb, O, alpha);
       continue;
     }
@@ -647,7 +670,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       const int keys = c0 < M ? visible(imin(c0 + kNR, M) - 1) : 0;
       if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, kNR, St + c0, Mp);
     }
-    softmax_cols(St, Mp, Mp, nb, lim, m, l, alpha);
+    softmax_cols(St, Mp, Mp, nb, lim, scale2, m, l, alpha);
     for (int r0 = 0; r0 < M; r0 += kMR) {
       const int rows = imin(kMR, M - r0);
       pv_block(St + r0, 1, Mp, rows, Vs, Dp, Dp, visible(r0 + rows - 1), O + static_cast<int64_t>(r0) * Dp, alpha + r0);
@@ -742,7 +765,6 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
       const int r = h * Sq + i;
       float* dst = Qs + static_cast<int64_t>(r) * Dp;
       load_rotate_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, qcs + i * cs_stride, R, cp, il, D, Dp, dst);
-      scale_row(dst, Dp, scale2);
     }
   }
   for (int r = 0; r < rows8; ++r) {
@@ -846,7 +868,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     if (masked)
       for (int r = 0; r < rows8; ++r)
         lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, (n - Sq + r % Sq) - c0 + 1))) : nc;
-    softmax_cols(St, rows8, rows8, nc, masked ? lim : nullptr, m, l, alpha);
+    softmax_cols(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha);
     for (int hkv = 0; hkv < Hkv; ++hkv) {
       const int hr0 = hkv * group_rows;
       if (v_direct)
