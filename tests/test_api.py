@@ -310,3 +310,12 @@ def test_skip_data_checks_env(monkeypatch):
         ROPE,
         cache_seqlens=torch.tensor([1, 2], dtype=torch.int32),
     )
+
+
+def test_readme_usage_runs():
+    """The README's usage example, run as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python", text.index("## Usage")) + len("```python")
+    exec(compile(text[start : text.index("```", start)], "README.md", "exec"), {})
