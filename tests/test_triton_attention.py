@@ -282,7 +282,8 @@ def test_unsupported_calls_name_the_reason():
 
 
 def test_autotune_configs():
-    """One config under the interpreter; on GPUs the per-generation lists, pruned per head layout."""
+    """One config under the interpreter; on GPUs the per-generation lists, pruned per head layout
+    to the configs whose live tiles fit the registers (``live_registers``, calibrated on ptxas)."""
     import triton
 
     from ropekern._triton import attention as A
@@ -290,45 +291,73 @@ def test_autotune_configs():
     if A._INTERPRET:
         assert len(A._rope_attn_fwd.configs) == 1
     every = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A._AMPERE + A._HOPPER
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in dict.fromkeys(A._AMPERE + A._HOPPER)
     ]
 
-    def shapes(*args):
-        return {
-            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            for c in A.select_configs(every, *args)
-        }
+    def shapes(major, smem, elem, d, r=None, group=1):
+        r = d if r is None else r
+        half_p, pass_p = A._pow2(r // 2), A._pow2(d - r) if d > r else 0
+        kept = A.select_configs(every, major, smem, elem, A._pow2(d), 2 * half_p + pass_p, group)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
 
-    hopper_128 = shapes(9, 232448, 2, 128, 128)  # H100: 227 KB shared memory per block
-    assert hopper_128 and hopper_128 <= set(A._HOPPER) and (128, 128, 8, 3) in hopper_128
-    ampere_128 = shapes(8, 166912, 2, 128, 128)  # A100: 163 KB
-    assert ampere_128 and ampere_128 <= set(A._AMPERE) and (128, 64, 4, 3) in ampere_128
-    # D = 256: a 128-row fp32 accumulator needs 8 warps (256 registers per thread at 4 warps).
-    assert all(w == 8 for m, _, w, _ in shapes(9, 232448, 2, 256, 256) if m == 128)
-    assert shapes(8, 101376, 4, 256, 256) == {(64, 32, 4, 1)}  # fp32 D = 256 on a 99 KB part: the fallback
+    hopper_128 = shapes(9, 232448, 2, 128)  # H100: 227 KB shared memory per block
+    assert hopper_128 <= set(A._HOPPER) and (128, 32, 8, 3) in hopper_128
+    ampere_128 = shapes(8, 166912, 2, 128)  # A100: 163 KB
+    assert ampere_128 <= set(A._AMPERE) and (128, 32, 8, 2) in ampere_128
+    # 128 query rows on 4 warps spilled 5.8 KB per thread at D = 128 bf16 (sm_90): no 4-warp config.
+    assert all(w == 8 for _, _, w, _ in A._AMPERE + A._HOPPER)
+    assert (128, 64, 8, 3) not in hopper_128 and (128, 64, 8, 3) in shapes(9, 232448, 2, 64)
+    assert shapes(9, 232448, 2, 256) == {(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)}
+    assert shapes(9, 232448, 4, 128) == {(32, 16, 8, 1)}  # fp32: 64 x 16 spilled 24 B
+    assert shapes(8, 101376, 4, 256) == {(32, 16, 8, 1)}  # fp32 D = 256 on a 99 KB part
+    # GQA: 64 x 64 x 8 spilled at D = 128 with GROUP 2 and 4 (472 / 412 B) but not GROUP 1.
+    assert (64, 64, 8, 3) in hopper_128 and (64, 64, 8, 3) not in shapes(9, 232448, 2, 128, group=4)
+    # Partial rotary can make the Q / K tile wider than the head: D = 96, R = 80 -> 2 x 64 + 16.
+    assert A.head_class(128, 144) == 256 and shapes(9, 232448, 2, 96, 80) == shapes(9, 232448, 2, 256)
+    for major, smem in ((9, 232448), (8, 166912), (8, 101376)):
+        for elem in (2, 4):
+            for d, r in ((32, 32), (64, 64), (80, 48), (96, 96), (128, 128), (128, 64), (256, 256), (256, 128)):
+                half_p = A._pow2(r // 2)
+                k_cols = 2 * half_p + (A._pow2(d - r) if d > r else 0)
+                key = (major, elem, A.head_class(A._pow2(d), k_cols))
+                assert shapes(major, smem, elem, d, r) <= A._SPILL_FREE[key]
+                assert shapes(major, smem, elem, d, r, group=8) <= A._SPILL_FREE_GQA[key]
+
+
+# Compiled by test_kernels_compile_for_gpus (a sample of ``attention._SPILL_FREE`` /
+# ``_SPILL_FREE_GQA``, whose other entries were measured the same way): per GPU generation the largest
+# config kept at D = 128 with 16-bit inputs, the fp32 one, and partial interleaved rotary at D = 80
+# through the varlen GQA variant.
+_FWD_COMPILED = (
+    "aot.compile_attention(90, 'bf16', 128, block=(128, 32, 8, 3))",
+    "aot.compile_attention(80, 'fp16', 128, block=(128, 32, 8, 2))",
+    "aot.compile_attention(90, 'fp32', 128, block=(32, 16, 8, 1))",
+    "aot.compile_attention(90, 'bf16', 80, 48, True, True, True, 2, (32, 32, 8, 2))",
+    "aot.compile_rope(80, 'fp16', 96, 64, interleaved=True)",
+)
 
 
 def test_kernels_compile_for_gpus():
     """The interpreter never runs the GPU compiler; compile both kernels for sm_90 / sm_80 through
-    Triton's real pipeline (bundled ptxas, no GPU needed) and require no register spills."""
+    Triton's real pipeline (bundled ptxas, no GPU needed) and require no register spills. Spills
+    go to the stack frame: cuobjdump's LOCAL stays 0, so the bytes come from ``ptxas -v``."""
     import ast
     import os
     import subprocess
     import sys
 
-    code = (
-        "from ropekern._triton import aot\n"
-        "print(aot.compile_attention(90, 'bf16', 80, 48, True, True, True, 2, (64, 32, 4, 2)))\n"
-        "print(aot.compile_rope(80, 'fp16', 96, 64, interleaved=True))\n"
-    )
+    code = "from ropekern._triton import aot\n" + "".join(f"print({call})\n" for call in _FWD_COMPILED)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in proc.stdout.strip().splitlines():
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(_FWD_COMPILED), proc.stdout
+    for call, line in zip(_FWD_COMPILED, lines):
         usage = ast.literal_eval(line)
-        assert usage["registers"] > 0 and usage["local"] == 0, usage
+        assert usage["registers"] > 0 and usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (call, usage)
 
 
 # ---------------------------------------------------------------------------------- torch.library

@@ -602,9 +602,15 @@ def test_recompute_backward_opcheck():
 
 
 # ---------------------------------------------------------------------------------- GPU compile check
+# Kernels without ``block`` compile the first config of their list (the one ``select_configs`` keeps
+# for these layouts where a spill-free config is known).
 _COMPILED = {
-    "dkdv_sm90": "aot.compile_backward(90, 'bf16', 128, kernel='dkdv', group=4)",
+    "dkdv_sm90_d64": "aot.compile_backward(90, 'bf16', 64, kernel='dkdv', group=4)",
+    "dkdv_sm90_d64_partial": "aot.compile_backward(90, 'fp16', 64, 32, True, kernel='dkdv', group=8)",
     "dq_sm90": "aot.compile_backward(90, 'bf16', 128, kernel='dq', group=4)",
+    "dq_sm90_8_warps": "aot.compile_backward(90, 'bf16', 128, kernel='dq', group=4, block=(128, 16, 8, 1))",
+    "dkdv_sm90_d128": "aot.compile_backward(90, 'bf16', 128, kernel='dkdv', group=4)",
+    "dq_sm90_pass_through": "aot.compile_backward(90, 'fp16', 80, 48, True, kernel='dq')",
     "dkdv_sm80": "aot.compile_backward(80, 'fp16', 80, 48, True, kernel='dkdv', varlen=True)",
     "dq_sm80": "aot.compile_backward(80, 'fp16', 80, 48, True, kernel='dq', varlen=True)",
     "preprocess_sm90": "aot.compile_backward(90, 'bf16', 128, kernel='preprocess')",
@@ -628,20 +634,41 @@ def _compiled() -> dict[str, dict[str, int]]:
     return {name: ast.literal_eval(line) for name, line in zip(_COMPILED, lines)}
 
 
-@pytest.mark.parametrize("name", ["preprocess_sm90", "table_sm80"])
-def test_small_backward_kernels_compile_without_spills(name):
+@pytest.mark.parametrize(
+    "name", ["preprocess_sm90", "table_sm80", "dkdv_sm90_d64", "dkdv_sm90_d64_partial", "dq_sm90", "dq_sm90_8_warps"]
+)
+def test_backward_kernels_compile_without_spills(name):
+    """The shipped spill-free configs (``backward.spill_free``) and the small kernels."""
     usage = _compiled()[name]
     assert usage["registers"] > 0 and usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
+
+
+def test_spill_free_configs_are_selected():
+    """Where a spill-free config is known, the pruner keeps only those; elsewhere the old rule."""
+    import triton
+
+    from ropekern._triton import backward as B
+
+    def kept(kernel, major, d, k_cols, has_pass=False):
+        shapes = B._DKDV if kernel == "dkdv" else B._DQ
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        out = B.select_configs(configs, kernel, 232448, 2, d, k_cols, major, has_pass)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in out}
+
+    assert kept("dkdv", 9, 64, 64) == {(16, 128, 8, 1)}
+    assert kept("dq", 9, 128, 128) == {(64, 16, 4, 1), (128, 16, 8, 1)}
+    assert len(kept("dkdv", 9, 128, 128)) > 1 and len(kept("dq", 8, 128, 128)) > 2
+    assert len(kept("dq", 9, 128, 96, True)) > 2  # pass-through: (64, 16, 4, 1) spilled 16 B
 
 
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="known: the dK/dV and dQ kernels spill (sm_90 D=128: dK/dV 2.2 KB, dQ 48 B per thread; "
-    "sm_80 more), see the config comment in ropekern/_triton/backward.py",
+    reason="known: dK/dV at D = 128 (sm_90: 0.8-2.3 KB per thread), dQ with pass-through channels "
+    "(sm_90: 4-16 B) and both kernels on sm_80 spill; figures in docs/triton-bwd.md",
 )
-@pytest.mark.parametrize("name", ["dkdv_sm90", "dq_sm90", "dkdv_sm80", "dq_sm80"])
-def test_main_backward_kernels_compile_without_spills(name):
+@pytest.mark.parametrize("name", ["dkdv_sm90_d128", "dq_sm90_pass_through", "dkdv_sm80", "dq_sm80"])
+def test_backward_kernels_known_to_spill(name):
     """Every kernel compiles for sm_80 / sm_90 (an error fails the test outright, not as an xfail
     of this assertion); spills are the open part."""
     usage = _compiled()[name]

@@ -103,7 +103,8 @@ def compile_attention(
         else:
             signature[name] = "fp32" if name in ("qk_scale", "attention_factor") else "i32"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, "maxnreg": attention.MAXNREG}  # as the autotuner's configs
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return _usage(kernel)
 
 
@@ -170,7 +171,7 @@ def compile_rope(
     half_p = _pow2(r // 2)
     constexprs = dict(
         HALF=r // 2, HALF_P=half_p, PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 16,
-        INTERLEAVED=interleaved, BLOCK_S=max(16, min(128, 2048 // half_p)),
+        INTERLEAVED=interleaved, BLOCK_S=max(16, min(128, 1024 // half_p)),
     )  # fmt: skip
     fn = rope._apply_rope_kernel
     pointers = {"X": dtype, "Out": dtype, "Pos": "i32", "Split": "fp32"}

@@ -36,47 +36,118 @@ MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535  # CUDA limit of grid dimensions y and z
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Starting points taken from the shapes public FA2
-# Triton kernels use on these parts, pruned per call (shared memory, registers). All compile for
-# sm_80 / sm_90 without spills at D = 128 bf16 (``aot.py``); none has been timed (no GPU in this
-# session). (64, 32, 4, 1) is the fallback: <= 107 KB of shared memory even for fp32 at D = 256.
-_AMPERE = ((128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1))
-_HOPPER = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 1))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), none timed (no GPU in this work). Every config the
+# pruner keeps compiles for sm_80 / sm_90 without register spills (``ptxas -v`` through ``aot.py``;
+# figures in docs/triton-fwd.md). A program keeps for its whole key loop the fp32 accumulator, the
+# rotated Q tile and the fp32 cos/sin step table of ``rope_tile.step_table`` (2 x BLOCK_N x HALF_P
+# x 4 B), and rotates each K tile in fp32. The 4-warp 128-row shapes of public FA2 kernels spill
+# here (128 x 64 x 4 warps, D = 128 bf16: 5.8 KB per thread on sm_90), so every config has 8 warps
+# and BLOCK_N <= 64: 128 x 32 x 8 warps uses 253 registers and no spill at D = 128 bf16. Even 64 x 64 x
+# 4 warps spilled at D = 64 on sm_80 (72 B; none on sm_90). ``_SPILL_FREE`` lists, per head
+# class, the configs measured spill-free; the pruner keeps only those. 32-row and 16-key tiles are for
+# D = 256 (a 64 x 256 fp32 accumulator alone is 64 registers per thread at 8 warps); (32, 16, 8, 1)
+# is the fallback for every head (<= 48 KB of shared memory).
+_AMPERE = ((128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1))
+_HOPPER = ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1))
 # Under the interpreter every tile step is ~1000 Python-level ops (~40 ms): 32 x 32 tiles keep the
 # test shapes (<= 129 tokens) on several blocks, so ragged tails, both key phases and GQA groups
 # split across tiles are exercised, at a quarter of the iterations of 16 x 16.
 _INTERPRETER = ((32, 32, 4, 1),)
 
 
+# Register limit passed to ptxas (``.maxnreg``). Without it ptxas capped some 8-warp programs at
+# 128 or 80 registers and spilled rather than use more (32 x 16 x 8 warps: D = 128 GROUP 4 on
+# sm_90, 128 registers and 128 B of spills; D = 64 on sm_80, 80 and 4 B); with it: 163 and 112
+# registers, no spill.
+MAXNREG = 255
+
+
 def _configs() -> list[triton.Config]:
     shapes = _INTERPRETER if _INTERPRET else tuple(dict.fromkeys(_AMPERE + _HOPPER))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=None if _INTERPRET else MAXNREG)
+        for m, n, w, s in shapes
+    ]
+
+
+_H64 = frozenset(_HOPPER)
+_A64 = frozenset(_AMPERE)
+_SMALL = frozenset({(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)})
+_FALLBACK = frozenset({(32, 16, 8, 1)})
+# Measured spill-free (``ptxas -v`` via ``aot.compile_attention``, rotated, causal): (generation,
+# element size, head class) -> configs. The head class is the padded width of the widest tile,
+# max(HEAD_DIM_P, 2 * HALF_P + PASS_P), at least 64. fp16 was compiled where bf16 was (same
+# register footprint). fp32 operands double the Q / K / V tiles: at D = 128 only 32 x 16 x 8 warps
+# is spill-free (64 x 16: 24 B, 32 x 32: 52 B on sm_90). The RoPE-off variant uses fewer registers.
+# GROUP 1 (measured before ``MAXNREG``, which only lifts the ptxas cap):
+_SPILL_FREE = {
+    (9, 2, 64): _H64,
+    (9, 2, 128): _H64 - {(128, 64, 8, 3)},  # 128 x 64: 244 B
+    (9, 2, 256): _SMALL,  # 128 x 32: 2 KB, 64 x 64: 1.7 KB
+    (9, 4, 64): _SMALL,  # 64 x 64: 44 B
+    (9, 4, 128): _FALLBACK,
+    (9, 4, 256): _FALLBACK,
+    # sm_80 without MAXNREG capped some shapes (D = 64: 32 x 16 x 8 warps at 80 registers, 4 B;
+    # 128 x 32 x 8 at 128 registers, 32 B); not re-measured with it, so still out.
+    (8, 2, 64): _A64 - {(32, 16, 8, 1), (128, 32, 8, 2)},
+    (8, 2, 128): _SMALL | {(128, 32, 8, 2)},  # 64 x 64: 92 B, 128 x 64: 212 B
+    (8, 2, 256): _FALLBACK,  # 64 x 16: 196 B, 32 x 32: 48 B
+    (8, 4, 64): _SMALL,
+    (8, 4, 128): _FALLBACK,
+    (8, 4, 256): _FALLBACK,
+}
+# GROUP > 1 (measured at GROUP 4 with MAXNREG): the GQA rows (row r is query r // GROUP of head
+# r % GROUP) cost registers; 64 x 64 x 8 at D = 128 spilled 472 B at GROUP 2 and 412 B at GROUP 4.
+_SPILL_FREE_GQA = {
+    (9, 2, 64): _H64,
+    # 128 x 32 x 8: spill-free at D = 128 (GROUP 4, also varlen or R = 64), but 32 B at D = 80,
+    # R = 48 (GROUP 2) and 200 B with interleaved pairs and varlen: out.
+    (9, 2, 128): _SMALL,
+    (9, 2, 256): _SMALL,
+    (9, 4, 64): _SMALL,
+    (9, 4, 128): _FALLBACK,
+    (9, 4, 256): _FALLBACK,
+    (8, 2, 64): _A64 - {(128, 64, 8, 2)},  # 16 B
+    (8, 2, 128): _SMALL,  # 128 x 32: 100 B, 64 x 64: 108 B
+    (8, 2, 256): _FALLBACK,  # 64 x 16: 152 B, 32 x 32: 96 B
+    (8, 4, 64): _SMALL,
+    (8, 4, 128): _FALLBACK,
+    (8, 4, 256): _FALLBACK,
+}
+
+
+def head_class(head_dim_p: int, k_cols: int) -> int:
+    """The ``_SPILL_FREE`` head class of a layout: a power of two in 64..256 (k_cols <= 3 * 128)."""
+    return min(256, max(64, triton.next_power_of_2(max(head_dim_p, k_cols))))
 
 
 def select_configs(
-    configs: list[triton.Config], major: int, smem_limit: int, elem_size: int, head_dim_p: int, k_cols: int
+    configs: list[triton.Config],
+    major: int,
+    smem_limit: int,
+    elem_size: int,
+    head_dim_p: int,
+    k_cols: int,
+    group: int = 1,
 ) -> list[triton.Config]:
     """The configs of this GPU generation (``major`` 9+: Hopper list, else Ampere) that fit
-    ``smem_limit`` bytes of shared memory and the register file, for a padded head of
-    ``head_dim_p`` (V / accumulator) and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns."""
-    family = set(_HOPPER if major >= 9 else _AMPERE)
+    ``smem_limit`` bytes of shared memory and were measured to compile without register spills
+    (``_SPILL_FREE``, ``_SPILL_FREE_GQA`` when ``group`` > 1), for a padded head of ``head_dim_p``
+    (V / accumulator) and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns. The RoPE-off variant
+    gets the same configs as the rotated one, so its RoPE tax is measured at equal tiles."""
+    table = _SPILL_FREE_GQA if group > 1 else _SPILL_FREE
+    allowed = table[(9 if major >= 9 else 8, 4 if elem_size >= 4 else 2, head_class(head_dim_p, k_cols))]
     keep = []
     for c in configs:
-        bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-        if (bm, bn, w, s) not in family:
-            continue
+        shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         # Shared memory: one K and one V tile is a lower bound. Compiled for sm_80/sm_90 with D = 128
         # bf16, Triton allocated 0.75-1.5x of it whatever num_stages (24-66 KB): K passes through
         # registers to be rotated, so only part of the loads are multi-buffered. Configs that
         # still do not fit fail at launch with OutOfResources, which the autotuner skips.
-        smem = bn * (k_cols + head_dim_p) * elem_size
-        # The fp32 accumulator and the rotated Q tile stay in registers for the whole key loop.
-        # Compiled for sm_80/sm_90 (ptxas, no GPU), D = 128 bf16 at 128 x 64 x 4 warps (192 by this
-        # estimate) uses 255 registers with no spill; D = 256 at 4 warps (384) cannot fit.
-        regs = bm * (head_dim_p + k_cols * elem_size // 4) // (32 * w)
-        if smem <= smem_limit and regs <= 192:
+        smem = c.kwargs["BLOCK_N"] * (k_cols + head_dim_p) * elem_size
+        if shape in allowed and smem <= smem_limit:
             keep.append(c)
-    if not keep:  # (64, 32, 4, 1) is in both families and is the smallest
+    if not keep:  # (32, 16, 8, 1) is in both families, spill-free everywhere and the smallest
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     return keep
 
@@ -87,7 +158,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     major = torch.cuda.get_device_capability(q.device)[0]
     props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
     k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
-    return select_configs(configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols)
+    return select_configs(
+        configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols, kwargs["GROUP"]
+    )
 
 
 @triton.jit

@@ -53,13 +53,32 @@ _LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; none has been timed (no GPU in this session).
 # The dK/dV program keeps dK' and dV (fp32, BLOCK_N x 2D) and the rotated K and V for its whole life,
-# so it takes few query rows per step; the dQ program keeps dQ', Q and dO. They all compile for
-# sm_80 / sm_90 but SPILL (ptxas -v, D = 128 bf16, GROUP 4, ``aot.compile_backward``): dK/dV 1.1-5.1
-# KB per thread on sm_90 and 12-37 KB on sm_80 (where ptxas allots only 32 registers); dQ 4-296 B on
-# sm_90 ((64, 16, 4, 1) none) and 0.4-2.3 KB on sm_80. Even (16, 32, 4, 1) without rotation spills
-# 76 B on sm_90: not the tile size alone; open (tests/test_triton_backward.py, xfail strict).
-_DKDV = ((32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 1))
-_DQ = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 16, 4, 1))
+# so it takes few query rows per step; the dQ program keeps dQ', Q and dO. Spills (``ptxas -v``,
+# ``aot.compile_backward``; figures in docs/triton-bwd.md): the chained dots (S -> P -> dS -> dK)
+# make Triton put every warp along the first dot dimension, so the second operand (Q in dK/dV, K in
+# dQ) is held whole by every warp, and the Q rotation is done twice (for the transposed operand of
+# S = K Q^T and for dK += dS^T Q). Spill-free on sm_90 (fp16 / bf16) and listed first, kept alone
+# by ``select_configs`` where they apply: dK/dV (16, 128, 8, 1) at D <= 64 (GROUP 1-8; 16 query
+# rows, 16 key rows per warp); dQ (64, 16, 4, 1) and (128, 16, 8, 1) at D <= 128 with full rotary
+# (16 keys per step: the rotated K tile is the operand every warp holds). Everything else spills:
+# dK/dV at D = 128 >= 0.8 KB per thread on sm_90 for every shape tried (GROUP 4), and sm_80 spills
+# in both kernels (dK/dV D = 64: 268 B; dQ D = 128: 412 B).
+_DKDV = ((16, 128, 8, 1), (32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 1))
+_DQ = ((64, 16, 4, 1), (128, 16, 8, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))
+
+
+def spill_free(kernel: str, major: int, elem_size: int, head_dim_p: int, k_cols: int, has_pass: bool) -> set:
+    """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``kernel`` measured spill-free for this
+    head layout on a GPU generation (``major``); empty where none is known."""
+    if major != 9 or elem_size != 2:
+        return set()
+    if kernel == "dkdv" and head_dim_p <= 64 and k_cols <= 64:
+        return {(16, 128, 8, 1)}
+    if kernel == "dq" and head_dim_p <= 128 and k_cols <= 128 and not has_pass:
+        return {(64, 16, 4, 1), (128, 16, 8, 1)}
+    return set()
+
+
 # Under the interpreter every tile step costs ~1000 Python-level ops: 32 x 32 tiles keep the test
 # shapes (<= 129 tokens) on several blocks, as in the forward.
 _INTERPRETER = ((32, 32, 4, 1),)
@@ -71,11 +90,19 @@ def _configs(shapes) -> list[triton.Config]:
 
 
 def select_configs(
-    configs: list[triton.Config], kernel: str, smem_limit: int, elem_size: int, head_dim_p: int, k_cols: int
+    configs: list[triton.Config],
+    kernel: str,
+    smem_limit: int,
+    elem_size: int,
+    head_dim_p: int,
+    k_cols: int,
+    major: int = 0,
+    has_pass: bool = False,
 ) -> list[triton.Config]:
     """The configs of ``kernel`` ("dkdv" or "dq") whose operand tiles fit ``smem_limit`` bytes of
     shared memory, for a padded head of ``head_dim_p`` (V, dO) and ``k_cols`` = 2 * HALF_P + PASS_P
-    (Q / K) columns; D = 256 keeps only the configs that leave registers for twice the accumulators."""
+    (Q / K) columns; D = 256 keeps only the configs that leave registers for twice the accumulators.
+    Where ``spill_free`` knows configs for this layout on GPU generation ``major``, only those."""
     keep = []
     for c in configs:
         bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
@@ -85,7 +112,10 @@ def select_configs(
         acc = bn * (k_cols + head_dim_p) if kernel == "dkdv" else bm * (2 * k_cols + head_dim_p) * elem_size // 4
         if smem <= smem_limit and acc // (32 * w) <= 128:
             keep.append(c)
-    if not keep:  # the last entry of each list is its smallest
+    known = spill_free(kernel, major, elem_size, head_dim_p, k_cols, has_pass)
+    if any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in known for c in keep):
+        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in known]
+    if not keep:  # the smallest tile of the list
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -c.num_warps))]
     return keep
 
@@ -95,7 +125,11 @@ def _pruner(kernel: str):
         q = named_args["Q"]
         props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
         k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
-        return select_configs(configs, kernel, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols)
+        major = torch.cuda.get_device_capability(q.device)[0]
+        return select_configs(
+            configs, kernel, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols, major,
+            kwargs["PASS"] > 0,
+        )  # fmt: skip
 
     return prune
 
@@ -326,7 +360,7 @@ def _dkdv_block(
         keep = cols[:, None] <= rows[None, :] + causal_offset  # [BLOCK_N, BLOCK_M]
     # Pointers are rebuilt per head from scalar bases: a [BLOCK_M, D] block of 64-bit pointers carried
     # across the loop would hold 64 registers per thread (BLOCK_M = 32, D = 128, 4 warps).
-    for g in range(GROUP):
+    for g in tl.range(GROUP, disable_licm=True):
         q_rows = q_base + g * stride_qh + tok64 * stride_qs
         q1, q2 = _load_rotated(q_rows, row_ok, cs_rows, HALF, HALF_P, INTERLEAVED, ROTATE, True)
         lse, delta = _row_stats(Lse, Delta, lse_base + g * stride_lh + tok64, row_ok)
