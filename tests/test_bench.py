@@ -394,7 +394,13 @@ def test_script_saves_results_and_report_renders(tmp_path, monkeypatch, capsys):
     spec.loader.exec_module(report)
     md_path = tmp_path / "docs" / "bench.md"
     (results / "dev" / "decode-speedup.png").unlink()
-    report.main(["--results", str(results), "--out", str(md_path), "--plots"])  # --plots redraws from the JSON
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.SUMMARY_BEGIN}\nstale\n{report.SUMMARY_END}\n\nafter\n")
+    # --plots redraws from the JSON
+    report.main(["--results", str(results), "--out", str(md_path), "--readme", str(readme), "--plots"])
+    summary = readme.read_text()
+    assert "stale" not in summary and summary.endswith(f"{report.SUMMARY_END}\n\nafter\n")
+    assert "| 32 | `rk-torch` |" in summary and "preliminary" in summary
     assert (results / "dev" / "decode-speedup.png").exists()
     md = md_path.read_text()
     assert "decode" in md and "rk-torch" in md and "preliminary" in md
