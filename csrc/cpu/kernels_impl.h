@@ -53,6 +53,26 @@ RK_INLINE V angle_turns8(float ph, float pl, V f1, V f2, V f3) {
   return s - vfloor(s + vset1(0.5f));
 }
 
+// Lanes [i, i + n) of the three pieces of the split frequency table ([3][half]); n < kLanes
+// (the table's tail) pads with zeros.
+RK_INLINE void load_split3(const float* split, int half, int i, int n, V* f1, V* f2, V* f3) {
+  if (n == kLanes) {
+    *f1 = vload(split + i);
+    *f2 = vload(split + half + i);
+    *f3 = vload(split + 2 * half + i);
+    return;
+  }
+  float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
+  for (int k = 0; k < n; ++k) {
+    t1[k] = split[i + k];
+    t2[k] = split[half + i + k];
+    t3[k] = split[2 * half + i + k];
+  }
+  *f1 = vload(t1);
+  *f2 = vload(t2);
+  *f3 = vload(t3);
+}
+
 // cos/sin of the R/2 pair angles of one position into cs = [cos: cs_pad][sin: cs_pad], times
 // `factor`. `split` is one sequence's table float[3][half].
 static void cos_sin_row(int32_t pos, const float* split, int half, float factor, int cs_pad, float* cs) {
@@ -63,21 +83,7 @@ static void cos_sin_row(int32_t pos, const float* split, int half, float factor,
   for (int i = 0; i < half; i += kLanes) {
     const int n = imin(kLanes, half - i);
     V f1, f2, f3;
-    if (n == kLanes) {
-      f1 = vload(split + i);
-      f2 = vload(split + half + i);
-      f3 = vload(split + 2 * half + i);
-    } else {
-      float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
-      for (int k = 0; k < n; ++k) {
-        t1[k] = split[i + k];
-        t2[k] = split[half + i + k];
-        t3[k] = split[2 * half + i + k];
-      }
-      f1 = vload(t1);
-      f2 = vload(t2);
-      f3 = vload(t3);
-    }
+    load_split3(split, half, i, n, &f1, &f2, &f3);
     V s, c;
     vsincos_turns(angle_turns8(ph, pl, f1, f2, f3), &s, &c);
     vstore(C + i, c * vf);  // cs_pad is a multiple of 8: full vectors always fit
@@ -101,21 +107,7 @@ static void cos_sin_chunk(int32_t pos0, int n, const float* split, int half, flo
   for (int i = 0; i < half; i += kLanes) {
     const int m = imin(kLanes, half - i);
     V f1, f2, f3;
-    if (m == kLanes) {
-      f1 = vload(split + i);
-      f2 = vload(split + half + i);
-      f3 = vload(split + 2 * half + i);
-    } else {
-      float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
-      for (int k = 0; k < m; ++k) {
-        t1[k] = split[i + k];
-        t2[k] = split[half + i + k];
-        t3[k] = split[2 * half + i + k];
-      }
-      f1 = vload(t1);
-      f2 = vload(t2);
-      f3 = vload(t3);
-    }
+    load_split3(split, half, i, m, &f1, &f2, &f3);
     V a = vph * f1 * k4096;
     a = a - vfloor(a);
     V b = vph * f2 * k4096;
