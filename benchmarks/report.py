@@ -104,6 +104,10 @@ def _f(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _tax(v) -> str:
+    return "–" if v is None else f"{v * 100:+.1f}%"
+
+
 def _group_label(r: dict) -> str:
     mask = "" if r["op"] == "rope" else (", causal" if r["causal"] else ", no mask")
     q = f", {r['q_len']} new token(s)" if r["op"] == "decode" else ""
@@ -127,7 +131,7 @@ def _table(rows: list[dict], op: str) -> list[str]:
         if own:
             sep = sp.get(f"rk-{r['backend']}:separate") if r["role"] == "fused" else None
             tax = r.get("rope_tax")
-            cells += [_f(sep, ".2f") + ("×" if sep else ""), "–" if tax is None else f"{tax * 100:+.1f}%"]
+            cells += [_f(sep, ".2f") + ("×" if sep else ""), _tax(tax)]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -251,11 +255,9 @@ def summary(files: list[Path], md_dir: Path) -> list[str]:
         for r in sorted(fused, key=lambda r: (r["provider"], r["seqlen"])):
             sp = r.get("speedup") or {}
             sep = sp.get(f"rk-{r['backend']}:separate")
-            tax = r.get("rope_tax")
             lines.append(
                 f"| {r['seqlen']} | `{r['provider']}` | {_f(sp.get(main), '.2f')} | {_f(sep, '.2f')} | "
-                + ("–" if tax is None else f"{tax * 100:+.1f}%")
-                + " |"
+                f"{_tax(r.get('rope_tax'))} |"
             )
         lines.append("")
     return lines
