@@ -382,6 +382,22 @@ def test_kvcache_growth_across_switch(kind):
         check_kvcache(qs[:, t : t + 1], kc, vc, rope, **kw)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_kvcache_positions_near_2_20(isa, dtype):
+    """Decode over a cache of ~2^20 keys (a paged cache whose table reuses 5 physical blocks): the
+    kernel's per-chunk cos/sin (angle addition from the chunk's first position) at million-token
+    positions, against the fp64 oracle."""
+    d, block = 32, 256
+    n = (1 << 20) - 3 if dtype == F32 else (1 << 20) + 40
+    gen = torch.Generator().manual_seed(3)
+    rope = rk.RopeConfig(d, base=500000.0)
+    kc = torch.randn(5, block, 1, d, generator=gen).to(dtype)
+    vc = torch.randn(5, block, 1, d, generator=gen).to(dtype)
+    table = (torch.arange(-(-(n + 1) // block)) * 7 % 5).to(torch.int32)[None]
+    q = torch.randn(1, 1, 2, d, generator=gen).to(dtype)
+    check_kvcache(q, kc, vc, rope, cache_seqlens=torch.tensor([n], dtype=torch.int32), block_table=table)
+
+
 def test_kvcache_empty_cache_and_split_counts():
     rope = make_rope("yarn", 64)
     q, kc, vc, k_new, v_new, _ = cache_case(2, [0, 0], 6, 6, 4, 1, 64, F32, False)
