@@ -762,8 +762,8 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   float* lim = bump.take(rows8);
   float* qcs = bump.take(static_cast<int64_t>(Sq) * cs_stride);
   float* kcs = bump.take(kDecodeChunk * cs_stride);
-  float* kdelta = bump.take(kDecodeChunk * cs_stride);  // cos/sin of positions 0..15, factor 1
-  if (R) cos_sin_chunk(0, kDecodeChunk, table, R / 2, 1.0f, cp, kdelta, 2 * cp);
+  float* kdelta = bump.take(kDecodeChunk * cs_stride);  // cos/sin of positions 0..kDecodeChunk-1, factor 1
+  if (R) cos_sin_chunk(0, kDecodeChunk, table, R / 2, 1.0f, cp, kdelta, cs_stride);
   float* Ks = bump.take(static_cast<int64_t>(Hkv) * kDecodeHeadRows * Dp);  // [Hkv][chunk + 1][Dp]
   float* Vs = bump.take(static_cast<int64_t>(Hkv) * kDecodeHeadRows * Dp);
   float* St = bump.take(static_cast<int64_t>(kDecodeChunk) * rows8);
@@ -774,16 +774,6 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   const bool v_direct = D == Dp;
   const int64_t row_bytes = static_cast<int64_t>(D) * sizeof(T);
   int64_t voff[kDecodeChunk];
-  auto kv_offsets = [&](int64_t j, int64_t* k_off, int64_t* v_off) {
-    if (paged) {
-      const int64_t blk = btab[j / p.block_size], t = j % p.block_size;
-      *k_off = blk * p.kc_batch_stride + t * p.kc_row_stride;
-      *v_off = blk * p.vc_batch_stride + t * p.vc_row_stride;
-    } else {
-      *k_off = b * p.kc_batch_stride + j * p.kc_row_stride;
-      *v_off = b * p.vc_batch_stride + j * p.vc_row_stride;
-    }
-  };
 
   // Queries: rows r = h * Sq + i at positions n - Sq + i.
   const float scale2 = p.softmax_scale * kLog2e;
@@ -814,7 +804,16 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     for (int jj = 0; jj < w; ++jj) {
       const int64_t j = c0 + jj;
       int64_t k_off = 0, v_off = 0;
-      if (jj < nc) kv_offsets(j, &k_off, &v_off);
+      if (jj < nc) {
+        if (paged) {
+          const int64_t blk = btab[j / p.block_size], t = j % p.block_size;
+          k_off = blk * p.kc_batch_stride + t * p.kc_row_stride;
+          v_off = blk * p.vc_batch_stride + t * p.vc_row_stride;
+        } else {
+          k_off = b * p.kc_batch_stride + j * p.kc_row_stride;
+          v_off = b * p.vc_batch_stride + j * p.vc_row_stride;
+        }
+      }
       for (int hkv = 0; hkv < Hkv; ++hkv) {
         float* krow = Ks + (static_cast<int64_t>(hkv) * kDecodeHeadRows + jj) * Dp;
         if (jj >= nc) {
