@@ -345,6 +345,24 @@ def test_kvcache_head_dims_off_16(isa, d, dtype):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "d,rotary_dim,interleaved",
+    [(64, 40, False), (64, 40, True), (72, 24, True), (20, 12, False), (36, 20, True), (44, 44, True), (40, 2, False)],
+)
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (6, 2), (8, 2), (10, 2)])
+def test_kvcache_rotary_layouts_and_groups(isa, d, rotary_dim, interleaved, hq, hkv):
+    """Decode scores rotate K in registers: full vectors of 8 pairs, scalar leftover pairs and
+    channels, pass-through channels past rotary_dim, and 1-5 query rows per KV head (tiles of 4
+    rows plus 1-3), both pair layouts; an odd number of keys per chunk (45 = 2 x 16 + 13)."""
+    rope = make_rope("yarn", d, rotary_dim=rotary_dim, interleaved=interleaved)
+    lens = [45, 300]
+    q, kc, vc, k_new, v_new, table = cache_case(2, lens, 1, 1, hq, hkv, d, BF16, True, seed=d + hq)
+    check_kvcache(
+        q, kc, vc, rope, cache_seqlens=torch.tensor(lens, dtype=torch.int32), k_new=k_new, v_new=v_new,
+        block_table=table,
+    )  # fmt: skip
+
+
 def test_kvcache_mqa_and_wide_groups():
     rope = make_rope("yarn", 64)
     for hq, sq in ((32, 1), (8, 8), (16, 5)):  # 32 and 64 rows per KV head: decode; 80: tiled
