@@ -15,8 +15,10 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "../op_args.h"
 #include "kernels.h"
 
 namespace ropekern {
@@ -51,58 +53,12 @@ const Kernels& kernels() {
   return kGenericKernels;
 }
 
-DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK_TYPE(false, "ropekern (cpu): `", name, "` must be float32, bfloat16 or float16, got ",
-                              t.scalar_type());
-  }
-  return DType::kFloat32;
-}
+constexpr const char* kWho = "ropekern (cpu)";
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "ropekern (cpu): `", name, "` must be a CPU tensor, got ", t.device());
-}
-
-void check_float(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
-  check_cpu(t, name);
-  TORCH_CHECK_VALUE(t.dim() == dim, "ropekern (cpu): `", name, "` must have ", dim, " dimensions, got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "ropekern (cpu): `", name, "` dtype ", t.scalar_type(), " differs from ",
-                   dtype);
-  TORCH_CHECK_VALUE(t.numel() == 0 || t.stride(-1) == 1, "ropekern (cpu): `", name,
-                    "` must have a contiguous last dimension, got strides ", t.strides());
-}
-
-at::Tensor int32_arg(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  check_cpu(t, name);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "ropekern (cpu): `", name, "` must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, "ropekern (cpu): `", name, "` must have shape ", shape, ", got ", t.sizes());
-  return t.contiguous();
-}
-
-// The rotary table: float32 [nT, 3, R/2] with nT in {1, batch}. Fills rope params.
-RopeParams rope_params(const at::Tensor& freqs, int64_t rotary_dim, bool interleaved, double attention_factor,
-                       int64_t head_dim, int64_t batch) {
-  TORCH_CHECK_VALUE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
-                    "ropekern (cpu): `rotary_dim` must be even and in [0, head_dim=", head_dim, "], got ", rotary_dim);
-  RopeParams rope;
-  rope.rotary_dim = static_cast<int>(rotary_dim);
-  rope.interleaved = interleaved;
-  rope.attention_factor = static_cast<float>(attention_factor);
-  if (rotary_dim == 0) return rope;
-  check_cpu(freqs, "freqs");
-  TORCH_CHECK_TYPE(freqs.scalar_type() == at::kFloat, "ropekern (cpu): `freqs` must be float32, got ",
-                   freqs.scalar_type());
-  TORCH_CHECK_VALUE(freqs.dim() == 3 && freqs.size(1) == 3 && freqs.size(2) == rotary_dim / 2 &&
-                        (freqs.size(0) == 1 || freqs.size(0) == batch),
-                    "ropekern (cpu): `freqs` must have shape [1 or ", batch, ", 3, ", rotary_dim / 2, "], got ",
-                    freqs.sizes());
-  TORCH_CHECK_VALUE(freqs.is_contiguous(), "ropekern (cpu): `freqs` must be contiguous");
-  rope.freqs = freqs.data_ptr<float>();
-  rope.freqs_batch_stride = freqs.size(0) == 1 ? 0 : 3 * (rotary_dim / 2);
-  return rope;
+// The first tensor argument (q, x) must be on the CPU; every other one on its device.
+DType cpu_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), kWho, ": `", name, "` must be a CPU tensor, got ", t.device());
+  return args::dtype_of<DType>(t, name, kWho);
 }
 
 // A 64-byte aligned fp32 buffer private to one thread.
@@ -188,10 +144,9 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK_VALUE(varlen == cu_seqlens_k.has_value(),
                     "ropekern (cpu): `cu_seqlens_q` and `cu_seqlens_k` must be given together");
   const int64_t dim = varlen ? 3 : 4;
-  const DType dtype = dtype_of(q, "q");
-  check_float(q, "q", dim, q.scalar_type());
-  check_float(k, "k", dim, q.scalar_type());
-  check_float(v, "v", dim, q.scalar_type());
+  const DType dtype = cpu_input(q, "q");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}})
+    args::check_float(t, name, dim, q.scalar_type(), q, kWho);
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "ropekern (cpu): `k` shape ", k.sizes(), " differs from `v` ", v.sizes());
   const int64_t D = q.size(-1), Hq = q.size(-2), Hkv = k.size(-2);
   TORCH_CHECK_VALUE(k.size(-1) == D, "ropekern (cpu): head dim of `k` (", k.size(-1), ") differs from `q` (", D, ")");
@@ -204,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   if (varlen) {
     B = cu_seqlens_q->numel() - 1;
     TORCH_CHECK_VALUE(B >= 0, "ropekern (cpu): `cu_seqlens_q` must have shape [batch + 1]");
-    cu_q = int32_arg(*cu_seqlens_q, "cu_seqlens_q", {B + 1});
-    cu_k = int32_arg(*cu_seqlens_k, "cu_seqlens_k", {B + 1});
+    cu_q = args::int32_arg(*cu_seqlens_q, "cu_seqlens_q", {B + 1}, q, kWho);
+    cu_k = args::int32_arg(*cu_seqlens_k, "cu_seqlens_k", {B + 1}, q, kWho);
     const int32_t* cq = cu_q.data_ptr<int32_t>();
     const int32_t* ck = cu_k.data_ptr<int32_t>();
     TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[B] == q.size(0) && ck[B] == k.size(0),
@@ -225,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     Sk = k.size(1);
     TORCH_CHECK_VALUE(k.size(0) == B, "ropekern (cpu): batch of `k` (", k.size(0), ") differs from `q` (", B, ")");
   }
-  const at::Tensor qp = varlen ? int32_arg(q_pos, "q_pos", {q.size(0)}) : int32_arg(q_pos, "q_pos", {B, Sq});
-  const at::Tensor kp = varlen ? int32_arg(k_pos, "k_pos", {k.size(0)}) : int32_arg(k_pos, "k_pos", {B, Sk});
-  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B);
+  const at::Tensor qp = varlen ? args::int32_arg(q_pos, "q_pos", {q.size(0)}, q, kWho)
+                               : args::int32_arg(q_pos, "q_pos", {B, Sq}, q, kWho);
+  const at::Tensor kp = varlen ? args::int32_arg(k_pos, "k_pos", {k.size(0)}, q, kWho)
+                               : args::int32_arg(k_pos, "k_pos", {B, Sk}, q, kWho);
+  const RopeParams rope = args::rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, kWho);
 
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(at::kFloat))
@@ -258,41 +215,15 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   TiledPlan plan;
   AttnParams& p = plan.p;
   plan.dtype = dtype;
-  p.q = q.data_ptr();
+  args::set_q_out_lse(p, q, out, lse);
   p.k = kk.data_ptr();
   p.v = vv.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  const int o = varlen ? 1 : 0;  // dim offset: dense [B, S, H, D], varlen [T, H, D]
-  if (!varlen) {
-    p.q_batch_stride = q.stride(0);
-    p.k_batch_stride = kk.stride(0);
-    p.v_batch_stride = vv.stride(0);
-    p.o_batch_stride = out.stride(0);
-    p.lse_batch_stride = lse.stride(0);
-    p.lse_head_stride = lse.stride(1);
-  } else {
-    p.lse_head_stride = lse.stride(0);
-  }
-  p.q_row_stride = q.stride(1 - o);
-  p.q_head_stride = q.stride(2 - o);
-  p.k_row_stride = kk.stride(1 - o);
-  p.k_head_stride = kk.stride(2 - o);
-  p.v_row_stride = vv.stride(1 - o);
-  p.v_head_stride = vv.stride(2 - o);
-  p.o_row_stride = out.stride(1 - o);
-  p.o_head_stride = out.stride(2 - o);
+  args::set_strides(kk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  args::set_strides(vv, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   p.cu_seqlens_q = cq;
   p.cu_seqlens_k = ck;
-  p.batch = static_cast<int>(B);
-  p.seqlen_q = static_cast<int>(Sq);
+  args::set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, kWho);
   p.seqlen_k = static_cast<int>(Sk);
-  p.num_heads = static_cast<int>(Hq);
-  p.num_heads_k = static_cast<int>(Hkv);
-  p.head_dim = static_cast<int>(D);
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.causal = causal;
-  p.rope = rope;
   plan.q_cs = q_cs.defined() ? q_cs.data_ptr<float>() : nullptr;
   plan.k_cs = k_cs.defined() ? k_cs.data_ptr<float>() : nullptr;
   plan.k_cs_rows = Sk;
@@ -308,10 +239,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& block_table, const at::Tensor& freqs,
                                                int64_t rotary_dim, bool interleaved, double attention_factor,
                                                bool causal, double softmax_scale, int64_t num_splits) {
-  const DType dtype = dtype_of(q, "q");
-  check_float(q, "q", 4, q.scalar_type());
-  check_float(k_cache, "k_cache", 4, q.scalar_type());
-  check_float(v_cache, "v_cache", 4, q.scalar_type());
+  const DType dtype = cpu_input(q, "q");
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{q, "q"}, {k_cache, "k_cache"}, {v_cache, "v_cache"}})
+    args::check_float(t, name, 4, q.scalar_type(), q, kWho);
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "ropekern (cpu): `k_cache` shape ", k_cache.sizes(),
                     " differs from `v_cache` ", v_cache.sizes());
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
@@ -323,18 +254,18 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   const int64_t block_size = k_cache.size(1);
   int64_t s_new = 0;
   if (k_new) {
-    check_float(*k_new, "k_new", 4, q.scalar_type());
-    check_float(*v_new, "v_new", 4, q.scalar_type());
+    args::check_float(*k_new, "k_new", 4, q.scalar_type(), q, kWho);
+    args::check_float(*v_new, "v_new", 4, q.scalar_type(), q, kWho);
     TORCH_CHECK_VALUE(k_new->sizes() == v_new->sizes() && k_new->size(0) == B && k_new->size(2) == Hkv &&
                           k_new->size(3) == D,
                       "ropekern (cpu): `k_new`/`v_new` must have shape [", B, ", S_new, ", Hkv, ", ", D, "]");
     s_new = k_new->size(1);
   }
-  const at::Tensor lens0 = int32_arg(cache_seqlens, "cache_seqlens", {B});
+  const at::Tensor lens0 = args::int32_arg(cache_seqlens, "cache_seqlens", {B}, q, kWho);
   at::Tensor btab;
   int64_t capacity = k_cache.size(1);
   if (paged) {
-    check_cpu(*block_table, "block_table");
+    args::check_same_device(*block_table, "block_table", q, kWho);
     TORCH_CHECK_TYPE(block_table->scalar_type() == at::kInt, "ropekern (cpu): `block_table` must be int32");
     TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == B,
                       "ropekern (cpu): `block_table` must have shape [", B, ", max_blocks], got ",
@@ -363,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                           "block ", row[t], " outside [0, ", k_cache.size(0), ")");
     }
   }
-  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B);
+  const RopeParams rope = args::rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, kWho);
 
   // Append the new tokens, un-rotated, in place (DESIGN §2: keys are rotated on every read).
   if (s_new > 0) {
@@ -407,38 +338,17 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     DecodePlan plan;
     DecodeParams& p = plan.p;
     plan.dtype = dtype;
-    p.q = q.data_ptr();
+    args::set_q_out_lse(p, q, out, lse);
     p.k_cache = k_cache.data_ptr();
     p.v_cache = v_cache.data_ptr();
-    p.out = out.data_ptr();
-    p.lse = lse.data_ptr<float>();
-    p.q_batch_stride = q.stride(0);
-    p.q_row_stride = q.stride(1);
-    p.q_head_stride = q.stride(2);
-    p.kc_batch_stride = k_cache.stride(0);
-    p.kc_row_stride = k_cache.stride(1);
-    p.kc_head_stride = k_cache.stride(2);
-    p.vc_batch_stride = v_cache.stride(0);
-    p.vc_row_stride = v_cache.stride(1);
-    p.vc_head_stride = v_cache.stride(2);
-    p.o_batch_stride = out.stride(0);
-    p.o_row_stride = out.stride(1);
-    p.o_head_stride = out.stride(2);
-    p.lse_batch_stride = lse.stride(0);
-    p.lse_head_stride = lse.stride(1);
+    args::set_strides(k_cache, p.kc_batch_stride, p.kc_row_stride, p.kc_head_stride);
+    args::set_strides(v_cache, p.vc_batch_stride, p.vc_row_stride, p.vc_head_stride);
     p.cache_seqlens = l0;
     p.block_table = paged ? btab.data_ptr<int32_t>() : nullptr;
     p.block_table_batch_stride = paged ? btab.size(1) : 0;
     p.block_size = static_cast<int>(block_size);
-    p.batch = static_cast<int>(B);
-    p.seqlen_q = static_cast<int>(Sq);
+    args::set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, kWho);
     p.s_new = static_cast<int>(s_new);
-    p.num_heads = static_cast<int>(Hq);
-    p.num_heads_k = static_cast<int>(Hkv);
-    p.head_dim = static_cast<int>(D);
-    p.softmax_scale = static_cast<float>(softmax_scale);
-    p.causal = causal;
-    p.rope = rope;
     // Split the keys so that there are ~4 items per thread, each of at least 16 chunks (256 keys)
     // to amortise the query setup and the merge; an explicit num_splits > 0 is honoured.
     const int64_t chunks = std::max<int64_t>(1, (n_max + kDecodeChunk - 1) / kDecodeChunk);
@@ -471,34 +381,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   TiledPlan plan;
   AttnParams& p = plan.p;
   plan.dtype = dtype;
-  p.q = q.data_ptr();
+  args::set_q_out_lse(p, q, out, lse);
   p.k = k_cache.data_ptr();
   p.v = v_cache.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = q.stride(0);
-  p.q_row_stride = q.stride(1);
-  p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k_cache.stride(0);
-  p.k_row_stride = k_cache.stride(1);
-  p.k_head_stride = k_cache.stride(2);
-  p.v_batch_stride = v_cache.stride(0);
-  p.v_row_stride = v_cache.stride(1);
-  p.v_head_stride = v_cache.stride(2);
-  p.o_batch_stride = out.stride(0);
-  p.o_row_stride = out.stride(1);
-  p.o_head_stride = out.stride(2);
-  p.lse_batch_stride = lse.stride(0);
-  p.lse_head_stride = lse.stride(1);
-  p.batch = static_cast<int>(B);
-  p.seqlen_q = static_cast<int>(Sq);
+  args::set_strides(k_cache, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  args::set_strides(v_cache, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  args::set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, kWho);
   p.seqlen_k = static_cast<int>(n_max);
-  p.num_heads = static_cast<int>(Hq);
-  p.num_heads_k = static_cast<int>(Hkv);
-  p.head_dim = static_cast<int>(D);
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.causal = causal;
-  p.rope = rope;
   plan.cache_lens = lens_t.data_ptr<int32_t>();
   plan.block_table = paged ? btab.data_ptr<int32_t>() : nullptr;
   plan.block_table_stride = paged ? btab.size(1) : 0;
@@ -512,14 +401,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& freqs, int64_t rotary_dim,
                       bool interleaved, double attention_factor) {
-  const DType dtype = dtype_of(x, "x");
+  const DType dtype = cpu_input(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4, "ropekern (cpu): `x` must be [B, S, H, D] or [T, H, D], got ",
                     x.sizes());
-  check_float(x, "x", x.dim(), x.scalar_type());
+  args::check_float(x, "x", x.dim(), x.scalar_type(), x, kWho);
   const bool packed = x.dim() == 3;
   const int64_t B = packed ? 1 : x.size(0), S = x.size(-3), H = x.size(-2), D = x.size(-1);
-  const at::Tensor pos = packed ? int32_arg(positions, "positions", {S}) : int32_arg(positions, "positions", {B, S});
-  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B);
+  const at::Tensor pos = packed ? args::int32_arg(positions, "positions", {S}, x, kWho)
+                                : args::int32_arg(positions, "positions", {B, S}, x, kWho);
+  const RopeParams rope = args::rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, x, kWho);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return out;
   const Kernels& kern = kernels();
@@ -527,13 +417,8 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const at
   job.x = x.data_ptr();
   job.out = out.data_ptr();
   job.dtype = dtype;
-  const int o = packed ? 1 : 0;
-  job.x_batch_stride = packed ? 0 : x.stride(0);
-  job.o_batch_stride = packed ? 0 : out.stride(0);
-  job.x_row_stride = x.stride(1 - o);
-  job.x_head_stride = x.stride(2 - o);
-  job.o_row_stride = out.stride(1 - o);
-  job.o_head_stride = out.stride(2 - o);
+  args::set_strides(x, job.x_batch_stride, job.x_row_stride, job.x_head_stride);
+  args::set_strides(out, job.o_batch_stride, job.o_row_stride, job.o_head_stride);
   job.positions = pos.data_ptr<int32_t>();
   job.batch = static_cast<int>(B);
   job.seqlen = static_cast<int>(S);
