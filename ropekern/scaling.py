@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -242,7 +242,9 @@ class RopeConfig:
 
         self.scaling = self._validate_params(rope_type, params)
         self._cache: OrderedDict[Any, torch.Tensor] = OrderedDict()
-        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Device copies of constant tables, keyed by (what, device): built once, so that a decode
+        # step on a GPU issues no host-to-device copy for them.
+        self._device_cache: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------------ validation
     def _original_len(self, params: Mapping[str, Any]) -> int:
@@ -550,26 +552,33 @@ class RopeConfig:
                 seq_lens = torch.tensor(list(seq_lens), dtype=torch.int64)
             inv = self._inv_freq_per_sequence(seq_lens.to(device=device, dtype=torch.int64))
             return inv, split_turns(inv)
-        cache_key = str(device)
-        hit = self._device_cache.get(cache_key)
-        if hit is None:
+        def shared():
             inv = self.inv_freq64(None)[None]
-            hit = (inv.to(device), split_turns(inv).to(device))
-            self._device_cache[cache_key] = hit
+            return inv.to(device), split_turns(inv).to(device)
+
+        return self._on_device("shared", device, shared)
+
+    def _on_device(self, what: str, device: torch.device, build: Callable[[], Any]) -> Any:
+        """``build()`` (tensors already on ``device``) once per (what, device)."""
+        key = (what, str(device))
+        hit = self._device_cache.get(key)
+        if hit is None:
+            hit = self._device_cache[key] = build()
         return hit
 
     def _inv_freq_per_sequence(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """float64 ``[B, R/2]`` for length-dependent types, computed with device tensor ops."""
-        s, R = self.scaling, self.rotary_dim
+        s, R, dev = self.scaling, self.rotary_dim, seq_lens.device
         if self.rope_type == "longrope":
-            short = self.inv_freq64(None).to(seq_lens.device)
-            long = self.inv_freq64(s["original_max_position_embeddings"] + 1).to(seq_lens.device)
-            is_long = (seq_lens > s["original_max_position_embeddings"])[:, None]
-            return torch.where(is_long, long, short)
+            orig = s["original_max_position_embeddings"]
+            short, long = self._on_device(
+                "longrope", dev, lambda: (self.inv_freq64(None).to(dev), self.inv_freq64(orig + 1).to(dev))
+            )
+            return torch.where((seq_lens > orig)[:, None], long, short)
         length = s["max_position_embeddings"]
         ell = seq_lens.clamp_min(length).to(torch.float64)
         base = self.base * (s["factor"] * ell / length - (s["factor"] - 1)) ** (R / (R - 2))
-        exps = self._exponents(R, R // 2).to(seq_lens.device)
+        exps = self._on_device("exponents", dev, lambda: self._exponents(R, R // 2).to(dev))
         return 1.0 / torch.pow(base[:, None], exps[None, :])
 
     def cos_sin(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

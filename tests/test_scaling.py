@@ -184,6 +184,42 @@ def test_longrope_switch_is_strict():
     assert inv[0].equal(short) and inv[1].equal(short) and inv[2].equal(long) and inv[3].equal(long)
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_length_dependent_tables_copy_constants_once(kind):
+    """Per-call tables of length-dependent types are built with device ops from constants that
+    reach the device once (a GPU decode step must not pay a host-to-device copy for them)."""
+    half = 16
+    scaling = (
+        {"rope_type": "dynamic", "factor": 2.0}
+        if kind == "dynamic"
+        else {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [3.0] * half,
+              "original_max_position_embeddings": 100}
+    )  # fmt: skip
+    rope = RopeConfig(32, scaling=scaling, max_position_embeddings=100)
+    lens = torch.tensor([50, 100, 101, 4000], device="meta")
+    copies = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "meta":
+            copies.append(tuple(self.shape))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", counting_to)
+        rope.tables(lens, device="meta")
+        first = len(copies)
+        for _ in range(3):
+            inv, split = rope.tables(lens, device="meta")
+    assert first > 0 and len(copies) == first, copies
+    assert inv.shape == (4, half) and split.shape == (4, 3, half)
+    # the values are unchanged by the caching (CPU: against the per-length tables)
+    inv, _ = rope.tables(torch.tensor([50, 100, 101, 4000]))
+    for row, n in zip(inv, (50, 100, 101, 4000)):
+        torch.testing.assert_close(row, rope.inv_freq64(n), rtol=1e-14, atol=0)
+
+
 def test_cos_sin_accuracy_and_factor():
     rope = RopeConfig(64, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096})
     pos = torch.tensor([0, 1, 4095, 2**20 + 3, 2**24 - 1])
