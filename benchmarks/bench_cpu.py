@@ -48,6 +48,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+# Read before every timed call when set (--sweep-mb): evicts the caches without leaving dirty
+# lines, so that no candidate pays for the write-backs of the one before it.
+_SWEEP: torch.Tensor | None = None
+
+
 def interleaved(candidates: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each candidate, run A B C A B C ... after `warmup` rounds."""
     for _ in range(warmup):
@@ -56,6 +61,8 @@ def interleaved(candidates: dict, repeats: int, warmup: int = 1) -> dict[str, fl
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            if _SWEEP is not None:
+                _SWEEP.sum()
             times[name].append(_timed(fn))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -298,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-seqlen", type=int, default=32768, help="0 skips the memory measurement")
     parser.add_argument("--memory-baseline", action="store_true", help="also measure the baseline's peak memory")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for every candidate (default: torch's)")
+    parser.add_argument(
+        "--sweep-mb", type=int, default=0, help="read this many MB before every timed call (default 0: none)"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global _SWEEP
+    _SWEEP = torch.ones(args.sweep_mb << 18) if args.sweep_mb > 0 else None
 
     prefill = args.prefill if args.prefill is not None else ([1024, 2048, 4096] if args.quick else [1024, 4096, 16384])
     decode = args.decode if args.decode is not None else ([4096, 16384] if args.quick else [4096, 16384, 65536])
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(env))
     bw = memcpy_bandwidth()
     print(f"memcpy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
-    results = {"environment": env, "memcpy_gbps": bw / 1e9, "rows": []}
+    results = {"environment": env, "memcpy_gbps": bw / 1e9, "sweep_mb": args.sweep_mb, "rows": []}
     for s in prefill:
         reps = args.repeats or (5 if s <= 4096 else 3)
         results["rows"] += bench_prefill([s], dtypes, reps)
