@@ -407,3 +407,21 @@ def test_script_saves_results_and_report_renders(tmp_path, monkeypatch, capsys):
     assert "| 32 |" in md  # a table row per seqlen
     assert "](../results/dev/decode-speedup.png)" in md  # links relative to the Markdown file
     capsys.readouterr()
+
+
+@pytest.mark.skipif(ops.available_backends()["cpu"] is not True, reason="needs the native CPU extension")
+def test_bench_cpu_script_tiny(tmp_path, capsys):
+    """benchmarks/bench_cpu.py end to end on tiny shapes: prefill and decode rows with the ratios
+    and bandwidths the README table is built from, the read-only sweep recorded in the JSON."""
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cpu)
+    out = tmp_path / "cpu.json"
+    argv = ["--prefill", "64", "--decode", "64", "--dtypes", "float32", "--repeats", "1", "--memory-seqlen", "0"]
+    assert bench_cpu.main([*argv, "--sweep-mb", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["sweep_mb"] == 1 and res["memcpy_gbps"] > 0
+    prefill, decode = res["rows"]
+    assert prefill["op"] == "prefill" and decode["op"] == "decode" and decode["cache_len"] == 64
+    assert decode["speedup_vs_baseline"] > 0 and 0 < decode["pct_of_memcpy"]
+    assert "decode   float32 N=    64" in capsys.readouterr().out
