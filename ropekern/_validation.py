@@ -246,6 +246,16 @@ def _segment_max(values: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     return out.scatter_reduce(0, seq, values.to(torch.int64), reduce="amax", include_self=True)
 
 
+def _seq_len(seq_len: Any, rope: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+    """An explicit scaling length: ``None``, or int64 ``[batch]`` filled with it for a
+    length-dependent rope (the other types ignore it, after the same check)."""
+    if seq_len is None:
+        return None
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"`seq_len` must be a non-negative int, got {seq_len!r}")
+    return torch.full((batch,), seq_len, dtype=torch.int64, device=device) if rope.is_length_dependent else None
+
+
 def attention_call(
     q: Any,
     k: Any,
@@ -261,6 +271,7 @@ def attention_call(
     max_seqlen_q: Any = None,
     max_seqlen_k: Any = None,
     return_lse: bool = False,
+    seq_len: Any = None,
 ) -> AttentionCall:
     """Validate ``rope_attention`` arguments (see ``ropekern.rope_attention``)."""
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -304,7 +315,9 @@ def attention_call(
             q_pos = _varlen_default_positions(cu_q, q.shape[0], offset)
         else:
             q_pos = _positions("q_positions", q_positions, (q.shape[0],), device)
-        seq_lens = _segment_max(k_pos, cu_k) + 1 if rope.is_length_dependent else None
+        seq_lens = _seq_len(seq_len, rope, cu_k.numel() - 1, device)
+        if seq_lens is None and rope.is_length_dependent:
+            seq_lens = _segment_max(k_pos, cu_k) + 1
         return AttentionCall(q, k, v, rope, causal, scale, q_pos, k_pos, cu_q, cu_k, mq, mk, seq_lens, return_lse)
 
     if q.shape[0] != k.shape[0]:
@@ -319,8 +332,8 @@ def attention_call(
         q_pos = (torch.arange(sq, device=device, dtype=torch.int32) + (sk - sq)).clamp_min(0).expand(b, sq)
     else:
         q_pos = _positions("q_positions", q_positions, (b, sq), device)
-    seq_lens = None
-    if rope.is_length_dependent:
+    seq_lens = _seq_len(seq_len, rope, b, device)
+    if seq_lens is None and rope.is_length_dependent:
         if k_positions is None:
             seq_lens = torch.full((b,), sk, dtype=torch.int64, device=device)
         else:
@@ -343,6 +356,7 @@ def kvcache_call(
     causal: bool = True,
     softmax_scale: Any = None,
     return_lse: bool = False,
+    seq_len: Any = None,
 ) -> KVCacheCall:
     """Validate ``rope_attention_with_kvcache`` arguments (see ``ropekern.rope_attention_with_kvcache``)."""
     q = _tensor("q", q, (4,))
@@ -435,7 +449,9 @@ def kvcache_call(
                 if bad:
                     raise ValueError(f"`block_table[{i}]` refers to block {bad[0]} outside [0, {nb})")
     cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
-    seq_lens = (cache_seqlens.to(torch.int64) + s_new) if rope.is_length_dependent else None
+    seq_lens = _seq_len(seq_len, rope, b, device)
+    if seq_lens is None and rope.is_length_dependent:
+        seq_lens = cache_seqlens.to(torch.int64) + s_new
     return KVCacheCall(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, rope, causal, scale, return_lse, seq_lens
     )
@@ -452,17 +468,11 @@ def rope_call(x: Any, rope: Any, positions: Any = None, seq_len: Any = None) -> 
         positions = torch.arange(s, device=x.device, dtype=torch.int32).expand(lead)
     else:
         positions = _positions("positions", positions, lead, x.device)
-    seq_lens = None
-    if rope.is_length_dependent:
-        rows = 1 if x.dim() == 3 else x.shape[0]
-        if seq_len is not None:
-            if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-                raise ValueError(f"`seq_len` must be a non-negative int, got {seq_len!r}")
-            seq_lens = torch.full((rows,), seq_len, dtype=torch.int64, device=x.device)
-        elif positions.numel():
+    rows = 1 if x.dim() == 3 else x.shape[0]
+    seq_lens = _seq_len(seq_len, rope, rows, x.device)
+    if seq_lens is None and rope.is_length_dependent:
+        if positions.numel():
             seq_lens = positions.reshape(rows, -1).amax(dim=1).to(torch.int64) + 1
         else:
             seq_lens = torch.zeros(rows, dtype=torch.int64, device=x.device)
-    elif seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
-        raise ValueError(f"`seq_len` must be a non-negative int, got {seq_len!r}")
     return RopeCall(x, rope, positions, seq_lens)

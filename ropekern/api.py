@@ -53,6 +53,7 @@ def rope_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
+    seq_len: int | None = None,
     backend: str = "auto",
 ):
     """Scaled-RoPE attention on **un-rotated** q and k: ``softmax(R(q) R(k)^T * scale) v``.
@@ -69,9 +70,11 @@ def rope_attention(
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` cumulative lengths for the varlen layout.
         max_seqlen_q, max_seqlen_k: longest sequence (computed from ``cu_seqlens`` if omitted).
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Sq]`` (varlen ``[Hq, Tq]``).
+        seq_len: one scaling length for every sequence, for length-dependent types (dynamic NTK,
+            LongRoPE; ignored by the others). Default ``max(k_positions[b]) + 1`` per sequence;
+            set it to pin the table, e.g. LongRoPE's long factors for a whole serving run.
         backend: ``"auto"`` or a name from ``available_backends()``.
     Returns: ``out`` like q, or ``(out, lse)``. Rows that see no key give zeros and LSE ``-inf``.
-    Length-dependent scaling (dynamic NTK, LongRoPE) uses ``max(k_positions[b]) + 1`` per sequence.
     """
     call = attention_call(
         q,
@@ -87,6 +90,7 @@ def rope_attention(
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k,
         return_lse=return_lse,
+        seq_len=seq_len,
     )
     if q.numel() == 0 or k.numel() == 0:
         out, lse = _no_keys(call)
@@ -116,6 +120,7 @@ def rope_attention_with_kvcache(
     causal: bool = True,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    seq_len: int | None = None,
     backend: str = "auto",
 ):
     """Attention of the last Sq tokens of each sequence against its KV cache of **un-rotated** keys.
@@ -131,8 +136,9 @@ def rope_attention_with_kvcache(
             ``block_table[b, t // block_size]`` at offset ``t % block_size``.
         causal: the Sq queries are causal among themselves (chunked prefill, speculative decoding).
         softmax_scale, return_lse, backend: as in ``rope_attention`` (LSE ``[B, Hq, Sq]``).
-    Every key is rotated on read with the table of its sequence's current length ``n_b``, so
-    dynamic NTK and LongRoPE stay exact as the sequence grows (DESIGN §2).
+        seq_len: as in ``rope_attention``; default ``n_b``.
+    Every key is rotated on read with the table of its sequence's current length ``n_b`` (or
+    ``seq_len``), so dynamic NTK and LongRoPE stay exact as the sequence grows (DESIGN §2).
     """
     call = kvcache_call(
         q,
@@ -146,6 +152,7 @@ def rope_attention_with_kvcache(
         causal=causal,
         softmax_scale=softmax_scale,
         return_lse=return_lse,
+        seq_len=seq_len,
     )
     if q.shape[0] == 0 or q.shape[1] == 0:
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

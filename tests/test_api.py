@@ -319,3 +319,74 @@ def test_readme_usage_runs():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = text.index("```python", text.index("## Usage")) + len("```python")
     exec(compile(text[start : text.index("```", start)], "README.md", "exec"), {})
+
+
+def _pinned_oracle(q, k, v, rope, seq_len, causal):
+    """fp64 attention with q and k rotated by the tables of `seq_len` (RopeConfig.cos_sin),
+    independent of the kernels' table plumbing. Dense [B, S, H, D], default positions."""
+    sq, sk = q.shape[1], k.shape[1]
+    rot = []
+    for x, pos in ((q, torch.arange(sk - sq, sk)), (k, torch.arange(sk))):
+        cos, sin = (t.double()[None, :, None, :] for t in rope.cos_sin(pos, seq_len=seq_len))
+        h = rope.rotary_dim // 2
+        x = x.double()
+        x1, x2 = x[..., :h], x[..., h : 2 * h]
+        rot.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * h :]], dim=-1))
+    qr, kr = rot
+    g = q.shape[2] // k.shape[2]
+    kr, vr = kr.repeat_interleave(g, dim=2), v.double().repeat_interleave(g, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", qr, kr) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1), float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), vr)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_seq_len_pins_the_scaling_table(backend):
+    """`seq_len` on rope_attention / rope_attention_with_kvcache selects the length-dependent table
+    (here LongRoPE's long factors for a 10-token sequence), on every backend that runs here (Triton
+    through its interpreter in CI)."""
+    if rk.available_backends()[backend] is not True:
+        pytest.skip(f"backend {backend} unavailable")
+    half = 8
+    rope = rk.RopeConfig(
+        16,
+        scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0] * half,
+            "long_factor": [1.0 + 2.0 * i for i in range(half)],
+            "original_max_position_embeddings": 24,
+        },
+    )
+    torch.manual_seed(0)
+    q, k, v = qkv(b=2, sq=3, sk=10)
+    for seq_len in (None, 10, 24, 25, 5000):
+        want = _pinned_oracle(q, k, v, rope, seq_len or 10, causal=True)
+        out = rk.rope_attention(q, k, v, rope, causal=True, seq_len=seq_len, backend=backend)
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
+        # the same keys in a cache (the last 3 appended now): n_b = 10
+        kc, vc = torch.zeros(2, 12, 2, 16), torch.zeros(2, 12, 2, 16)
+        kc[:, :7], vc[:, :7] = k[:, :7], v[:, :7]
+        out = rk.rope_attention_with_kvcache(
+            q, kc, vc, rope, cache_seqlens=torch.tensor([7, 7], dtype=torch.int32), k_new=k[:, 7:], v_new=v[:, 7:],
+            seq_len=seq_len, backend=backend,
+        )  # fmt: skip
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
+    long_out = rk.rope_attention(q, k, v, rope, causal=True, seq_len=25, backend=backend)
+    assert not torch.allclose(long_out, rk.rope_attention(q, k, v, rope, causal=True, backend=backend), atol=1e-3)
+    # a type that does not depend on the length ignores it
+    torch.testing.assert_close(
+        rk.rope_attention(q, k, v, ROPE, seq_len=99, backend=backend), rk.rope_attention(q, k, v, ROPE, backend=backend)
+    )
+
+
+def test_seq_len_errors():
+    q, k, v = qkv()
+    cache = dict(cache_seqlens=torch.tensor([7, 7], dtype=torch.int32))
+    for bad in (-1, True, 2.5, "10", torch.tensor(10)):
+        expect(ValueError, "`seq_len` must be a non-negative int", rk.rope_attention, q, k, v, ROPE, seq_len=bad)
+        expect(
+            ValueError, "`seq_len` must be a non-negative int", rk.rope_attention_with_kvcache, q, k, v, ROPE,
+            seq_len=bad, **cache,
+        )  # fmt: skip
+        expect(ValueError, "`seq_len` must be a non-negative int", rk.apply_rope, q, ROPE, seq_len=bad)
