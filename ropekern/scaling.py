@@ -552,6 +552,7 @@ class RopeConfig:
                 seq_lens = torch.tensor(list(seq_lens), dtype=torch.int64)
             inv = self._inv_freq_per_sequence(seq_lens.to(device=device, dtype=torch.int64))
             return inv, split_turns(inv)
+
         def shared():
             inv = self.inv_freq64(None)[None]
             return inv.to(device), split_turns(inv).to(device)
