@@ -10,31 +10,9 @@ from hypothesis import strategies as st
 import ropekern as rk
 from ropekern import reference
 
-ROPES = {
-    "default": dict(),
-    "linear": dict(scaling={"rope_type": "linear", "factor": 4.0}),
-    "ntk": dict(scaling={"rope_type": "ntk", "factor": 4.0}),
-    "dynamic": dict(scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=24),
-    "yarn": dict(scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16}),
-    "longrope": dict(
-        scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.0 + 0.1 * i for i in range(8)],
-            "long_factor": [2.0 + i for i in range(8)],
-            "original_max_position_embeddings": 20,
-        }
-    ),
-    "llama3": dict(
-        scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        }
-    ),
-    "proportional": dict(scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5}),
-}
+from cases import rope_kwargs_per_type
+
+ROPES = rope_kwargs_per_type(8)  # head_dim 16
 
 
 def make_rope(kind, head_dim=16, rotary_dim=None, interleaved=False, base=100.0):

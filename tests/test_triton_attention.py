@@ -17,6 +17,8 @@ from ropekern._validation import attention_call
 from ropekern.ops import get_backend
 from ropekern.testing import baseline_attention, error_check, oracle_attention, random_qkv
 
+from cases import ropes_per_type
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -80,50 +82,16 @@ def test_gqa(hq, hkv):
     check(q, k, v, rk.RopeConfig(32), causal=True)
 
 
-def _ropes(d: int) -> dict[str, rk.RopeConfig]:
-    half = d // 2
-    return {
-        "default": rk.RopeConfig(d),
-        "linear": rk.RopeConfig(d, scaling={"rope_type": "linear", "factor": 4.0}),
-        "ntk": rk.RopeConfig(d, scaling={"rope_type": "ntk", "factor": 4.0}),
-        "dynamic": rk.RopeConfig(d, scaling={"rope_type": "dynamic", "factor": 3.0}, max_position_embeddings=32),
-        "yarn": rk.RopeConfig(
-            d, base=5e5, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
-        ),
-        "longrope": rk.RopeConfig(
-            d,
-            scaling={
-                "rope_type": "longrope",
-                "short_factor": [1.0 + 0.01 * i for i in range(half)],
-                "long_factor": [1.0 + 0.5 * i for i in range(half)],
-                "original_max_position_embeddings": 32,
-            },
-        ),
-        "llama3": rk.RopeConfig(
-            d,
-            base=5e5,
-            scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
-        "proportional": rk.RopeConfig(d, scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25}),
-    }
-
-
 def test_every_rope_type_is_covered():
-    assert set(_ropes(64)) == set(rk.scaling.ROPE_TYPES)
+    assert set(ropes_per_type(64)) == set(rk.scaling.ROPE_TYPES)
 
 
-@pytest.mark.parametrize("rope_type", list(_ropes(64)))
+@pytest.mark.parametrize("rope_type", list(ropes_per_type(64)))
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_rope_types(rope_type, dtype):
     """Every scaling law through the host tables. Sequence 0 stays below the trained length (32),
     sequence 1 goes past it, so length-dependent types get a different table per sequence."""
-    rope = _ropes(64)[rope_type]
+    rope = ropes_per_type(64)[rope_type]
     q, k, v, _ = qkv(2, 9, 24, 2, 1, 64, dtype)
     k_pos = torch.stack([torch.arange(24), torch.arange(24) + 40]).to(DEVICE)
     q_pos = k_pos[:, -9:]
@@ -201,7 +169,7 @@ def test_varlen_length_dependent_positions():
     """Per-sequence dynamic-NTK tables with explicit (jumping) positions in the packed layout."""
     lens = ([7, 13], [20, 30])
     q, k, v, extra = qkv(2, 0, 0, 2, 1, 64, BF16, varlen=lens)
-    rope = _ropes(64)["dynamic"]
+    rope = ropes_per_type(64)["dynamic"]
     k_pos = torch.cat([torch.arange(20), torch.arange(30) + 100]).to(DEVICE)
     q_pos = torch.cat([torch.arange(13, 20), torch.arange(117, 130)]).to(DEVICE)
     check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos, **extra)

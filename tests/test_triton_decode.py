@@ -15,35 +15,13 @@ from ropekern._triton import decode
 from ropekern._validation import kvcache_call
 from ropekern.testing import baseline_kvcache, error_check, oracle_kvcache
 
+from cases import rope_kwargs_per_type
+
 pytestmark = pytest.mark.skipif(
     rk.available_backends()["triton"] is not True, reason="triton backend unavailable (no GPU, no interpreter)"
 )
 
-ROPES = {
-    "default": dict(),
-    "linear": dict(scaling={"rope_type": "linear", "factor": 4.0}),
-    "ntk": dict(scaling={"rope_type": "ntk", "factor": 4.0}),
-    "dynamic": dict(scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=24),
-    "yarn": dict(scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16}),
-    "longrope": dict(
-        scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.0 + 0.1 * i for i in range(16)],
-            "long_factor": [2.0 + i for i in range(16)],
-            "original_max_position_embeddings": 20,
-        }
-    ),
-    "llama3": dict(
-        scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        }
-    ),
-    "proportional": dict(scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5}),
-}
+ROPES = rope_kwargs_per_type(16)  # head_dim 32
 GARBAGE_BLOCK = 2**30  # what an allocator may leave in unused block-table entries
 
 

@@ -8,6 +8,8 @@ import torch
 import ropekern as rk
 from ropekern.testing import baseline_rope, error_check, oracle_rope
 
+from cases import ropes_per_type
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -27,46 +29,11 @@ def check(x, rope, positions=None, seq_len=None):
     return out
 
 
-def _ropes(d: int) -> dict[str, rk.RopeConfig]:
-    half = d // 2
-    return {
-        "default": rk.RopeConfig(d),
-        "linear": rk.RopeConfig(d, scaling={"rope_type": "linear", "factor": 4.0}),
-        "ntk": rk.RopeConfig(d, scaling={"rope_type": "ntk", "factor": 4.0}),
-        "dynamic": rk.RopeConfig(d, scaling={"rope_type": "dynamic", "factor": 3.0}, max_position_embeddings=32),
-        "yarn": rk.RopeConfig(
-            d, base=5e5, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
-        ),
-        "longrope": rk.RopeConfig(
-            d,
-            scaling={
-                "rope_type": "longrope",
-                "short_factor": [1.0 + 0.01 * i for i in range(half)],
-                "long_factor": [1.0 + 0.5 * i for i in range(half)],
-                "original_max_position_embeddings": 32,
-                "factor": 4.0,
-            },
-        ),
-        "llama3": rk.RopeConfig(
-            d,
-            base=5e5,
-            scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
-        "proportional": rk.RopeConfig(d, scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5}),
-    }
-
-
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("rope_type", list(_ropes(64)))
+@pytest.mark.parametrize("rope_type", list(ropes_per_type(64)))
 def test_rope_types(rope_type, dtype):
     """Row 0 stays below the trained length 32, row 1 goes past it (per-row tables)."""
-    rope = _ropes(64)[rope_type]
+    rope = ropes_per_type(64)[rope_type]
     assert rope_type == rope.rope_type
     x = randn(2, 21, 3, 64, dtype=dtype)
     pos = torch.stack([torch.arange(21), torch.arange(21) + 60]).to(DEVICE)
@@ -89,7 +56,7 @@ def test_packed_3d_and_seq_len(dtype):
     x = randn(33, 4, 64, dtype=dtype)
     pos = torch.cat([torch.arange(20), torch.arange(13) + 7]).to(DEVICE)
     check(x, rk.RopeConfig(64, interleaved=True), pos)
-    check(x, _ropes(64)["dynamic"], pos, seq_len=200)
+    check(x, ropes_per_type(64)["dynamic"], pos, seq_len=200)
 
 
 def test_positions_near_2_pow_20():
@@ -147,5 +114,5 @@ def test_opcheck_and_compile():
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])
 def test_gpu_large(dtype):
     x = randn(2, 8192, 32, 128, dtype=dtype)
-    check(x, _ropes(128)["yarn"])
-    check(x[:, :4096, :8], _ropes(128)["longrope"])
+    check(x, ropes_per_type(128)["yarn"])
+    check(x[:, :4096, :8], ropes_per_type(128)["longrope"])
