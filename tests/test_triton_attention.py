@@ -251,7 +251,7 @@ def test_unsupported_calls_name_the_reason():
 
 def test_autotune_configs():
     """One config under the interpreter; on GPUs the per-generation lists, pruned per head layout
-    to the configs whose live tiles fit the registers (``live_registers``, calibrated on ptxas)."""
+    to the configs measured spill-free with ``ptxas -v`` (``_SPILL_FREE``, ``_SPILL_FREE_GQA``)."""
     import triton
 
     from ropekern._triton import attention as A
@@ -267,7 +267,7 @@ def test_autotune_configs():
         r = d if r is None else r
         half_p, pass_p = A._pow2(r // 2), A._pow2(d - r) if d > r else 0
         kept = A.select_configs(every, major, smem, elem, A._pow2(d), 2 * half_p + pass_p, group)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        return {A.config_shape(c) for c in kept}
 
     hopper_128 = shapes(9, 232448, 2, 128)  # H100: 227 KB shared memory per block
     assert hopper_128 <= set(A._HOPPER) and (128, 32, 8, 3) in hopper_128

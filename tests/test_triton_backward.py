@@ -621,7 +621,7 @@ def test_spill_free_configs_are_selected():
         shapes = B._DKDV if kernel == "dkdv" else B._DQ
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
         out = B.select_configs(configs, kernel, 232448, 2, d, k_cols, major, has_pass)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in out}
+        return {B.config_shape(c) for c in out}
 
     assert kept("dkdv", 9, 64, 64) == {(16, 128, 8, 1)}
     assert kept("dq", 9, 128, 128) == {(64, 16, 4, 1), (128, 16, 8, 1)}

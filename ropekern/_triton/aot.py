@@ -171,7 +171,7 @@ def compile_rope(
     half_p = _pow2(r // 2)
     constexprs = dict(
         HALF=r // 2, HALF_P=half_p, PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 16,
-        INTERLEAVED=interleaved, BLOCK_S=max(16, min(128, 1024 // half_p)),
+        INTERLEAVED=interleaved, BLOCK_S=rope.gpu_block_s(half_p),
     )  # fmt: skip
     fn = rope._apply_rope_kernel
     pointers = {"X": dtype, "Out": dtype, "Pos": "i32", "Split": "fp32"}

@@ -121,6 +121,11 @@ def head_class(head_dim_p: int, k_cols: int) -> int:
     return min(256, max(64, triton.next_power_of_2(max(head_dim_p, k_cols))))
 
 
+def config_shape(c: triton.Config) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of a config, the key of the config tables."""
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
 def select_configs(
     configs: list[triton.Config],
     major: int,
@@ -139,7 +144,7 @@ def select_configs(
     allowed = table[(9 if major >= 9 else 8, 4 if elem_size >= 4 else 2, head_class(head_dim_p, k_cols))]
     keep = []
     for c in configs:
-        shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        shape = config_shape(c)
         # Shared memory: one K and one V tile is a lower bound. Compiled for sm_80/sm_90 with D = 128
         # bf16, Triton allocated 0.75-1.5x of it whatever num_stages (24-66 KB): K passes through
         # registers to be rotated, so only part of the loads are multi-buffered. Configs that

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import SUPPORTED_DTYPES, _dot, _pow2
+from .attention import SUPPORTED_DTYPES, _dot, _pow2, config_shape
 from .rope_math import rope_cos_sin
 from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pairs
 
@@ -113,8 +113,8 @@ def select_configs(
         if smem <= smem_limit and acc // (32 * w) <= 128:
             keep.append(c)
     known = spill_free(kernel, major, elem_size, head_dim_p, k_cols, has_pass)
-    if any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in known for c in keep):
-        keep = [c for c in keep if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in known]
+    if any(config_shape(c) in known for c in keep):
+        keep = [c for c in keep if config_shape(c) in known]
     if not keep:  # the smallest tile of the list
         keep = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -c.num_warps))]
     return keep

@@ -17,6 +17,14 @@ import triton.language as tl
 from .rope_math import rope_cos_sin
 from .rope_tile import load_2d, load_pass, pair_columns, rotate_pairs
 
+
+def gpu_block_s(half_p: int) -> int:
+    """Tokens per program on GPUs: ~1K rotated pairs. cos/sin stay live over the head loop; 2K
+    pairs spilled 116 B per thread (sm_80, fp16, D = 96, R = 64, interleaved; ptxas -v), 1K uses
+    139 registers and no spill."""
+    return max(16, min(128, 1024 // half_p))
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_YZ = 65535
@@ -105,10 +113,7 @@ def forward(
     d = x.shape[-1]
     half = rotary_dim // 2
     half_p = _pow2(half)
-    # ~1K rotated pairs per program on GPUs (16 tokens under the interpreter, so tails are tested):
-    # cos/sin stay live over the head loop; 2K pairs spilled 116 B per thread (sm_80, fp16, D = 96,
-    # R = 64, interleaved; ptxas -v), 1K uses 139 registers and no spill.
-    block_s = 16 if _INTERPRET else max(16, min(128, 1024 // half_p))
+    block_s = 16 if _INTERPRET else gpu_block_s(half_p)  # 16 tokens interpreted, so tails are tested
     grid = (triton.cdiv(seqlen, block_s), batch)
     _apply_rope_kernel[grid](
         x, out, positions, split,
