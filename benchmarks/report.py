@@ -89,6 +89,22 @@ it is slow — the reference computes the full 32K × 32K score matrix, masking 
 per call on 2 idle cores — so restrict the providers and skip the per-point warm-up, e.g.
 `ropekern bench --max-seqlen 32768 --providers rk-torch,eager+sdpa --repeats 2 --no-warmup`.
 With the native `cpu` backend, the default providers are fast enough to run as is.
+
+**When a GPU is lent** (the `device` tool: one H100/H200, ~30 minutes of device time, 10 minutes
+and 8 returned files per command, no package index), `scripts/gpu_session.sh` is the whole
+session in two commands, each inside one call's limit:
+
+```bash
+bash scripts/gpu_session.sh build-test   # env.txt, build.log (CUDA extension for sm_90), test.log, junit.xml
+bash scripts/gpu_session.sh bench        # bench.log + fwd / bwd / decode / rope JSON (quick presets, GPU grid)
+```
+
+Each step has its own time limit, so one hang cannot take the call with it. The `bench` stage
+covers the GPU bars of issues 3, 4, 5 and 7. SDPA's flash backend stands in for
+FlashAttention-2, which the machine does not carry. Commit the returned JSON under
+`benchmarks/results/<device>/` and run `python benchmarks/report.py`.
+`tests/test_gpu_session.py` runs the `bench` stage on the CPU with a tiny grid, so that the script
+keeps working between GPU sessions.
 """
 
 ROOT = Path(__file__).resolve().parents[1]
