@@ -47,6 +47,7 @@ def dense_backward(
     attention_factor: float,
     softmax_scale: float,
     causal: bool,
+    whole_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one dense (query block, key block) pair from the softmax statistics.
 
@@ -54,23 +55,33 @@ def dense_backward(
         q: un-rotated ``[B, Sq, Hq, D]``; k, v: un-rotated ``[B, Sk, Hkv, D]``; do: ``[B, Sq, Hq, D]``.
         lse: the log-sum-exp ``[B, Hq, Sq]`` over *all* the keys of the queries (for a block of a
             longer sequence, the global one); delta: ``rowsum(dO * O) - dlse`` ``[B, Hq, Sq]`` of the
-            final output O (FlashAttention-2).
+            final output O (FlashAttention-2); with ``whole_rows``, ``-dlse`` alone (zeros when the
+            LSE takes no gradient): rowsum(dO * O) is then formed from the recomputed rows.
         q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
         rotary_dim: rotated channels R (0: no rotation); interleaved: pair layout.
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
+        whole_rows: k holds every key the queries see (not a block of a longer sequence), so P is
+            the softmax of the recomputed scores itself, rowsum(dO * O) is rowsum(P * dP) of the
+            same rows, and ``lse`` only marks rows with no key.
     Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in the compute dtype: fp32 for fp16/bf16
     inputs, fp64 for fp32/fp64 ones; dk/dv are summed over each GQA group.
 
-    On rotated Q', K' (fp64 angles): P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - delta),
+    On rotated Q', K' (fp64 angles): P = exp(S - lse) (with ``whole_rows``, the softmax of each
+    recomputed row and delta = rowsum(P ∘ dP) - dlse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - delta),
     dQ' = dS K' · scale, dK' = dSᵀ Q' · scale; the inverse rotation (the transpose: the same cos
     with -sin, times the attention factor) maps dQ', dK' back to the un-rotated inputs, and
     pass-through channels keep the plain gradient.
     """
-    # P = exp(S - lse) takes lse from the *forward* kernel, so rounding in this S is not cancelled
-    # by the softmax normalisation as it is in a single-pass autograd backward. With fp32 S, dV of
-    # fp32 inputs reached 0.84 of the error-ratio bound (YaRN, non-causal, ring W = 2); with fp64 S
-    # it is 0.46, the rest being the forward's fp32 lse. Half-precision inputs are far from that.
+    # Precision, fp32 inputs (DESIGN §5 ratio = error / bound with factor 3; worst of 160 random
+    # dense cases over every rope type, causal or not, GQA, D 64/128, `whole_rows`): S, P, dP and
+    # dS in fp64 (cd), the three products dV = P^T dO, dQ' = dS K', dK' = dS^T Q' in fp32 (gd):
+    # worst 0.41 (mean-error ratio 0.27). dP in fp32 as well: worst 0.50, mean 0.48, only 8 %
+    # faster. Earlier forms: P = exp(S - lse) with delta = rowsum(dO * O) reached 2.7 in fp64 and
+    # 2.05 in fp32 (dv, one visible key); the row softmax with that delta, 1.00 in fp32. Ring blocks
+    # (P = exp(S - lse) from a fp32 forward): fp32 S reached 0.84, fp64 S 0.46 (YaRN, non-causal,
+    # W = 2). Half-precision inputs are far from the bound with fp32 throughout.
     cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
+    gd = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -88,25 +99,52 @@ def dense_backward(
     dot = do.to(cd).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sq, D]
     lse = lse.to(cd).reshape(b, hkv, g, sq)
     delta = delta.to(cd).reshape(b, hkv, g, sq)
-    dqr = torch.empty_like(qr)
+    dqr = torch.zeros_like(qr)
     dkr = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
     dv = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
+    qs = qr * softmax_scale  # S = (Q' * scale) K'^T: one rounding of Q' in cd instead of a pass over S
+    qg, kg, dog = qr.to(gd), kr.to(gd), dot.to(gd)  # the operands of the three gd products
+    # A row with lse -inf saw no key: exp(S - (+inf)) gives it P = 0, as masked entries (-inf) get.
+    lse = torch.where(torch.isfinite(lse), lse, float("inf"))
+    off = sk - sq  # causal: query i sees keys j <= i + off
+    first = max(0, -off) if causal else 0  # causal rows before this see no key: zero gradients
     chunk = max(1, _SCORE_BUDGET // max(1, b * hq * sk))
-    for i0 in range(0, sq, chunk):
+    if causal:
+        # Query chunks of at most 256 rows, each against only the keys its last row can see: the
+        # masked triangle is never formed (at 2K causal, ~half the work of the full score rows).
+        chunk = min(chunk, 256)
+    for i0 in range(first, sq, chunk):
         i1 = min(sq, i0 + chunk)
-        qc, doc = qr[:, :, :, i0:i1], dot[:, :, :, i0:i1]
-        lc = lse[..., i0:i1, None]
-        s = torch.matmul(qc, kr.transpose(-1, -2)) * softmax_scale  # [B, Hkv, G, c, Sk]
-        keep = torch.isfinite(lc).expand_as(s)  # a row that saw no key has lse -inf and no gradient
+        ke = min(sk, i1 + off) if causal else sk  # keys j <= (i1 - 1) + off
+        if ke <= 0:
+            continue
+        s = torch.matmul(qs[:, :, :, i0:i1], kr[:, :, :, :ke].transpose(-1, -2))  # [B, Hkv, G, c, ke]
         if causal:
-            rows = torch.arange(i0, i1, device=q.device)[:, None]
-            keep = keep & (torch.arange(sk, device=q.device)[None, :] <= rows + (sk - sq))
-        p = torch.where(keep, torch.exp(s - torch.where(torch.isfinite(lc), lc, 0)), 0)  # select, never multiply
-        dv += torch.matmul(p.transpose(-1, -2), doc).sum(2)
-        dp = torch.matmul(doc, vt.transpose(-1, -2))
-        ds = p * (dp - delta[..., i0:i1, None])
-        dqr[:, :, :, i0:i1] = torch.matmul(ds, kr) * softmax_scale
-        dkr += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * softmax_scale
+            # Only the band [j0, ke) holds keys that some rows of the chunk do not see.
+            j0 = max(0, i0 + off + 1)
+            if j0 < ke:
+                rows = torch.arange(i0, i1, device=q.device)[:, None]
+                hidden = torch.arange(j0, ke, device=q.device)[None, :] > rows + off
+                s[..., j0:ke].masked_fill_(hidden, float("-inf"))
+        if whole_rows:
+            # exp(S - lse) carries the forward kernel's fp32 rounding of lse into every P; the
+            # softmax of the recomputed row does not (with one visible key P is exactly 1, as in the
+            # eager baseline, where exp(S - lse) put dv 2.7x over the DESIGN §5 bound). Every row
+            # here sees a key, so no row is all -inf.
+            p = torch.softmax(s, dim=-1)
+        else:
+            p = torch.exp(s.sub_(lse[..., i0:i1, None]))
+        ds = torch.matmul(dot[:, :, :, i0:i1], vt[:, :, :, :ke].transpose(-1, -2))  # dP
+        dc = delta[..., i0:i1, None]
+        if whole_rows:
+            # rowsum(P * dP) = rowsum(dO * O) in exact arithmetic; formed from the same P and dP it
+            # cancels exactly where the gradient is exactly 0 (one visible key: dS = dP - dP).
+            dc = dc + (p * ds).sum(-1, keepdim=True)
+        ds = ds.sub_(dc).mul_(p).to(gd)  # dS = P o (dP - delta)
+        p = p.to(gd)
+        dv[:, :, :ke] += torch.matmul(p.transpose(-1, -2), dog[:, :, :, i0:i1]).sum(2)
+        dqr[:, :, :, i0:i1] = torch.matmul(ds, kg[:, :, :, :ke]) * softmax_scale
+        dkr[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, i0:i1]).sum(2) * softmax_scale
     dq = dqr.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
     dk = dkr.permute(0, 2, 1, 3)
     if r:
@@ -139,12 +177,10 @@ def recompute_backward(
     Layouts as ``rope_attention`` (dense, or varlen with ``cu_seqlens_*``, one sequence at a time);
     ``split`` is the kernels' table ``[nT, 3, R/2]``; ``rotary_dim`` 0 means no rotation."""
     cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
-    delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [B, Sq, Hq] / [Tq, Hq]
-    delta = delta.transpose(-1, -2)  # the LSE layout
-    if dlse is not None:
-        delta = delta - dlse.to(cd)
+    # -dlse in the LSE layout: dense_backward (whole_rows) adds rowsum(dO * O) of the recomputed rows.
+    delta = -dlse.to(cd) if dlse is not None else torch.zeros(lse.shape, dtype=cd, device=lse.device)
     inv64 = inv_freq_from_split(split)
-    args = (rotary_dim, interleaved, attention_factor, softmax_scale, causal)
+    args = (rotary_dim, interleaved, attention_factor, softmax_scale, causal, True)
     if cu_seqlens_q is None:
         grads = dense_backward(q, k, v, dout, lse, delta, q_positions, k_positions, inv64, *args)
         return tuple(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v)))

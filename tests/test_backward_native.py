@@ -79,6 +79,27 @@ def test_dense(sq, sk, hq, hkv, d, causal, dtype):
         assert (dq[:, : sq - sk] == 0).all()
 
 
+@pytest.mark.parametrize("sq,sk,hq", [(1, 1, 1), (1, 1, 2), (1, 5, 4), (3, 2, 2)])
+def test_few_keys_fp32(sq, sk, hq):
+    """Rows that see one or a few keys, fp32: the eager baseline's softmax is then (nearly) exact,
+    so P must not carry the forward's rounding of the LSE (exp(S - lse) put dv at 2.7x the bound in
+    a random case) and dq, exactly 0 with one key, must come out 0 (it was 4e-16)."""
+    q, k, v, _ = random_qkv(1, sq, sk, hq, 1, 128, dtype=F32, seed=9)
+    check(q, k, v, rk.RopeConfig(128, scaling={"rope_type": "linear", "factor": 4.0}), causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_chunks(monkeypatch, causal):
+    """The recompute walks query chunks (each against the keys its last row sees when causal):
+    a score budget of 3 rows x 40 keys x 2 heads forces 3-row chunks, Sq > Sk and Sq < Sk."""
+    from ropekern import _autograd
+
+    monkeypatch.setattr(_autograd, "_SCORE_BUDGET", 3 * 40 * 2)
+    for sq, sk in ((29, 40), (40, 23)):
+        q, k, v, _ = random_qkv(1, sq, sk, 2, 1, 64, dtype=F32, seed=10)
+        check(q, k, v, rk.RopeConfig(64, scaling=_YARN, base=5e5), causal=causal)
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_partial_rotary(interleaved):
     q, k, v, _ = random_qkv(1, 21, 35, 4, 2, 64, dtype=BF16, seed=2)
