@@ -75,8 +75,9 @@ def dense_backward(
     # Precision, fp32 inputs (DESIGN §5 ratio = error / bound with factor 3; worst of 160 random
     # dense cases over every rope type, causal or not, GQA, D 64/128, `whole_rows`): S, P, dP and
     # dS in fp64 (cd), the three products dV = P^T dO, dQ' = dS K', dK' = dS^T Q' in fp32 (gd):
-    # worst 0.41 (mean-error ratio 0.27). dP in fp32 as well: worst 0.50, mean 0.48, only 8 %
-    # faster. Earlier forms: P = exp(S - lse) with delta = rowsum(dO * O) reached 2.7 in fp64 and
+    # worst 0.41 (mean-error ratio 0.27). dP in fp32 as well: worst 0.50, mean 0.48, 8 % faster;
+    # S and dP in fp32: 0.55, 18 % faster; everything in fp32: 1.23 (fails), 44 % faster. Earlier
+    # forms: P = exp(S - lse) with delta = rowsum(dO * O) reached 2.7 in fp64 and
     # 2.05 in fp32 (dv, one visible key); the row softmax with that delta, 1.00 in fp32. Ring blocks
     # (P = exp(S - lse) from a fp32 forward): fp32 S reached 0.84, fp64 S 0.46 (YaRN, non-causal,
     # W = 2). Half-precision inputs are far from the bound with fp32 throughout.
