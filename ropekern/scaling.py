@@ -73,6 +73,7 @@ _REQUIRED_KEYS: dict[str, set[str]] = {
 
 _TWO_PI = 2.0 * math.pi
 _TABLE_CACHE_SIZE = 64
+_LENGTH_CACHE_SIZE = 8
 
 
 def _err(field: str, msg: str) -> ValueError:
@@ -245,6 +246,9 @@ class RopeConfig:
         # Device copies of constant tables, keyed by (what, device): built once, so that a decode
         # step on a GPU issues no host-to-device copy for them.
         self._device_cache: dict[tuple[str, str], Any] = {}
+        # Per-call tables of length-dependent types for host-side lengths, keyed by the lengths:
+        # every layer of a model's step asks for the same ones (see tables()).
+        self._length_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     # ------------------------------------------------------------------ validation
     def _original_len(self, params: Mapping[str, Any]) -> int:
@@ -544,14 +548,32 @@ class RopeConfig:
         only by length-dependent types; ``None`` means the type's base state. Returns
         ``(inv_freq64 [nT, R/2] float64, split [nT, 3, R/2] float32)`` on ``device`` with nT = 1
         (shared) or B (one table per sequence). A tensor ``seq_lens`` is turned into tables with
-        device ops (no host synchronisation, traceable by torch.compile); shared tables are cached.
+        device ops (no host synchronisation, traceable by torch.compile); shared tables are cached,
+        and so are the per-sequence ones of lengths held on the host (a list or a CPU tensor) outside
+        torch.compile, keyed by the lengths (the last ``_LENGTH_CACHE_SIZE`` sets).
         """
         device = torch.device(device)
         if self.is_length_dependent and seq_lens is not None:
             if not isinstance(seq_lens, torch.Tensor):
                 seq_lens = torch.tensor(list(seq_lens), dtype=torch.int64)
-            inv = self._inv_freq_per_sequence(seq_lens.to(device=device, dtype=torch.int64))
-            return inv, split_turns(inv)
+
+            def per_sequence():
+                inv = self._inv_freq_per_sequence(seq_lens.to(device=device, dtype=torch.int64))
+                return inv, split_turns(inv)
+
+            if seq_lens.device.type != "cpu" or torch.compiler.is_compiling():
+                return per_sequence()  # reading device lengths would synchronise
+            # Every layer of a step asks for the same lengths; building the tables costs ~140 us
+            # (dynamic NTK) / ~100 us (LongRoPE) of small tensor ops per call on a 2-core CPU.
+            key = (str(device), tuple(seq_lens.tolist()))
+            hit = self._length_cache.get(key)
+            if hit is None:
+                hit = self._length_cache[key] = per_sequence()
+                if len(self._length_cache) > _LENGTH_CACHE_SIZE:
+                    self._length_cache.popitem(last=False)
+            else:
+                self._length_cache.move_to_end(key)
+            return hit
 
         def shared():
             inv = self.inv_freq64(None)[None]

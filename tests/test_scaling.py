@@ -220,6 +220,30 @@ def test_length_dependent_tables_copy_constants_once(kind):
         torch.testing.assert_close(row, rope.inv_freq64(n), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_host_length_tables_built_once_per_lengths(kind):
+    """Lengths held on the host (a list or a CPU tensor): every layer of a step asks for the same
+    ones, so their per-sequence tables are built once (bounded LRU) and equal a fresh build."""
+    half = 16
+    scaling = (
+        {"rope_type": "dynamic", "factor": 2.0}
+        if kind == "dynamic"
+        else {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [3.0] * half,
+              "original_max_position_embeddings": 100}
+    )  # fmt: skip
+    rope = RopeConfig(32, scaling=scaling, max_position_embeddings=100)
+    inv, split = rope.tables(torch.tensor([50, 300]))
+    again = rope.tables([50, 300])
+    assert again[0] is inv and again[1] is split
+    other, _ = rope.tables(torch.tensor([50, 90]))
+    assert other is not inv and not torch.equal(other[1], inv[1])  # 90 is inside the trained length
+    fresh = rope._inv_freq_per_sequence(torch.tensor([50, 300]))
+    assert torch.equal(inv, fresh) and torch.equal(split, split_turns(fresh))
+    for n in range(20):
+        rope.tables([1000 + n])
+    assert len(rope._length_cache) == 8
+
+
 def test_cos_sin_accuracy_and_factor():
     rope = RopeConfig(64, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096})
     pos = torch.tensor([0, 1, 4095, 2**20 + 3, 2**24 - 1])
