@@ -12,6 +12,7 @@ executable specification that the Triton, CPU and CUDA kernels reproduce operati
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections import OrderedDict
@@ -474,7 +475,8 @@ class RopeConfig:
             if len(self._cache) > _TABLE_CACHE_SIZE:
                 self._cache.popitem(last=False)
         else:
-            self._cache.move_to_end(key)
+            with contextlib.suppress(KeyError):  # another thread may have evicted it meanwhile
+                self._cache.move_to_end(key)
         return table
 
     def inv_freq(self, seq_len: int | None = None) -> torch.Tensor:
@@ -550,7 +552,7 @@ class RopeConfig:
         (shared) or B (one table per sequence). A tensor ``seq_lens`` is turned into tables with
         device ops (no host synchronisation, traceable by torch.compile); shared tables are cached,
         and so are the per-sequence ones of lengths held on the host (a list or a CPU tensor) outside
-        torch.compile, keyed by the lengths (the last ``_LENGTH_CACHE_SIZE`` sets).
+        torch.compile, keyed by the lengths (the last ``_LENGTH_CACHE_SIZE`` sets, first in first out).
         """
         device = torch.device(device)
         if self.is_length_dependent and seq_lens is not None:
@@ -565,14 +567,14 @@ class RopeConfig:
                 return per_sequence()  # reading device lengths would synchronise
             # Every layer of a step asks for the same lengths; building the tables costs ~140 us
             # (dynamic NTK) / ~100 us (LongRoPE) of small tensor ops per call on a 2-core CPU.
+            # First in, first out: the layers of a step use a set of lengths back to back, and no
+            # get-then-reorder sequence can race with another thread's eviction.
             key = (str(device), tuple(seq_lens.tolist()))
             hit = self._length_cache.get(key)
             if hit is None:
                 hit = self._length_cache[key] = per_sequence()
                 if len(self._length_cache) > _LENGTH_CACHE_SIZE:
                     self._length_cache.popitem(last=False)
-            else:
-                self._length_cache.move_to_end(key)
             return hit
 
         def shared():
