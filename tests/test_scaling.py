@@ -184,18 +184,23 @@ def test_longrope_switch_is_strict():
     assert inv[0].equal(short) and inv[1].equal(short) and inv[2].equal(long) and inv[3].equal(long)
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
-def test_length_dependent_tables_copy_constants_once(kind):
-    """Per-call tables of length-dependent types are built with device ops from constants that
-    reach the device once (a GPU decode step must not pay a host-to-device copy for them)."""
-    half = 16
+def _length_dependent(kind: str, half: int) -> RopeConfig:
+    """Dynamic NTK or LongRoPE, head dim 32 (``half`` = 16 pairs), trained length 100."""
     scaling = (
         {"rope_type": "dynamic", "factor": 2.0}
         if kind == "dynamic"
         else {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [3.0] * half,
               "original_max_position_embeddings": 100}
     )  # fmt: skip
-    rope = RopeConfig(32, scaling=scaling, max_position_embeddings=100)
+    return RopeConfig(2 * half, scaling=scaling, max_position_embeddings=100)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_length_dependent_tables_copy_constants_once(kind):
+    """Per-call tables of length-dependent types are built with device ops from constants that
+    reach the device once (a GPU decode step must not pay a host-to-device copy for them)."""
+    half = 16
+    rope = _length_dependent(kind, half)
     lens = torch.tensor([50, 100, 101, 4000], device="meta")
     copies = []
     real_to = torch.Tensor.to
@@ -223,15 +228,9 @@ def test_length_dependent_tables_copy_constants_once(kind):
 @pytest.mark.parametrize("kind", ["dynamic", "longrope"])
 def test_host_length_tables_built_once_per_lengths(kind):
     """Lengths held on the host (a list or a CPU tensor): every layer of a step asks for the same
-    ones, so their per-sequence tables are built once (bounded LRU) and equal a fresh build."""
+    ones, so their per-sequence tables are built once (the last 8 sets) and equal a fresh build."""
     half = 16
-    scaling = (
-        {"rope_type": "dynamic", "factor": 2.0}
-        if kind == "dynamic"
-        else {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [3.0] * half,
-              "original_max_position_embeddings": 100}
-    )  # fmt: skip
-    rope = RopeConfig(32, scaling=scaling, max_position_embeddings=100)
+    rope = _length_dependent(kind, half)
     inv, split = rope.tables(torch.tensor([50, 300]))
     again = rope.tables([50, 300])
     assert again[0] is inv and again[1] is split
