@@ -62,7 +62,7 @@ def dense_backward(
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
         whole_rows: k holds every key the queries see (not a block of a longer sequence), so P is
             the softmax of the recomputed scores itself, rowsum(dO * O) is rowsum(P * dP) of the
-            same rows, and ``lse`` only marks rows with no key.
+            same rows, and ``lse`` is not read (every row it recomputes sees a key).
     Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in the compute dtype: fp32 for fp16/bf16
     inputs, fp64 for fp32/fp64 ones; dk/dv are summed over each GQA group.
 
@@ -98,15 +98,16 @@ def dense_backward(
     kr = kr.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Sk, D]
     vt = v.to(cd).permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Sk, D]
     dot = do.to(cd).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Sq, D]
-    lse = lse.to(cd).reshape(b, hkv, g, sq)
     delta = delta.to(cd).reshape(b, hkv, g, sq)
     dqr = torch.zeros_like(qr)
     dkr = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
     dv = torch.zeros(b, hkv, sk, d, dtype=cd, device=q.device)
     qs = qr * softmax_scale  # S = (Q' * scale) K'^T: one rounding of Q' in cd instead of a pass over S
     qg, kg, dog = qr.to(gd), kr.to(gd), dot.to(gd)  # the operands of the three gd products
-    # A row with lse -inf saw no key: exp(S - (+inf)) gives it P = 0, as masked entries (-inf) get.
-    lse = torch.where(torch.isfinite(lse), lse, float("inf"))
+    if not whole_rows:
+        # A row with lse -inf saw no key: exp(S - (+inf)) gives it P = 0, as masked entries get.
+        lse = lse.to(cd).reshape(b, hkv, g, sq)
+        lse = torch.where(torch.isfinite(lse), lse, float("inf"))
     off = sk - sq  # causal: query i sees keys j <= i + off
     first = max(0, -off) if causal else 0  # causal rows before this see no key: zero gradients
     chunk = max(1, _SCORE_BUDGET // max(1, b * hq * sk))
