@@ -53,16 +53,18 @@ def _decode_logits(model, ids, mask, pos, steps: int) -> torch.Tensor:
     """Logits ``[B, steps, V]`` at the last ``steps`` positions, each from a one-token cached step."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    from ropekern.integrations.hf import cache_keyword
+
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}
     start = ids.shape[1] - steps
-    model(ids[:, :start], attention_mask=mask[:, :start], position_ids=pos[:, :start], past_key_values=cache)
+    model(ids[:, :start], attention_mask=mask[:, :start], position_ids=pos[:, :start], **cache)
     out = []
     for t in range(start, ids.shape[1]):
         step = model(
             ids[:, t : t + 1],
             attention_mask=mask[:, : t + 1],
             position_ids=pos[:, t : t + 1],
-            past_key_values=cache,
+            **cache,
             use_cache=True,
         )
         out.append(step.logits[:, -1])

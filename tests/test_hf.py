@@ -18,14 +18,17 @@ frequencies into the stock table (length-dependent types: the table for the test
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
 import transformers as T
+from packaging.version import Version
 from transformers.cache_utils import DynamicCache, StaticCache
 
 import ropekern as rk
 from ropekern import cli
+from ropekern.context import pcw_generate
 from ropekern.integrations import hf
 from ropekern.testing import error_check
 
@@ -329,7 +332,9 @@ def test_cached_generation_equals_recompute_across_switch(arch, kind):
     Patched (rescale="recompute"): cached decoding == full recompute, per sequence, left padding
     included. Stock transformers caches keys rotated with the table of the step that wrote them, so
     its cached run drifts from its own recompute (by whole logits here); stock Phi-3 is the exception:
-    its generate() drops the cache once, when the padded length first passes the switch point."""
+    its generate() drops the cache once, when the padded length first passes the switch point, and
+    on transformers 5.17-5.19 then feeds one token without a cache (stock logits 5.2 off on 5.17).
+    The patched Phi-3 keeps its cache (exact across the switch), so it passes on those releases too."""
     model = stock(arch, kind)
     ids = tokens(b=2, s=12)
     mask = torch.ones_like(ids)
@@ -370,7 +375,7 @@ def test_cache_holds_unrotated_keys_and_positions():
     ids = tokens(b=1, s=5)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{hf.cache_keyword(model): cache}, use_cache=True)
     layer = cache.layers[0]
     assert isinstance(layer, hf.UnrotatedLayer)
     assert layer.positions.tolist() == [[0, 1, 2, 3, 4]]
@@ -427,19 +432,20 @@ def test_mask_forms():
 def test_cache_mixing_refused():
     model = stock("llama", "default")
     ids = tokens(b=1, s=5)
+    name = hf.cache_keyword(model)
     with torch.no_grad():
-        stale = model(ids, use_cache=True).past_key_values
+        stale = hf.output_cache(model(ids, use_cache=True))
         hf.patch(model)
         with pytest.raises(ValueError, match="written by an unpatched model"):
-            model(ids[:, :1], past_key_values=stale, use_cache=True)
-        fresh = model(ids, use_cache=True).past_key_values
+            model(ids[:, :1], **{name: stale}, use_cache=True)
+        fresh = hf.output_cache(model(ids, use_cache=True))
         hf.unpatch(model)
         with pytest.raises(ValueError, match="un-rotated keys"):
-            model(ids[:, :1], past_key_values=fresh, use_cache=True)
+            model(ids[:, :1], **{name: fresh}, use_cache=True)
         hf.patch(model)
         static = StaticCache(config=model.config, max_cache_len=16)
         with pytest.raises(ValueError, match="unsupported cache layer"):
-            model(ids, past_key_values=static, use_cache=True)
+            model(ids, **{name: static}, use_cache=True)
 
 
 def test_torch_compile_forward():
@@ -456,9 +462,10 @@ def test_torch_compile_forward():
 
 
 # --------------------------------------------------------------------------------------- patch / unpatch
-def test_unpatch_restores_exactly():
-    model = stock("phi3", "longrope")
-    ids = tokens()
+@pytest.mark.parametrize("arch,kind", [("phi3", "longrope"), ("gptj", "dynamic")])
+def test_unpatch_restores_exactly(arch, kind):
+    model = stock(arch, kind)
+    ids = tokens(s=16)  # GPT-J's stock table ends at max_position_embeddings (16 for its dynamic NTK)
     before = logits(model, ids)
     hf.patch(model, backend="torch")
     hf.patch(model)  # re-patching is allowed
@@ -468,6 +475,7 @@ def test_unpatch_restores_exactly():
     assert not hf.is_patched(model)
     assert torch.equal(logits(model, ids), before)
     assert all("forward" not in m.__dict__ for m in model.modules())
+    assert "prepare_inputs_for_generation" not in model.__dict__
 
 
 def test_backend_is_used(monkeypatch):
@@ -500,6 +508,83 @@ def test_a_broken_kernel_is_caught(monkeypatch):
     assert not error_check(out, oracle, logits(base, ids), torch.float32).ok
 
 
+# --------------------------------------------------------------------------------------- transformers drift
+def test_cache_keyword_and_no_deprecation_warnings(monkeypatch):
+    """Whatever name this transformers release gives the cache (``cache`` from 5.24, ``past_key_values``
+    before), ropekern's own calls pass it under that name: no FutureWarning from the renaming shims
+    and no deprecation log line from the output aliases."""
+    logged = []
+    generic = __import__("transformers.utils.generic", fromlist=["logger"])
+    if hasattr(generic, "logger"):
+        monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: logged.append(msg))
+    model = hf.patch(stock("llama", "dynamic"))
+    assert hf.cache_keyword(model) == ("cache" if Version(T.__version__) >= Version("5.24") else "past_key_values")
+    ids = tokens(b=1, s=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = DynamicCache(config=model.config)
+        out = model(ids[:, :18], **{hf.cache_keyword(model): cache}, use_cache=True)
+        assert hf.output_cache(out) is cache and cache.get_seq_length() == 18
+        model(ids[:, 18:], **{hf.cache_keyword(model): cache}, use_cache=True)  # across dynamic NTK's L
+        generate(model, ids[:, :6], max_new_tokens=4)
+        pcw_generate(stock("llama", "yarn"), [ids[0, :5], ids[0, 5:9]], ids[0, 9:12], 3)
+    assert not [m for m in logged if "deprecated" in m]
+
+
+def test_unknown_forward_signature_refused(monkeypatch):
+    """A transformers release that renames the cache keyword (or adds a parameter) is refused at patch
+    time, naming the class and the version, instead of running without the cache."""
+    model = make_model("llama")
+    cls = type(model.model.layers[0].self_attn)
+
+    def renamed(self, hidden_states, position_embeddings, attention_mask=None, kv_cache=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(cls, "forward", renamed)
+    with pytest.raises(
+        ValueError, match=rf"LlamaAttention.forward in transformers {T.__version__} takes \['kv_cache'\]"
+    ):
+        hf.patch(model)
+
+    def no_cache(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(cls, "forward", no_cache)
+    with pytest.raises(
+        ValueError, match=rf"LlamaAttention.forward takes the KV cache under no known keyword.*{T.__version__}"
+    ):
+        hf.patch(model)
+    assert not hf.is_patched(model)
+
+
+def test_cache_under_unknown_keyword_refused():
+    """A cache that reaches a patched module under a keyword no release used is an error, not ignored."""
+    model = hf.patch(make_model("llama"))
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 3, 64)
+    cos_sin = model.model.rotary_emb(h, torch.arange(3)[None])
+    with pytest.raises(ValueError, match=r"received a KV cache under \['kv_cache'\].*known: \['cache'"):
+        attn(h, cos_sin, None, kv_cache=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="passed twice"):
+        attn(h, cos_sin, None, cache=DynamicCache(), past_key_values=DynamicCache())
+    cache = DynamicCache(config=model.config)
+    for name in ("past_key_values", "cache"):  # either name reaches the cache: old callers and new
+        attn(h, cos_sin, None, **{name: cache})
+    assert cache.layers[0].positions.tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_reset_empties_the_layer():
+    """UnrotatedLayer.reset leaves an empty layer whatever DynamicLayer.reset does (5.17 zeroes the
+    keys in place and keeps their length), so a recompute starts from nothing."""
+    layer = hf.UnrotatedLayer()
+    k = torch.randn(1, 2, 4, 8)
+    layer.update(k, k, positions=torch.arange(4)[None])
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.positions is None
+    layer.update(k[:, :, :1], k[:, :, :1], positions=torch.tensor([[7]]))
+    assert layer.keys.shape[2] == 1 and layer.positions.tolist() == [[7]]
+
+
 # --------------------------------------------------------------------------------------- refusals
 def test_refusals():
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' \(MistralAttention\) uses a sliding window"):
@@ -524,6 +609,15 @@ def test_refusals():
     with pytest.raises(ValueError, match="unknown backend"):
         hf.patch(make_model("llama"), backend="nope")
 
+    model = make_model("gptj")
+    attn = model.transformer.h[0].attn
+    for name in ("scaling", "scale_attn"):  # GPT-J's two layouts (5.24 changed it): neither complete
+        attn.__dict__.pop(name, None)
+    with pytest.raises(
+        ValueError, match=rf"'transformer.h.0.attn' \(GPTJAttention\) lacks .*transformers {T.__version__}"
+    ):
+        hf.patch(model)
+
     model = make_model("llama")
     model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match="'model.layers.0.self_attn' uses attention sinks"):
@@ -546,8 +640,10 @@ def test_forward_refusals():
     packed = torch.cat([torch.arange(3), torch.arange(3)])[None]  # two packed documents
     with pytest.raises(ValueError, match="not causal \\+ padding"):
         logits(model, ids[:1], position_ids=packed, use_cache=False)  # stock then masks per document
+    attn = model.model.layers[0].self_attn  # directly: 5.17's stock rotary fails first on 3-D ids
+    h = torch.randn(2, 6, 64)
     with pytest.raises(ValueError, match="multimodal"):
-        logits(model, ids, position_ids=torch.zeros(3, 2, 6, dtype=torch.long))
+        attn(h, None, None, position_ids=torch.zeros(3, 2, 6, dtype=torch.long))
     model.config.attention_dropout = 0.1
     for m in model.modules():
         if hasattr(m, "attention_dropout"):

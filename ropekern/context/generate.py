@@ -128,6 +128,13 @@ def _device(model: torch.nn.Module) -> torch.device:
         raise ValueError("`model` has no parameters") from exc
 
 
+def _cache(model: torch.nn.Module, cache: Any) -> dict:
+    """``{keyword: cache}`` under the name this transformers release's ``model.forward`` takes."""
+    from ropekern.integrations.hf import cache_keyword
+
+    return {cache_keyword(model): cache}
+
+
 def _last_only(model: torch.nn.Module) -> dict:
     """``logits_to_keep=1`` where the model takes it: only the last position's logits are used, and a
     full ``[B, S, V]`` logits tensor is large (4 windows x 8K tokens x 128K vocab x 4 B = 16 GiB)."""
@@ -208,7 +215,7 @@ def pcw_generate(
             input_ids=batch,
             attention_mask=valid.long(),
             position_ids=positions,
-            past_key_values=window_cache,
+            **_cache(model, window_cache),
             use_cache=True,
             **_last_only(model),
         )
@@ -232,7 +239,7 @@ def pcw_generate(
             out = model(
                 input_ids=step,
                 position_ids=torch.arange(pos, pos + n, device=device)[None],
-                past_key_values=joined,
+                **_cache(model, joined),
                 use_cache=True,
                 **_last_only(model),
             )
@@ -305,7 +312,7 @@ def nbce_generate(
                 input_ids=step,
                 attention_mask=mask,
                 position_ids=step_pos,
-                past_key_values=cache,
+                **_cache(model, cache),
                 use_cache=True,
                 **_last_only(model),
             )

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 try:
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import Cache, DynamicLayer
 except ImportError as exc:  # transformers < 4.56 has no per-layer cache objects
     raise ImportError("ropekern.integrations.hf needs transformers >= 5 (pip install 'ropekern[hf]')") from exc
 
@@ -113,7 +113,11 @@ def _module_window(m) -> int | None:
 
 @dataclass(frozen=True)
 class _Adapter:
-    """How one transformers attention class computes q/k/v, scales, projects out and names its cache."""
+    """How one transformers attention class computes q/k/v, scales and projects out.
+
+    ``required`` names the attributes this reading of the class needs; a class may have one adapter
+    per transformers layout (GPT-J changed in 5.24), and the first whose attributes are all present
+    is used."""
 
     arch: str
     project: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -122,7 +126,6 @@ class _Adapter:
     dropout: Callable[[Any], float]
     window: Callable[[Any], int | None]
     rotary_dim: Callable[[Any], int | None]
-    cache_arg: str = "past_key_values"
     required: tuple[str, ...] = ()
 
 
@@ -139,7 +142,9 @@ def _llama_like(arch, project=_project_separate, window=_no_window, required=("q
     )
 
 
-_GPTJ = _Adapter(
+# GPT-J before transformers 5.24: the attention module owns its sin/cos table (embed_positions) and
+# divides the scores by scale_attn.
+_GPTJ_OWN_TABLE = _Adapter(
     arch="GPT-J",
     project=_project_gptj,
     out=lambda m, o: m.resid_dropout(m.out_proj(o)),
@@ -147,35 +152,53 @@ _GPTJ = _Adapter(
     dropout=lambda m: m.attn_dropout.p,
     window=_no_window,
     rotary_dim=lambda m: m.pos_embd_dim,
-    cache_arg="layer_past",
     required=("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale_attn", "embed_positions", "layer_idx"),
 )
+# GPT-J from 5.24: the table moved to the model's GPTJRotaryEmbedding; the module multiplies by scaling.
+_GPTJ_SHARED_TABLE = _Adapter(
+    arch="GPT-J",
+    project=_project_gptj,
+    out=lambda m, o: m.resid_dropout(m.out_proj(o)),
+    scale=lambda m: m.scaling,
+    dropout=lambda m: m.attention_dropout,
+    window=_no_window,
+    rotary_dim=lambda m: m.rotary_dim or m.head_dim,
+    required=("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scaling", "rotary_dim", "layer_idx"),
+)
+_GPTJ = (_GPTJ_OWN_TABLE, _GPTJ_SHARED_TABLE)
 
-# (module, class name) -> adapter. Classes are matched exactly, so a subclass with its own forward
-# is an unknown class and is refused.
-_ADAPTERS: dict[tuple[str, str], _Adapter] = {
-    ("transformers.models.llama.modeling_llama", "LlamaAttention"): _llama_like("Llama"),
-    ("transformers.models.mistral.modeling_mistral", "MistralAttention"): _llama_like("Mistral", window=_config_window),
-    ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"): _llama_like("Qwen2", window=_module_window),
-    ("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention"): _llama_like(
-        "Qwen3", project=_project_qk_norm, window=_module_window, required=("q_proj", "k_proj", "v_proj", "q_norm")
+# (module, class name) -> its adapters. Classes are matched exactly, so a subclass with its own
+# forward is an unknown class and is refused.
+_ADAPTERS: dict[tuple[str, str], tuple[_Adapter, ...]] = {
+    ("transformers.models.llama.modeling_llama", "LlamaAttention"): (_llama_like("Llama"),),
+    ("transformers.models.mistral.modeling_mistral", "MistralAttention"): (
+        _llama_like("Mistral", window=_config_window),
     ),
-    ("transformers.models.phi3.modeling_phi3", "Phi3Attention"): _llama_like(
-        "Phi-3", project=_project_phi3, window=_config_window, required=("qkv_proj", "num_key_value_heads")
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"): (_llama_like("Qwen2", window=_module_window),),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention"): (
+        _llama_like(
+            "Qwen3", project=_project_qk_norm, window=_module_window, required=("q_proj", "k_proj", "v_proj", "q_norm")
+        ),
     ),
-    ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXAttention"): _Adapter(
-        arch="GPT-NeoX",
-        project=_project_neox,
-        out=lambda m, o: m.dense(o),
-        scale=lambda m: m.scaling,
-        dropout=lambda m: m.attention_dropout,
-        window=_no_window,
-        rotary_dim=lambda m: m.rotary_ndims,
-        cache_arg="layer_past",
-        required=("query_key_value", "dense", "head_size", "scaling", "rotary_ndims", "layer_idx"),
+    ("transformers.models.phi3.modeling_phi3", "Phi3Attention"): (
+        _llama_like(
+            "Phi-3", project=_project_phi3, window=_config_window, required=("qkv_proj", "num_key_value_heads")
+        ),
+    ),
+    ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXAttention"): (
+        _Adapter(
+            arch="GPT-NeoX",
+            project=_project_neox,
+            out=lambda m, o: m.dense(o),
+            scale=lambda m: m.scaling,
+            dropout=lambda m: m.attention_dropout,
+            window=_no_window,
+            rotary_dim=lambda m: m.rotary_ndims,
+            required=("query_key_value", "dense", "head_size", "scaling", "rotary_ndims", "layer_idx"),
+        ),
     ),
     ("transformers.models.gptj.modeling_gptj", "GPTJAttention"): _GPTJ,
-    ("transformers.models.gptj.modeling_gptj", "GPTJFlashAttention2"): _GPTJ,
+    ("transformers.models.gptj.modeling_gptj", "GPTJFlashAttention2"): _GPTJ,  # gone in 5.24
 }
 
 SUPPORTED_ARCHITECTURES = {
@@ -187,6 +210,100 @@ SUPPORTED_ARCHITECTURES = {
     "GPT-NeoX": "GPTNeoXForCausalLM (fused per-head qkv, partial rotary)",
     "GPT-J": "GPTJForCausalLM (interleaved partial rotary)",
 }
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+# The names under which transformers has passed the KV cache to an attention module or a decoder
+# stack: ``past_key_values`` (5.0-5.23), ``cache`` (5.24+, with ``past_key_values`` accepted through
+# a deprecation shim until 5.40), ``layer_past`` (GPT-NeoX, and GPT-J before 5.24).
+CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
+# Every parameter the patched attention forward knows what to do with. A class forward with any
+# other parameter is refused at patch time: it may carry something (a cache under a new name, a
+# mask, a window) that the replacement would otherwise drop without a word.
+_ATTENTION_PARAMS = frozenset(
+    {
+        "hidden_states",
+        "position_embeddings",
+        "attention_mask",
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        *CACHE_KEYWORDS,
+    }
+)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _forward_parameters(cls: type) -> list[inspect.Parameter]:
+    """The class forward's parameters after ``self`` (through ``functools.wraps`` decorators)."""
+    return list(inspect.signature(cls.forward).parameters.values())[1:]
+
+
+def _cache_keyword(cls: type, where: str, allowed: tuple[str, ...] = CACHE_KEYWORDS) -> str:
+    """The one name among ``allowed`` under which ``cls.forward`` takes the KV cache."""
+    names = [p.name for p in _forward_parameters(cls) if p.name in allowed]
+    if len(names) != 1:
+        raise ValueError(
+            f"{where}: {cls.__name__}.forward takes the KV cache under {names or 'no known keyword'} (expected one of "
+            f"{list(allowed)}) in transformers {_transformers_version()}, which ropekern does not know"
+        )
+    return names[0]
+
+
+def _check_attention_signature(cls: type, where: str) -> str:
+    """Refuse a class forward with a parameter the patched forward would ignore; returns its cache keyword."""
+    unknown = [
+        p.name for p in _forward_parameters(cls) if p.kind is not p.VAR_KEYWORD and p.name not in _ATTENTION_PARAMS
+    ]
+    if unknown:
+        raise ValueError(
+            f"{where}: {cls.__name__}.forward in transformers {_transformers_version()} takes {unknown}, which "
+            "ropekern's attention adapter does not know (a newer transformers layout); it would be ignored, so "
+            "the module is refused"
+        )
+    return _cache_keyword(cls, where)
+
+
+def _take_cache(kwargs: dict, where: str) -> Any:
+    """Pop the KV cache from a forward's keyword arguments under whichever known name it came.
+
+    Raises when two names carry one, or when a ``transformers`` ``Cache`` arrives under a keyword no
+    transformers release has used for it (a rename ropekern does not know: never skipped quietly)."""
+    given = {name: kwargs.pop(name) for name in CACHE_KEYWORDS if kwargs.get(name) is not None}
+    for name in CACHE_KEYWORDS:
+        kwargs.pop(name, None)
+    if len(given) > 1:
+        raise ValueError(f"{where}: the KV cache was passed twice, as {sorted(given)}")
+    stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+    if stray:
+        raise ValueError(
+            f"{where}: received a KV cache under {stray}, a keyword ropekern does not know (transformers "
+            f"{_transformers_version()}; known: {list(CACHE_KEYWORDS)})"
+        )
+    return next(iter(given.values()), None)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes a KV cache in the installed transformers
+    (``"cache"`` from 5.24, ``"past_key_values"`` before): ``model(ids, **{cache_keyword(model): c})``
+    passes a cache without a deprecation warning on either side of the rename."""
+    return _cache_keyword(type(model), f"ropekern.integrations.hf ({type(model).__name__})", CACHE_KEYWORDS[:2])
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output carries (``output.cache`` from transformers 5.24, ``past_key_values``
+    before; a tuple output's second item), without touching the deprecated alias."""
+    if isinstance(output, tuple):
+        return output[1] if len(output) > 1 else None
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    name = next((n for n in CACHE_KEYWORDS[:2] if n in fields), None)
+    return None if name is None else getattr(output, name)
 
 
 @dataclass
@@ -201,8 +318,12 @@ class _ModuleState:
 
 
 def _adapter_for(module: torch.nn.Module) -> _Adapter | None:
+    """The adapter of a known attention class whose attributes are all there (None: unknown class;
+    the first adapter when none is complete, so that its missing attributes are reported)."""
     cls = type(module)
-    return _ADAPTERS.get((cls.__module__, cls.__name__))
+    adapters = _ADAPTERS.get((cls.__module__, cls.__name__), ())
+    complete = [a for a in adapters if all(hasattr(module, attr) for attr in a.required)]
+    return (complete or adapters or [None])[0]
 
 
 def _is_attention_like(module: torch.nn.Module) -> bool:
@@ -242,8 +363,8 @@ class UnrotatedLayer(DynamicLayer):
             if value is not None and value.shape[1]:
                 setattr(self, name, fn(value))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
+    def crop(self, *args, **kwargs) -> None:  # the argument was renamed in transformers 5.18
+        super().crop(*args, **kwargs)
         if self.is_initialized:
             n = self.keys.shape[-2]
             self._side(lambda t: t[:, :n])
@@ -261,6 +382,10 @@ class UnrotatedLayer(DynamicLayer):
         self._side(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def reset(self) -> None:
+        # Drop the keys (5.18+ does; 5.17 zeroes them in place, keeping the length), so the layer is
+        # empty and the next update starts a new sequence.
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
         self.positions = self.inputs = None
 
@@ -425,9 +550,9 @@ def _patched_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     if any(kwargs.get(key) is not None for key in _FLASH_VARLEN_KWARGS):
         raise ValueError(f"{where}: packed-sequence (padding-free) flash-attention kwargs are not supported")
 
+    cache = _take_cache(kwargs, where)
     q, k, v = adapter.project(self, hidden_states)  # [B, S, H, D], un-rotated
     b, s = q.shape[:2]
-    cache = kwargs.get(adapter.cache_arg)
     layer = None
     past = 0
     if cache is not None:
@@ -456,6 +581,7 @@ class _StackState:
 
     rope: rk.RopeConfig
     params: tuple[str, ...]
+    cache_arg: str  # the name the class forward takes the cache under
     # The class's forward, looked up at patch time: inside a compiled module dynamo resolves
     # type(self).forward to the instance attribute, i.e. to the wrapper itself (infinite recursion).
     forward: Callable[..., Any]
@@ -501,7 +627,9 @@ def _patched_stack_forward(self, *args, **kwargs):
         kwargs.update(input_ids=None, inputs_embeds=embeds)
     if kwargs.get("token_type_ids") is not None:
         raise ValueError(f"{where}: token_type_ids are not supported with rescale='recompute'")
-    cache = kwargs.get("past_key_values")
+    cache = _take_cache(kwargs, where)
+    if cache is not None:
+        kwargs[state.cache_arg] = cache
     b, s = embeds.shape[:2]
     first = _first_layer(cache)
     recompute = False
@@ -531,17 +659,14 @@ def _patched_stack_forward(self, *args, **kwargs):
     if isinstance(out, tuple):
         if len(out) > 2:
             raise ValueError(f"{where}: tuple outputs with hidden states are not supported; use return_dict=True")
-        out_cache = out[1] if len(out) > 1 else cache
         if recompute:
             out = (out[0][:, -s:], *out[1:])
-    else:
-        out_cache = getattr(out, "past_key_values", None)
-        out_cache = cache if out_cache is None else out_cache
-        if recompute:
-            out.last_hidden_state = out.last_hidden_state[:, -s:]
-            if getattr(out, "hidden_states", None) is not None:
-                out.hidden_states = tuple(h[:, -s:] for h in out.hidden_states)
-    layers = getattr(out_cache, "layers", None)
+    elif recompute:
+        out.last_hidden_state = out.last_hidden_state[:, -s:]
+        if getattr(out, "hidden_states", None) is not None:
+            out.hidden_states = tuple(h[:, -s:] for h in out.hidden_states)
+    out_cache = output_cache(out)
+    layers = getattr(cache if out_cache is None else out_cache, "layers", None)
     if layers and isinstance(layers[0], UnrotatedLayer):
         held = layers[0].inputs
         full = kwargs["inputs_embeds"]
@@ -576,8 +701,8 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
         missing = [attr for attr in adapter.required if not hasattr(module, attr)]
         if missing:
             raise ValueError(
-                f"ropekern.integrations.hf: {name!r} ({type(module).__name__}) lacks {missing}; this transformers "
-                "version's module differs from the one ropekern was written for"
+                f"ropekern.integrations.hf: {name!r} ({type(module).__name__}) lacks {missing}; the module of "
+                f"transformers {_transformers_version()} differs from the ones ropekern was written for"
             )
         window = adapter.window(module)
         if window is not None:
@@ -661,18 +786,26 @@ def _check_stock_tables(model: torch.nn.Module, rope: rk.RopeConfig, modules) ->
                 f"ropekern.integrations.hf: {where} rotates {rotary} channels but ropekern's RopeConfig rotates "
                 f"{rope.rotary_dim}"
             )
-        if adapter is _GPTJ:
-            if not rope.interleaved:
-                raise ValueError(
-                    f"ropekern.integrations.hf: {where} pairs channels interleaved; the RopeConfig does not"
-                )
-            # embed_positions[p] = [sin(p f) * a, cos(p f) * a] (fp32): row 1 gives f and a back.
-            row = module.embed_positions[1].double().cpu()
-            sin, cos = row[: row.numel() // 2], row[row.numel() // 2 :]
-            _close(where, "inv_freq", rope.inv_freq64(None), torch.atan2(sin, cos), 1e-5, 1e-6)
-            _close(
-                where, "attention factor", torch.full_like(sin, rope.attention_factor), torch.hypot(sin, cos), 1e-5, 0.0
-            )
+        if adapter in _GPTJ and not rope.interleaved:
+            raise ValueError(f"ropekern.integrations.hf: {where} pairs channels interleaved; the RopeConfig does not")
+    for name, owner in _gptj_tables(model):
+        where = f"{name!r} ({type(owner).__name__})"
+        # embed_positions[p] = [sin(p f) * a, cos(p f) * a] (fp32): row 1 gives f and a back.
+        row = owner.embed_positions[1].double().cpu()
+        sin, cos = row[: row.numel() // 2], row[row.numel() // 2 :]
+        _close(where, "inv_freq", rope.inv_freq64(None), torch.atan2(sin, cos), 1e-5, 1e-6)
+        _close(where, "attention factor", torch.full_like(sin, rope.attention_factor), torch.hypot(sin, cos), 1e-5, 0.0)
+
+
+def _gptj_tables(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules holding GPT-J's fixed ``[max positions, R]`` sin/cos table (``embed_positions``): each
+    attention module before transformers 5.24, the model's one ``GPTJRotaryEmbedding`` from 5.24."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m).__module__ == "transformers.models.gptj.modeling_gptj"
+        and isinstance(getattr(m, "embed_positions", None), torch.Tensor)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -727,13 +860,33 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, rescale: str = "reco
                 f"ropekern.integrations.hf: cannot install rescale='recompute' on {type(stack).__name__} (no input "
                 "embeddings, or an instance-level forward already there); use rescale='rotate'"
             )
+    for name, module, _ in modules:
+        _check_attention_signature(type(module), f"ropekern.integrations.hf: {name!r}")
+    stack_cache = None
+    if stack is not None:
+        where = f"ropekern.integrations.hf: rescale='recompute' on {type(stack).__name__}"
+        stack_cache = _cache_keyword(type(stack), where, CACHE_KEYWORDS[:2])
     unpatch(model)
     for name, module, adapter in modules:
         setattr(module, _STATE, _ModuleState(name, adapter, rope, backend, _positional_params(module, skip=2)))
         module.forward = types.MethodType(_patched_forward, module)
     if stack is not None:
-        setattr(stack, _STATE, _StackState(rope, _positional_params(stack, skip=1), type(stack).forward))
+        state = _StackState(rope, _positional_params(stack, skip=1), stack_cache, type(stack).forward)
+        setattr(stack, _STATE, state)
         stack.forward = types.MethodType(_patched_stack_forward, stack)
+    if stack is not None and type(model).__name__ in _CACHE_DROPPING:
+        # Phi3ForCausalLM drops the cache when a sequence first passes LongRoPE's switch point: stock
+        # caches keys rotated with the short table. transformers 5.17-5.19 then feed only the newest
+        # token without a cache (generation breaks; fixed in 5.20). The patched stack recomputes at
+        # the switch itself, so the patched instance uses the generic method and keeps its cache.
+        model.prepare_inputs_for_generation = super(type(model), model).prepare_inputs_for_generation
+    for name, owner in _gptj_tables(model):
+        if _adapter_for(owner) is None:
+            # GPTJRotaryEmbedding (5.24+) gathers rows of its fixed table in every model forward, so a
+            # position past max_position_embeddings raises IndexError there although the patched
+            # attention never reads the result; while patched it returns nothing.
+            setattr(owner, _STATE, name)
+            owner.forward = types.MethodType(_unused_table, owner)
     setattr(
         model,
         _MODEL_STATE,
@@ -742,9 +895,17 @@ def patch(model: torch.nn.Module, backend: str = "auto", *, rescale: str = "reco
     return model
 
 
+# Causal-LM classes whose own ``prepare_inputs_for_generation`` drops the cache at a RoPE switch.
+_CACHE_DROPPING = frozenset({"Phi3ForCausalLM"})
+
+
+def _unused_table(self, x, position_ids):
+    return None
+
+
 def _positional_params(module: torch.nn.Module, skip: int) -> tuple[str, ...]:
     """Names of the class forward's positional parameters after the first ``skip`` (self, hidden_states)."""
-    params = list(inspect.signature(type(module).forward).parameters.values())[skip:]
+    params = _forward_parameters(type(module))[skip - 1 :]
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
@@ -757,6 +918,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             delattr(module, _STATE)
     if hasattr(model, _MODEL_STATE):
         delattr(model, _MODEL_STATE)
+        model.__dict__.pop("prepare_inputs_for_generation", None)
     return model
 
 
@@ -782,9 +944,12 @@ def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
             module, "attention_scaling"
         ):
             module.forward = types.MethodType(_exact_rotary_forward(rope), module)
-        elif _adapter_for(module) is _GPTJ:
-            module._get_embed_positions = types.MethodType(_exact_gptj_table(rope), module)
-            module._attn = types.MethodType(_gptj_attn_in_dtype, module)
+    for _, owner in _gptj_tables(model):
+        if _adapter_for(owner) is not None:  # the attention module (before 5.24)
+            owner._get_embed_positions = types.MethodType(_exact_gptj_table(rope), owner)
+            owner._attn = types.MethodType(_gptj_attn_in_dtype, owner)
+        else:  # GPTJRotaryEmbedding: (sin, cos) [B, S, R/2] of the given positions
+            owner.forward = types.MethodType(_exact_gptj_forward(rope), owner)
     return model
 
 
@@ -819,6 +984,14 @@ def _exact_gptj_table(rope: rk.RopeConfig):
         return torch.cat([sin, cos], dim=-1)
 
     return get_embed_positions
+
+
+def _exact_gptj_forward(rope: rk.RopeConfig):
+    def forward(self, x, position_ids):
+        cos, sin = _exact_cos_sin(rope, position_ids)
+        return sin.to(x.dtype), cos.to(x.dtype)
+
+    return forward
 
 
 def _gptj_attn_in_dtype(self, query, key, value, attention_mask=None):
@@ -959,11 +1132,11 @@ def _rebuild_stock_tables(model: torch.nn.Module, rope: rk.RopeConfig) -> None:
             module.max_seq_len_cached = module.original_max_seq_len = config.max_position_embeddings
             if hasattr(module, "long_inv_freq"):  # transformers' cached LongRoPE long table
                 del module.long_inv_freq
-        elif _adapter_for(module) is _GPTJ:
-            # Stock GPT-J's table: [sin(p f) * a, cos(p f) * a] for p < max positions, fp32 angles.
-            n = config.max_position_embeddings
-            angle = torch.arange(n, dtype=torch.float32)[:, None] * rope.inv_freq(None)[None, :]
-            af = rope.attention_factor
-            table = torch.cat([torch.sin(angle) * af, torch.cos(angle) * af], dim=1)
-            module.embed_positions = table.to(module.embed_positions.device)
-            module.max_positions = n
+    for _, owner in _gptj_tables(model):
+        # Stock GPT-J's table: [sin(p f) * a, cos(p f) * a] for p < max positions, fp32 angles.
+        n = config.max_position_embeddings
+        angle = torch.arange(n, dtype=torch.float32)[:, None] * rope.inv_freq(None)[None, :]
+        af = rope.attention_factor
+        table = torch.cat([torch.sin(angle) * af, torch.cos(angle) * af], dim=1)
+        owner.embed_positions = table.to(owner.embed_positions.device)
+        owner.max_positions = n
