@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "ropekern/params.h"
+#include "ropekern/rope_math.h"
 
 namespace ropekern {
 namespace args {
@@ -53,7 +54,7 @@ inline at::Tensor int32_arg(const at::Tensor& t, const char* name, at::IntArrayR
   return t.contiguous();
 }
 
-// The rotary params from the split table `freqs`, float32 [nT, 3, R/2] with nT in {1, batch}
+// The rotary params from the split table `freqs`, float32 [nT, kSplitRows, R/2] with nT in {1, batch}
 // (ropekern.scaling.split_turns). rotary_dim 0 turns rotation off; the table is then not read.
 inline RopeParams rope_params(const at::Tensor& freqs, int64_t rotary_dim, bool interleaved, double attention_factor,
                               int64_t head_dim, int64_t batch, const at::Tensor& ref, const char* who) {
@@ -66,12 +67,13 @@ inline RopeParams rope_params(const at::Tensor& freqs, int64_t rotary_dim, bool 
   if (rotary_dim == 0) return rope;
   check_same_device(freqs, "freqs", ref, who);
   TORCH_CHECK_TYPE(freqs.scalar_type() == at::kFloat, who, ": `freqs` must be float32, got ", freqs.scalar_type());
-  TORCH_CHECK_VALUE(freqs.dim() == 3 && freqs.size(1) == 3 && freqs.size(2) == rotary_dim / 2 &&
+  TORCH_CHECK_VALUE(freqs.dim() == 3 && freqs.size(1) == kSplitRows && freqs.size(2) == rotary_dim / 2 &&
                         (freqs.size(0) == 1 || freqs.size(0) == batch),
-                    who, ": `freqs` must have shape [1 or ", batch, ", 3, ", rotary_dim / 2, "], got ", freqs.sizes());
+                    who, ": `freqs` must have shape [1 or ", batch, ", ", kSplitRows, ", ", rotary_dim / 2, "], got ",
+                    freqs.sizes());
   TORCH_CHECK_VALUE(freqs.is_contiguous(), who, ": `freqs` must be contiguous");
   rope.freqs = freqs.data_ptr<float>();
-  rope.freqs_batch_stride = freqs.size(0) == 1 ? 0 : 3 * (rotary_dim / 2);
+  rope.freqs_batch_stride = freqs.size(0) == 1 ? 0 : kSplitRows * (rotary_dim / 2);
   return rope;
 }
 

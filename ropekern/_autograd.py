@@ -27,8 +27,8 @@ _SCORE_BUDGET = 1 << 24
 
 
 def inv_freq_from_split(split: torch.Tensor) -> torch.Tensor:
-    """float64 ``[nT, R/2]`` radians per position from the kernels' split table ``[nT, 3, R/2]``
-    (``f1 + f2 + f3`` is the frequency in turns to ~2**-50 relative, ``scaling.split_turns``)."""
+    """float64 ``[nT, R/2]`` radians per position from the kernels' split table ``[nT, 4, R/2]``
+    (the rows sum to the frequency in turns, ``scaling.split_turns``)."""
     return split.to(torch.float64).sum(-2) * (2.0 * math.pi)
 
 
@@ -121,6 +121,7 @@ def dense_backward(
         if ke <= 0:
             continue
         s = torch.matmul(qs[:, :, :, i0:i1], kr[:, :, :, :ke].transpose(-1, -2))  # [B, Hkv, G, c, ke]
+        hidden = None
         if causal:
             # Only the band [j0, ke) holds keys that some rows of the chunk do not see.
             j0 = max(0, i0 + off + 1)
@@ -137,6 +138,10 @@ def dense_backward(
         else:
             p = torch.exp(s.sub_(lse[..., i0:i1, None]))
         ds = torch.matmul(dot[:, :, :, i0:i1], vt[:, :, :, :ke].transpose(-1, -2))  # dP
+        if hidden is not None:
+            # dP of a hidden key is dO . V of a key the row cannot see: a NaN or an infinity in that
+            # V must not reach the row through P * dP (0 * NaN = NaN), so it is selected to 0.
+            ds[..., j0:ke].masked_fill_(hidden, 0.0)
         dc = delta[..., i0:i1, None]
         if whole_rows:
             # rowsum(P * dP) = rowsum(dO * O) in exact arithmetic; formed from the same P and dP it
@@ -177,7 +182,7 @@ def recompute_backward(
     """``(dq, dk, dv)`` (input dtype) of a whole ``rope_attention`` call in PyTorch, any device.
 
     Layouts as ``rope_attention`` (dense, or varlen with ``cu_seqlens_*``, one sequence at a time);
-    ``split`` is the kernels' table ``[nT, 3, R/2]``; ``rotary_dim`` 0 means no rotation."""
+    ``split`` is the kernels' table ``[nT, 4, R/2]``; ``rotary_dim`` 0 means no rotation."""
     cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     # -dlse in the LSE layout: dense_backward (whole_rows) adds rowsum(dO * O) of the recomputed rows.
     delta = -dlse.to(cd) if dlse is not None else torch.zeros(lse.shape, dtype=cd, device=lse.device)

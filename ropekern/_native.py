@@ -41,7 +41,7 @@ except ImportError as exc:  # not built: the backend reports why, the package st
 
 
 def _rotary(call: Any) -> tuple[torch.Tensor, int]:
-    """The split table ``[nT, 3, R/2]`` and the rotary width the kernel should apply (0: no rotation)."""
+    """The split table ``[nT, 4, R/2]`` and the rotary width the kernel should apply (0: no rotation)."""
     _, split = call.tables()
     return split.contiguous(), (call.rope.rotary_dim if getattr(call, "rotate", True) else 0)
 

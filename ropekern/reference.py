@@ -111,13 +111,34 @@ def _attend(
         l_ = p.sum(dim=-1, keepdim=True)
         empty = l_ == 0
         l_safe = torch.where(empty, torch.ones_like(l_), l_)
-        o = torch.matmul(p, vt) / l_safe
+        o = _weighted_values(p, vt, keep if causal else None) / l_safe
         lse = torch.where(empty, torch.full_like(l_, float("-inf")), m + torch.log(l_safe))
         outs.append(o)
         lses.append(lse[..., 0])
     out = torch.cat(outs, dim=2) if outs else qg.new_zeros(hkv, g, 0, d)
     lse = torch.cat(lses, dim=2) if lses else qg.new_zeros(hkv, g, 0)
     return out.permute(2, 0, 1, 3).reshape(sq, hq, d), lse.reshape(hq, sq)
+
+
+def _weighted_values(p: torch.Tensor, vt: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``p @ v`` in which a key a row cannot see (``keep`` False) never meets the row: a NaN or an
+    infinity in its V row must not reach it (a plain matmul gives 0 * NaN = NaN). The matmul takes
+    the finite part of V; each row then gets, per channel, what the non-finite values of the keys it
+    sees contribute (a probability times a NaN, or infinities of both signs, is NaN; else the
+    infinity). p ``[Hkv, G, c, Sk]``, vt ``[Hkv, 1, Sk, D]``, keep bool ``[c, Sk]`` or None (all seen)."""
+    finite = torch.isfinite(vt)
+    if not torch.compiler.is_compiling() and bool(finite.all()):
+        return torch.matmul(p, vt)
+    out = torch.matmul(p, torch.where(finite, vt, torch.zeros_like(vt)))
+    # Per (row, channel): seen NaN, +inf and -inf counted in one fp64 matmul (exact below 2**20 keys).
+    inf = float("inf")
+    code = torch.zeros(vt.shape, dtype=torch.float64, device=vt.device)
+    code = code.masked_fill(torch.isnan(vt), 1.0).masked_fill(vt == inf, 2.0**20).masked_fill(vt == -inf, 2.0**40)
+    seen = torch.ones(p.shape[-2:], dtype=torch.float64, device=p.device) if keep is None else keep.to(torch.float64)
+    counts = torch.matmul(seen, code)
+    nan, pos, neg = counts % 2**20 > 0, (counts // 2**20) % 2**20 > 0, counts >= 2**40
+    extra = torch.where(nan | (pos & neg), float("nan"), torch.where(pos, inf, torch.where(neg, -inf, 0.0)))
+    return out + extra.to(out.dtype)
 
 
 def _sequence_slices(call: AttentionCall):

@@ -5,9 +5,10 @@ magnitude factor. They are computed here in float64, once per (config, scaling s
 to the kernels as data, so a new scaling law never needs a new kernel.
 
 Kernels receive the frequencies as a *turn split* (``split_turns``): each frequency in turns
-(``inv_freq / 2π``) is cut into two 12-bit pieces and an fp32 remainder, so that every partial
-product with a 12-bit chunk of the position is exact in fp32 (see ``angle_turns_fp32``, the
-executable specification that the Triton, CPU and CUDA kernels reproduce operation by operation).
+(``inv_freq / 2π``) is cut into three 12-bit pieces and an fp32 remainder, so that every partial
+product with a 12-bit chunk of the position that can exceed a turn is exact in fp32 (see
+``angle_turns_fp32``, the executable specification that the Triton, CPU and CUDA kernels
+reproduce operation by operation): cos/sin within 2e-6 of exact for every int32 position.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ __all__ = [
     "ROPE_TYPES",
     "RopeConfig",
     "split_turns",
+    "SPLIT_ROWS",
     "angle_turns_fp32",
     "MAX_POSITION",
 ]
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional")
 
-# Positions are carried as int32 by every kernel; the accurate-angle scheme is exact to 2e-6 rad
-# below 2**24 and degrades gracefully (to ~1e-4 rad) up to this bound.
+# Positions are carried as int32 by every kernel; the accurate-angle scheme keeps cos/sin within
+# 2e-6 of exact up to this bound (angle_turns_fp32).
 MAX_POSITION = 2**31 - 1
 
 _TYPE_ALIASES = {"su": "longrope"}  # Phi-3's pre-release name for LongRoPE.
@@ -106,19 +108,25 @@ def _int(field: str, value: Any, *, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+SPLIT_ROWS = 4  # rows of the split table: f1, f2, f3 (12 significant bits each) and the remainder f4
+
+
 def split_turns(inv_freq: torch.Tensor) -> torch.Tensor:
     """Split frequencies (radians per position, float64 ``[..., n]``) into the kernel form.
 
-    Returns float32 ``[..., 3, n]``: ``f1 + f2 + f3 == inv_freq / 2π`` (turns per position) to
-    ~2**-50 relative, where ``f1`` and ``f2`` carry 12 significant bits each, so their products
-    with a 12-bit position chunk (< 4096) are exact in fp32.
+    Returns float32 ``[..., 4, n]``: ``f1 + f2 + f3 + f4 == inv_freq / 2π`` (turns per position)
+    exactly for the fp64 value of ``inv_freq / 2π`` (~2**-53 relative to the true one), where
+    ``f1``, ``f2`` and ``f3`` carry 12 significant bits each, so their products with a 12-bit
+    chunk of the position are exact in fp32, and ``f4`` is the fp32 remainder.
     """
-    f = inv_freq.to(torch.float64) / _TWO_PI
-    f1 = _round_bits(f, 12)
-    r = f - f1
-    f2 = _round_bits(r, 12)
-    f3 = r - f2
-    return torch.stack([f1, f2, f3], dim=-2).to(torch.float32)
+    r = inv_freq.to(torch.float64) / _TWO_PI
+    rows = []
+    for _ in range(SPLIT_ROWS - 1):
+        part = _round_bits(r, 12)
+        rows.append(part)
+        r = r - part  # exact: part holds the leading 12 bits of r
+    rows.append(r)
+    return torch.stack(rows, dim=-2).to(torch.float32)
 
 
 def _round_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -126,30 +134,41 @@ def _round_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(bits))), exponent - bits)
 
 
+def _reduce_turn(x: torch.Tensor) -> torch.Tensor:
+    return x - torch.floor(x + 0.5)
+
+
 def angle_turns_fp32(positions: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
     """Reference implementation of the kernels' accurate angle, in fp32 operations only.
 
-    ``positions`` int ``[...]`` (0 <= p < 2**31), ``split`` float32 ``[3, n]`` from ``split_turns``.
+    ``positions`` int ``[...]`` (0 <= p < 2**31), ``split`` float32 ``[4, n]`` from ``split_turns``.
     Returns the angle in turns, reduced to [-0.5, 0.5], float32 ``[..., n]``. Multiply by 2π (in
-    fp32) and take cos/sin. Every kernel performs exactly these fp32 operations; the error against
-    fp64 is <= 3 roundings of 2**-24 turns (~1.2e-6 rad) for positions < 2**24.
+    fp32) and take cos/sin. Every kernel performs exactly these fp32 operations (C++:
+    ``rope_math.h``, ``angle_turns_high`` then ``angle_turns_low``).
+
+    The position is cut into 12-bit chunks ``P2 = (p >> 24) << 24`` (7 bits), ``P1 = ((p >> 12) &
+    4095) << 12`` and ``P0 = p & 4095``: every product of a chunk with f1, f2 or f3 that can exceed a
+    turn has at most 24 significant bits, so it is exact, and so is its reduction to [-0.5, 0.5]
+    turn. Only the 7 additions of reduced values round (<= 2**-25 turn each), the small products
+    (< 0.2 turn together) at ~2**-28, and the final multiplication by 2π once: <= ~1.6e-6 rad in
+    the worst case for every position below 2**31; measured 8.4e-7 rad (cos/sin 8.3e-7) over
+    positions up to 2**31 - 1 and frequencies up to 1, against exact angles (``tests/test_scaling.py``).
+    The terms of P2 and P1 come first so that kernels rotating consecutive positions that share
+    ``p >> 12`` compute them once.
     """
     p = positions.to(torch.int64)
-    ph = (p >> 12).to(torch.float32)[..., None]
-    pl = (p & 4095).to(torch.float32)[..., None]
-    f1, f2, f3 = split[0], split[1], split[2]
-    a = ph * f1 * 4096.0  # 12 x 12 bits: exact, so is its fractional part
-    a = a - torch.floor(a)
-    b = ph * f2 * 4096.0
-    b = b - torch.floor(b)
-    c = pl * f1
-    c = c - torch.floor(c)
-    s = a + b
-    s = s - torch.floor(s)
-    s = s + c
-    s = s - torch.floor(s)
-    s = s + (ph * 4096.0 * f3 + pl * f2 + pl * f3)  # < 0.1 turn in total, rounding ~1e-9
-    return s - torch.floor(s + 0.5)
+    p2 = ((p >> 24).to(torch.float32) * 16777216.0)[..., None]
+    p1 = (((p >> 12) & 4095).to(torch.float32) * 4096.0)[..., None]
+    p0 = (p & 4095).to(torch.float32)[..., None]
+    f1, f2, f3, f4 = split[0], split[1], split[2], split[3]
+    h = _reduce_turn(p2 * f1)
+    h = _reduce_turn(h + _reduce_turn(p2 * f2))
+    h = _reduce_turn(h + _reduce_turn(p2 * f3))
+    h = _reduce_turn(h + _reduce_turn(p1 * f1))
+    h = _reduce_turn(h + _reduce_turn(p1 * f2))
+    small = p1 * f3 + (p2 * f4 + p1 * f4)
+    s = _reduce_turn(h + _reduce_turn(p0 * f1))
+    return _reduce_turn(s + (small + (p0 * f2 + (p0 * f3 + p0 * f4))))
 
 
 class RopeConfig:
@@ -548,7 +567,7 @@ class RopeConfig:
 
         ``seq_lens``: the scaling length of each sequence (int ``[B]`` tensor or list), consulted
         only by length-dependent types; ``None`` means the type's base state. Returns
-        ``(inv_freq64 [nT, R/2] float64, split [nT, 3, R/2] float32)`` on ``device`` with nT = 1
+        ``(inv_freq64 [nT, R/2] float64, split [nT, 4, R/2] float32)`` on ``device`` with nT = 1
         (shared) or B (one table per sequence). A tensor ``seq_lens`` is turned into tables with
         device ops (no host synchronisation, traceable by torch.compile); shared tables are cached,
         and so are the per-sequence ones of lengths held on the host (a list or a CPU tensor) outside

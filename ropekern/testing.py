@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -27,6 +29,7 @@ __all__ = [
     "oracle_rope",
     "baseline_rope",
     "random_qkv",
+    "exact_angle",
 ]
 
 
@@ -162,3 +165,42 @@ def random_qkv(
     k = torch.randn(k_shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     v = torch.randn(k_shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     return q, k, v, extra
+
+
+# ---------------------------------------------------------------- exact angles
+def _split_27(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = x * 134217729.0  # 2**27 + 1: Veltkamp's split into two halves of <= 26 bits
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def exact_angle(pos: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``pos * inv`` reduced to [-π, π] in float64, to ~1e-15 rad at every int32 position (the plain
+    fp64 product is up to ~2.4e-7 rad off at 2**31): Dekker's error-free product and a Cody-Waite
+    reduction by 2π in three parts (the first two of 24 bits, so k * part is exact for k < 2**29)."""
+    a = pos.to(torch.float64)[:, None]
+    b = inv.to(torch.float64)[None, :]
+    p = a * b
+    ah, al = _split_27(a)
+    bh, bl = _split_27(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl  # p + e == a * b exactly
+    c1, c2, c3 = _TWO_PI_PARTS
+    k = torch.round(p / (2 * math.pi))
+    return ((p - k * c1) - k * c2) + (e - k * c3)
+
+
+PI_FRACTION = Fraction(314159265358979323846264338327950288419716939937510582097494459, 10**62)  # π to 62 digits
+
+
+def _two_pi_parts() -> tuple[float, float, float]:
+    rest, parts = 2 * PI_FRACTION, []
+    for bits in (24, 24):
+        m, ex = math.frexp(float(rest))
+        part = math.ldexp(round(math.ldexp(m, bits)), ex - bits)
+        parts.append(part)
+        rest -= Fraction(part)
+    parts.append(float(rest))
+    return tuple(parts)
+
+
+_TWO_PI_PARTS = _two_pi_parts()

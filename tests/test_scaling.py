@@ -10,6 +10,7 @@ import torch
 
 from ropekern import RopeConfig
 from ropekern.scaling import angle_turns_fp32, split_turns
+from ropekern.testing import PI_FRACTION, exact_angle
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
@@ -162,7 +163,7 @@ def test_dynamic_every_seq_len():
     inv, split = rope.tables(seq)
     for row, seq_len in zip(inv, seq.tolist()):
         torch.testing.assert_close(row, rope.inv_freq64(seq_len), rtol=1e-14, atol=0)
-    assert split.shape == (seq.numel(), 3, 32) and split.dtype == torch.float32
+    assert split.shape == (seq.numel(), 4, 32) and split.dtype == torch.float32
 
 
 def test_longrope_switch_is_strict():
@@ -218,7 +219,7 @@ def test_length_dependent_tables_copy_constants_once(kind):
         for _ in range(3):
             inv, split = rope.tables(lens, device="meta")
     assert first > 0 and len(copies) == first, copies
-    assert inv.shape == (4, half) and split.shape == (4, 3, half)
+    assert inv.shape == (4, half) and split.shape == (4, 4, half)
     # the values are unchanged by the caching (CPU: against the per-length tables)
     inv, _ = rope.tables(torch.tensor([50, 100, 101, 4000]))
     for row, n in zip(inv, (50, 100, 101, 4000)):
@@ -255,15 +256,36 @@ def test_cos_sin_accuracy_and_factor():
     assert torch.allclose(cos[0], torch.full((32,), af))
 
 
+def test_exact_angle_helper():
+    """The test oracle against exact rational arithmetic at the largest positions."""
+    from fractions import Fraction
+
+    pi = PI_FRACTION
+    pos = torch.tensor([2**31 - 1, 2**30 + 5, 12345])
+    inv = torch.tensor([1.0, 0.7853981633974483, 1e-4], dtype=torch.float64)
+    got = exact_angle(pos, inv)
+    for i, p in enumerate(pos.tolist()):
+        for j, f in enumerate(inv.tolist()):
+            t = Fraction(p) * Fraction(f) / (2 * pi)
+            t -= round(t)
+            assert abs(got[i, j].item() - float(t * 2 * pi)) < 1e-13
+
+
 def test_kernel_angle_scheme_within_2e6():
-    """The fp32 split scheme every kernel reproduces is within 2e-6 of fp64 below 2**24."""
+    """The fp32 split scheme every kernel reproduces keeps cos/sin within 2e-6 of exact at every int32
+    position (the chunk ends, the ends of the range, random positions over all of it and below 2**24)
+    and every frequency up to 1. The previous two-chunk scheme was exact below 2**24 only (0.79 rad
+    off at 2**25, π from 2**28); a plain fp32 product is 0.06 rad off at 2**20."""
     gen = torch.Generator().manual_seed(0)
+    edges = [2**k + d for k in (12, 20, 24, 25, 27, 28, 30) for d in (-1, 0, 1, 3)]
     pos = torch.cat(
         [
-            torch.randint(0, 2**24, (20000,), generator=gen),
+            torch.randint(0, 2**24, (8000,), generator=gen),
+            torch.randint(0, 2**31, (12000,), generator=gen),
             torch.arange(2**24 - 64, 2**24),
+            torch.arange(2**31 - 64, 2**31),
             torch.arange(0, 64),
-            torch.tensor([2**20, 2**20 + 1]),
+            torch.tensor(edges),
         ]
     )
     inv = torch.cat(
@@ -271,10 +293,11 @@ def test_kernel_angle_scheme_within_2e6():
     )
     turns = angle_turns_fp32(pos, split_turns(inv))
     angle = turns * torch.tensor(2 * math.pi, dtype=torch.float32)
-    exact = pos.double()[:, None] * inv
-    err_c = (torch.cos(angle).double() - torch.cos(exact)).abs().max().item()
-    err_s = (torch.sin(angle).double() - torch.sin(exact)).abs().max().item()
-    assert max(err_c, err_s) <= 2e-6, (err_c, err_s)
+    exact = exact_angle(pos, inv)
+    err = (torch.cos(angle).double() - torch.cos(exact)).abs()
+    err = torch.maximum(err, (torch.sin(angle).double() - torch.sin(exact)).abs())
+    assert err.max().item() <= 2e-6, err.max().item()
+    assert err[pos >= 2**24].max().item() <= 2e-6
     plain = pos.float()[:, None] * inv.float()
     assert (torch.cos(plain).double() - torch.cos(exact)).abs().max() > 0.1  # the test can fail
 
@@ -283,7 +306,7 @@ def test_split_turns_reconstructs():
     inv = torch.logspace(0, -9, 100, dtype=torch.float64)
     s = split_turns(inv).double()
     torch.testing.assert_close(s.sum(-2), inv / (2 * math.pi), rtol=1e-14, atol=0)
-    for row in (s[0], s[1]):  # 12 significant bits each
+    for row in (s[0], s[1], s[2]):  # 12 significant bits each
         m, _ = torch.frexp(row)
         assert torch.equal(m * 4096, torch.round(m * 4096))
 

@@ -12,8 +12,9 @@ import torch
 import ropekern as rk
 from ropekern import reference
 from ropekern._triton import decode
+from ropekern._triton.rope_math import load_split
 from ropekern._validation import kvcache_call
-from ropekern.testing import baseline_kvcache, error_check, oracle_kvcache
+from ropekern.testing import baseline_kvcache, error_check, exact_angle, oracle_kvcache
 
 from cases import rope_kwargs_per_type
 
@@ -257,7 +258,7 @@ def test_positions_near_2_pow_20():
 
 def test_composed_angles_accurate():
     """The kernel rotates by R(base) R(j) (base = tile start, j < BLOCK_N); the composed cos/sin
-    stay within the DESIGN §4 target (2e-6) of fp64 up to position 2**24."""
+    stay within 2e-6 of exact angles at every int32 position."""
     import triton
     import triton.language as tl
 
@@ -265,19 +266,17 @@ def test_composed_angles_accurate():
     def composed(SPLIT, POS, COS, SIN, HALF: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
         pair = tl.arange(0, HP)
         ok = pair < HALF
-        f1 = tl.load(SPLIT + pair, mask=ok, other=0.0)
-        f2 = tl.load(SPLIT + HALF + pair, mask=ok, other=0.0)
-        f3 = tl.load(SPLIT + 2 * HALF + pair, mask=ok, other=0.0)
+        f1, f2, f3, f4 = load_split(SPLIT, pair, ok, HALF)
         j = tl.arange(0, BLOCK)
         base = tl.load(POS + tl.program_id(0) * BLOCK + j * 0)  # the tile start, broadcast
-        cb, sb = decode._cos_sin(base, f1, f2, f3)
-        cj, sj = decode._cos_sin(j, f1, f2, f3)
+        cb, sb = decode._cos_sin(base, f1, f2, f3, f4)
+        cj, sj = decode._cos_sin(j, f1, f2, f3, f4)
         offs = (tl.program_id(0) * BLOCK + j)[:, None] * HALF + pair[None, :]
         tl.store(COS + offs, cb * cj - sb * sj, mask=ok[None, :])
         tl.store(SIN + offs, sb * cj + cb * sj, mask=ok[None, :])
 
     block = 64
-    starts = [0, 2**20 - 64 * 5, 2**24 - 64 * 3]
+    starts = [0, 2**20 - 64 * 5, 2**24 - 64 * 3, 2**28 + 17, 2**31 - 64 * 3]
     tiles = torch.tensor([s + 64 * t for s in starts for t in range(3)], dtype=torch.int32)
     for rope in (rk.RopeConfig(128, base=10000.0), rk.RopeConfig(64, base=1e6)):
         inv64, split = rope.tables()
@@ -286,7 +285,7 @@ def test_composed_angles_accurate():
         cos = torch.empty(pos.numel(), half)
         sin = torch.empty_like(cos)
         composed[(tiles.numel(),)](split[0].contiguous(), pos, cos, sin, HALF=half, HP=half, BLOCK=block)
-        exact = (pos.double() + torch.arange(block).repeat(tiles.numel()))[:, None] * inv64[0][None]
+        exact = exact_angle(pos + torch.arange(block).repeat(tiles.numel()), inv64[0])
         err = max(float((cos - exact.cos()).abs().max()), float((sin - exact.sin()).abs().max()))
         print(f"D {rope.head_dim} base {rope.base:g}: composed cos/sin max error {err:.3g}")
         assert err <= 2e-6, err

@@ -2,13 +2,14 @@
 // (kernels_avx2.cpp, kernels_generic.cpp) into namespace ropekern::cpu::RK_ISA.
 //
 // Numerics (DESIGN §4): fp32 everywhere whatever the I/O dtype; angles by the accurate split of
-// rope_math.h (angle_turns8 below is angle_turns op for op, eight pairs at a time); scores are
+// rope_math.h (angle_turns_high8/low8 below are its functions op for op, eight pairs at a time); scores are
 // kept in base 2 (each q.k is multiplied by softmax_scale * log2(e), so exp is one exp2) and the LSE
 // is converted back to natural log; masked scores are -inf and their probabilities are selected
 // to 0; a row that never sees a key ends as zeros with LSE -inf. Offsets are int64.
 #pragma once
 
 #include "kernels.h"
+#include "ropekern/rope_math.h"
 #include "vec.h"
 
 namespace ropekern {
@@ -35,95 +36,82 @@ struct Bump {
 };
 
 // ---------------------------------------------------------------- rotary tables and rotation
-// Accurate angle in turns for one position and eight split frequencies: rope_math.h angle_turns,
-// operation for operation (every step before the last is exact in fp32).
-RK_INLINE V angle_turns8(float ph, float pl, V f1, V f2, V f3) {
-  const V vph = vset1(ph), vpl = vset1(pl), k4096 = vset1(4096.0f);
-  V a = vph * f1 * k4096;
-  a = a - vfloor(a);
-  V b = vph * f2 * k4096;
-  b = b - vfloor(b);
-  V c = vpl * f1;
-  c = c - vfloor(c);
-  V s = a + b;
-  s = s - vfloor(s);
-  s = s + c;
-  s = s - vfloor(s);
-  s = s + (vset1(ph * 4096.0f) * f3 + vpl * f2 + vpl * f3);
-  return s - vfloor(s + vset1(0.5f));
+// The split frequency table's rows for lanes [i, i + n) (rope_math.h: f1..f4, float[4][half]);
+// n < kLanes (the table's tail) pads with zeros.
+struct Split8 {
+  V f[kSplitRows];
+};
+
+RK_INLINE Split8 load_split(const float* split, int half, int i, int n) {
+  Split8 r;
+  if (n == kLanes) {
+    for (int k = 0; k < kSplitRows; ++k) r.f[k] = vload(split + k * half + i);
+    return r;
+  }
+  for (int k = 0; k < kSplitRows; ++k) {
+    float t[kLanes] = {0};
+    for (int l = 0; l < n; ++l) t[l] = split[k * half + i + l];
+    r.f[k] = vload(t);
+  }
+  return r;
 }
 
-// Lanes [i, i + n) of the three pieces of the split frequency table ([3][half]); n < kLanes
-// (the table's tail) pads with zeros.
-RK_INLINE void load_split3(const float* split, int half, int i, int n, V* f1, V* f2, V* f3) {
-  if (n == kLanes) {
-    *f1 = vload(split + i);
-    *f2 = vload(split + half + i);
-    *f3 = vload(split + 2 * half + i);
-    return;
-  }
-  float t1[kLanes] = {0}, t2[kLanes] = {0}, t3[kLanes] = {0};
-  for (int k = 0; k < n; ++k) {
-    t1[k] = split[i + k];
-    t2[k] = split[half + i + k];
-    t3[k] = split[2 * half + i + k];
-  }
-  *f1 = vload(t1);
-  *f2 = vload(t2);
-  *f3 = vload(t3);
+RK_INLINE V vreduce_turn(V x) { return x - vfloor(x + vset1(0.5f)); }
+
+// rope_math.h angle_turns_high / angle_turns_low, operation for operation, kLanes pairs at a time.
+struct AngleHigh8 {
+  V high, small;
+};
+
+RK_INLINE AngleHigh8 angle_turns_high8(int32_t pos, const Split8& f) {
+  const V p2 = vset1(static_cast<float>(pos >> 24) * 16777216.0f);
+  const V p1 = vset1(static_cast<float>((pos >> 12) & 4095) * 4096.0f);
+  V h = vreduce_turn(p2 * f.f[0]);
+  h = vreduce_turn(h + vreduce_turn(p2 * f.f[1]));
+  h = vreduce_turn(h + vreduce_turn(p2 * f.f[2]));
+  h = vreduce_turn(h + vreduce_turn(p1 * f.f[0]));
+  h = vreduce_turn(h + vreduce_turn(p1 * f.f[1]));
+  return {h, p1 * f.f[2] + (p2 * f.f[3] + p1 * f.f[3])};
+}
+
+RK_INLINE V angle_turns_low8(const AngleHigh8& hi, int32_t pos, const Split8& f) {
+  const V p0 = vset1(static_cast<float>(pos & 4095));
+  const V s = vreduce_turn(hi.high + vreduce_turn(p0 * f.f[0]));
+  return vreduce_turn(s + (hi.small + (p0 * f.f[1] + (p0 * f.f[2] + p0 * f.f[3]))));
 }
 
 // cos/sin of the R/2 pair angles of one position into cs = [cos: cs_pad][sin: cs_pad], times
-// `factor`. `split` is one sequence's table float[3][half].
+// `factor`. `split` is one sequence's table float[4][half].
 static void cos_sin_row(int32_t pos, const float* split, int half, float factor, int cs_pad, float* cs) {
   float* C = cs;
   float* S = cs + cs_pad;
-  const float ph = static_cast<float>(pos >> 12), pl = static_cast<float>(pos & 4095);
   const V vf = vset1(factor);
   for (int i = 0; i < half; i += kLanes) {
-    const int n = imin(kLanes, half - i);
-    V f1, f2, f3;
-    load_split3(split, half, i, n, &f1, &f2, &f3);
+    const Split8 f = load_split(split, half, i, imin(kLanes, half - i));
     V s, c;
-    vsincos_turns(angle_turns8(ph, pl, f1, f2, f3), &s, &c);
+    vsincos_turns(angle_turns_low8(angle_turns_high8(pos, f), pos, f), &s, &c);
     vstore(C + i, c * vf);  // cs_pad is a multiple of 8: full vectors always fit
     vstore(S + i, s * vf);
   }
 }
 
 // cos_sin_row for the n consecutive positions pos0 .. pos0 + n - 1, rows `stride` floats apart.
-// When they share the high 12-bit chunk of the position (n <= 16 keys at a multiple of 16 always
-// do), the terms of that chunk are computed once and the keys run as independent chains in the
-// inner loop; every value is still angle_turns' operation for operation.
+// When they share pos >> 12 (n <= 16 keys at a multiple of 16 always do), the high terms are
+// computed once and the keys run as independent chains in the inner loop; every value is still
+// angle_turns' operation for operation.
 static void cos_sin_chunk(int32_t pos0, int n, const float* split, int half, float factor, int cs_pad, float* out,
                           int64_t stride) {
   if ((pos0 & 4095) + n > 4096) {
     for (int jj = 0; jj < n; ++jj) cos_sin_row(pos0 + jj, split, half, factor, cs_pad, out + jj * stride);
     return;
   }
-  const float ph = static_cast<float>(pos0 >> 12);
-  const int pl0 = pos0 & 4095;
-  const V vph = vset1(ph), k4096 = vset1(4096.0f), vf = vset1(factor), vhalf = vset1(0.5f);
+  const V vf = vset1(factor);
   for (int i = 0; i < half; i += kLanes) {
-    const int m = imin(kLanes, half - i);
-    V f1, f2, f3;
-    load_split3(split, half, i, m, &f1, &f2, &f3);
-    V a = vph * f1 * k4096;
-    a = a - vfloor(a);
-    V b = vph * f2 * k4096;
-    b = b - vfloor(b);
-    V ab = a + b;
-    ab = ab - vfloor(ab);
-    const V hi3 = vset1(ph * 4096.0f) * f3;
+    const Split8 f = load_split(split, half, i, imin(kLanes, half - i));
+    const AngleHigh8 hi = angle_turns_high8(pos0, f);
     for (int jj = 0; jj < n; ++jj) {
-      const V vpl = vset1(static_cast<float>(pl0 + jj));
-      V c = vpl * f1;
-      c = c - vfloor(c);
-      V t = ab + c;
-      t = t - vfloor(t);
-      t = t + (hi3 + vpl * f2 + vpl * f3);
       V sv, cv;
-      vsincos_turns(t - vfloor(t + vhalf), &sv, &cv);
+      vsincos_turns(angle_turns_low8(hi, pos0 + jj, f), &sv, &cv);
       vstore(out + jj * stride + i, cv * vf);
       vstore(out + jj * stride + cs_pad + i, sv * vf);
     }
@@ -185,6 +173,20 @@ static void rotate_row(float* x, const float* cs, int R, int cs_pad, bool interl
       x[h + i] = b * C[i] + a * S[i];
     }
   }
+}
+
+// True when none of the n floats is a NaN or an infinity (x * 0 is NaN exactly for those).
+RK_INLINE bool all_finite(const float* x, int64_t n) {
+  const V zero = vzero();
+  V acc = zero;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = acc + vload(x + i) * zero;
+  float lanes[kLanes];
+  vstore(lanes, acc);
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (; i < n; ++i) sum += x[i] * 0.0f;
+  return sum == 0.0f;
 }
 
 // ---------------------------------------------------------------- row load / store
@@ -683,9 +685,22 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, kNR, St + c0, Mp);
     }
     softmax_cols(St, Mp, Mp, nb, lim, scale2, m, l, alpha);
+    // A strip of rows runs to the keys its last row sees, multiplying the other rows' zero
+    // probabilities of keys they cannot see by those keys' V: a NaN or an infinity there would
+    // reach them (0 * NaN = NaN). When the V rows some row cannot see, [visible(0), nb), hold one,
+    // each row runs alone over its own keys (only non-finite values in V take this path).
+    const int seen_by_all = M ? visible(0) : nb;
+    const bool one_by_one = !all_finite(Vs + static_cast<int64_t>(seen_by_all) * Dp,
+                                        static_cast<int64_t>(nb - seen_by_all) * Dp);
     for (int r0 = 0; r0 < M; r0 += kMR) {
       const int rows = imin(kMR, M - r0);
-      pv_block(St + r0, 1, Mp, rows, Vs, Dp, Dp, visible(r0 + rows - 1), O + static_cast<int64_t>(r0) * Dp, alpha + r0);
+      if (!one_by_one) {
+        pv_block(St + r0, 1, Mp, rows, Vs, Dp, Dp, visible(r0 + rows - 1), O + static_cast<int64_t>(r0) * Dp,
+                 alpha + r0);
+        continue;
+      }
+      for (int r = r0; r < r0 + rows; ++r)
+        pv_block(St + r, 1, Mp, 1, Vs, Dp, Dp, visible(r), O + static_cast<int64_t>(r) * Dp, alpha + r);
     }
   }
 
@@ -890,12 +905,39 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     softmax_cols(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha);
     for (int hkv = 0; hkv < Hkv; ++hkv) {
       const int hr0 = hkv * group_rows;
+      const T* vh = vc + hkv * p.vc_head_stride;
+      const float* Vh = Vs + static_cast<int64_t>(hkv) * kDecodeHeadRows * Dp;
+      // With Sq > 1 a masked row must not multiply its zero probabilities by V rows it cannot see
+      // holding a NaN or an infinity (as in the prefill's diagonal block): then each row runs alone.
+      if (masked) {
+        int seen_by_all = nc;
+        for (int r = 0; r < group_rows; ++r) seen_by_all = imin(seen_by_all, static_cast<int>(lim[hr0 + r]));
+        bool finite = true;
+        if (v_direct) {
+          float sum = 0.0f;
+          for (int jj = seen_by_all; jj < nc; ++jj)
+            for (int d = 0; d < D; ++d) sum += DT::to_float(vh[voff[jj] + d]) * 0.0f;
+          finite = sum == 0.0f;
+        } else {
+          finite = all_finite(Vh + static_cast<int64_t>(seen_by_all) * Dp, static_cast<int64_t>(nc - seen_by_all) * Dp);
+        }
+        if (!finite) {
+          for (int r = hr0; r < hr0 + group_rows; ++r) {
+            const int keys = static_cast<int>(lim[r]);
+            float* o_r = O + static_cast<int64_t>(r) * Dp;
+            if (v_direct)
+              pv_block_direct<DT>(St + r, 1, rows8, 1, vh, voff, Dp, keys, o_r, alpha + r);
+            else
+              pv_block(St + r, 1, rows8, 1, Vh, Dp, Dp, keys, o_r, alpha + r);
+          }
+          continue;
+        }
+      }
       if (v_direct)
-        pv_block_direct<DT>(St + hr0, 1, rows8, group_rows, vc + hkv * p.vc_head_stride, voff, Dp, nc,
-                            O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
+        pv_block_direct<DT>(St + hr0, 1, rows8, group_rows, vh, voff, Dp, nc, O + static_cast<int64_t>(hr0) * Dp,
+                            alpha + hr0);
       else
-        pv_block(St + hr0, 1, rows8, group_rows, Vs + static_cast<int64_t>(hkv) * kDecodeHeadRows * Dp, Dp, Dp, nc,
-                 O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
+        pv_block(St + hr0, 1, rows8, group_rows, Vh, Dp, Dp, nc, O + static_cast<int64_t>(hr0) * Dp, alpha + hr0);
     }
   }
 

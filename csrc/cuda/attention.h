@@ -8,7 +8,7 @@
 // The V load of tile n overlaps S = Q K_n^T and the K load of tile n+1 overlaps O += P V_n.
 //
 // RoPE: each thread owns one pair slot (channel pair) for the whole kernel and keeps that slot's
-// split frequency (f1, f2, f3) in registers; a rotation pass over a tile computes, per row, the
+// split frequency (f1..f4) in registers; a rotation pass over a tile computes, per row, the
 // angle from the row's position with ropekern::rope_cos_sin (the error-free split of
 // rope_math.h), rotates the pair in fp32 and stores it back in the I/O dtype. Pass-through
 // channels (>= rotary_dim) are never touched, so they reach the tensor cores bit-exact.
@@ -203,7 +203,7 @@ struct CacheProblem {
 struct RopeSlot {
   bool active = false;
   int c1 = 0, c2 = 0;              // channels of the pair
-  float freq[3] = {0.f, 0.f, 0.f};  // split frequency (turns per position): f1, f2, f3
+  float freq[kSplitRows] = {};  // split frequency (turns per position): f1, f2, f3, f4
   float factor = 1.0f;
 };
 
@@ -215,9 +215,7 @@ RK_DEVICE RopeSlot make_rope_slot(int tid, const float* freqs, int rotary_dim, b
     s.active = true;
     s.c1 = pair_first(slot, interleaved);
     s.c2 = pair_second(slot, rotary_dim, interleaved);
-    s.freq[0] = freqs[slot];
-    s.freq[1] = freqs[half + slot];
-    s.freq[2] = freqs[2 * half + slot];
+    for (int r = 0; r < kSplitRows; ++r) s.freq[r] = freqs[r * half + slot];
     s.factor = factor;
   }
   return s;
@@ -238,6 +236,42 @@ RK_DEVICE void rotate_tile(Element* tile, int valid_rows, const RopeSlot& slot, 
     rotate_pair(&x1, &x2, c, s);
     tile[i1] = Convert<Element>::from_float(x1);
     tile[i2] = Convert<Element>::from_float(x2);
+  }
+}
+
+// ------------------------------------------------------------------------------------ non-finite V
+// Whether the [kBN][kD] V tile holds a NaN or an infinity (x * 0 is NaN exactly for those); the
+// lanes share the scan and the answer (butterfly over the warp).
+template <int kD, int kBN, typename Element>
+RK_DEVICE bool warp_any_nonfinite(const Element* tile, int lane) {
+  float bad = 0.0f;
+  for (int c = lane; c < kBN * kD; c += 32) bad += Convert<Element>::to_float(tile[smem_index<kD>(c / kD, c % kD)]) * 0.0f;
+  float flag = bad == bad ? 0.0f : 1.0f;
+  for (int mask = 1; mask < 32; mask <<= 1) flag = fmaxf(flag, shfl_xor(flag, mask));
+  return flag > 0.0f;
+}
+
+// Add to this lane's O accumulators (rows lane / 4 and lane / 4 + 8 of the warp's tile) what the
+// non-finite V values of the keys j0 .. key_limit[row] contribute: p > 0 times a NaN or an
+// infinity is that value, so a NaN (or infinities of both signs) gives NaN, else the infinity.
+template <int kD, int kBN, typename Element>
+RK_DEVICE void add_visible_nonfinite(float (&acc_o)[kD / 8][4], const Element* tile, int j0, const int (&key_limit)[2],
+                                     int lane) {
+  for (int t = 0; t < kD / 8; ++t) {
+    for (int i = 0; i < 4; ++i) {
+      const int col = t * 8 + 2 * (lane & 3) + (i & 1);
+      bool nan = false, pos_inf = false, neg_inf = false;
+      for (int jj = 0; jj < kBN && j0 + jj <= key_limit[i >> 1]; ++jj) {
+        const float x = Convert<Element>::to_float(tile[smem_index<kD>(jj, col)]);
+        nan = nan || x != x;
+        pos_inf = pos_inf || x == INFINITY;
+        neg_inf = neg_inf || x == -INFINITY;
+      }
+      if (nan || (pos_inf && neg_inf))
+        acc_o[t][i] = NAN;
+      else if (pos_inf || neg_inf)
+        acc_o[t][i] += pos_inf ? INFINITY : -INFINITY;
+    }
   }
 }
 
@@ -380,6 +414,12 @@ RK_GLOBAL void RK_LAUNCH_BOUNDS(Traits::kNThreads) attention_kernel(const typena
       syncthreads();       // ... for every thread; and every warp is done reading K_nb
       if (nb + 1 < nb_end) load_kv(sK, false, nb + 1);
 
+      // A key a row cannot see has probability 0, which the tensor cores still multiply by the
+      // key's V row: a NaN or an infinity there would reach the row (0 * NaN = NaN). In a masked
+      // tile whose V holds one (rare), the warp zeroes such elements in its B fragments and then
+      // adds to each O element the non-finite values of the keys that row does see.
+      const bool nonfinite_v = need_mask && warp_any_nonfinite<kD, kBN>(sV, lane);
+
       // O += P V: the S accumulators of n8 tiles 2kk and 2kk+1 are exactly the A fragment of
       // the k16 step kk (rows g / g+8, columns 2t, 2t+1 and 8+2t, 8+2t+1).
       for (int kk = 0; kk < kBN / 16; ++kk) {
@@ -390,10 +430,14 @@ RK_GLOBAL void RK_LAUNCH_BOUNDS(Traits::kNThreads) attention_kernel(const typena
         for (int dd = 0; dd < kD / 16; ++dd) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, &sV[smem_index<kD>(kk * 16 + bv_ldm_row(lane), dd * 16 + bv_ldm_col(lane))]);
+          if (nonfinite_v) {
+            for (uint32_t& w : b) w = zero_nonfinite2<Element>(w);
+          }
           mma_16816<Element>(acc_o[2 * dd], a, b[0], b[1]);
           mma_16816<Element>(acc_o[2 * dd + 1], a, b[2], b[3]);
         }
       }
+      if (nonfinite_v) add_visible_nonfinite<kD, kBN>(acc_o, sV, j0, key_limit, lane);
     }
   }
 

@@ -12,7 +12,7 @@
 //
 // This file turns tensors into the POD params of ropekern/params.h and cuda_params.h, allocates
 // outputs and the split-K workspace, and calls the torch-free host API (launch.h). `freqs` is the
-// split table [nT, 3, R/2] float32 (ropekern.scaling.split_turns) with nT = 1 or one per sequence.
+// split table [nT, 4, R/2] float32 (ropekern.scaling.split_turns) with nT = 1 or one per sequence.
 // Positions, cu_seqlens, cache_seqlens and block_table are int32 (ropekern._validation makes them so).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -54,6 +54,7 @@ struct Convert<float> {
 
 template <>
 struct Convert<half_t> {
+  static constexpr uint32_t kExponent = 0x7C00u;  // all ones: an infinity or a NaN
 #if defined(RK_EMULATE)
   static inline float to_float(half_t x) { return rk_emu::half_bits_to_float(x.bits); }
   static inline half_t from_float(float x) { return half_t{rk_emu::float_to_half_bits(x)}; }
@@ -73,6 +74,7 @@ struct Convert<half_t> {
 
 template <>
 struct Convert<bf16_t> {
+  static constexpr uint32_t kExponent = 0x7F80u;
 #if defined(RK_EMULATE)
   static inline float to_float(bf16_t x) { return rk_emu::bf16_bits_to_float(x.bits); }
   static inline bf16_t from_float(float x) { return bf16_t{rk_emu::float_to_bf16_bits(x)}; }
@@ -89,6 +91,15 @@ struct Convert<bf16_t> {
   }
 #endif
 };
+
+// The two 16-bit elements packed in `w` with NaN and infinities (exponent all ones) set to +0.
+template <typename Element>
+RK_DEVICE uint32_t zero_nonfinite2(uint32_t w) {
+  constexpr uint32_t e = Convert<Element>::kExponent;
+  if ((w & e) == e) w &= 0xFFFF0000u;
+  if (((w >> 16) & e) == e) w &= 0x0000FFFFu;
+  return w;
+}
 
 }  // namespace cuda
 }  // namespace ropekern

@@ -54,7 +54,7 @@ double f(E x) {
 }
 
 // ------------------------------------------------------------------ rotary tables
-// inv_freq per sequence (fp64) and its kernel form: [3][R/2] split turns (ropekern/scaling.py split_turns).
+// inv_freq per sequence (fp64) and its kernel form: [4][R/2] split turns (ropekern/scaling.py split_turns).
 double round_bits(double x, int bits) {
   int e = 0;
   const double m = std::frexp(x, &e);
@@ -66,7 +66,7 @@ struct Rope {
   bool interleaved = false;
   double factor = 1.0;
   std::vector<std::vector<double>> inv;  // [nT][R/2]
-  std::vector<float> split;              // [nT][3][R/2]
+  std::vector<float> split;              // [nT][4][R/2]
 
   Rope(int rotary, bool il, double af, std::vector<double> bases) : rotary_dim(rotary), interleaved(il), factor(af) {
     const int half = rotary / 2;
@@ -74,12 +74,15 @@ struct Rope {
       std::vector<double> row(half);
       for (int i = 0; i < half; ++i) row[i] = std::pow(base, -2.0 * i / rotary);
       inv.push_back(row);
-      std::vector<float> s(3 * half);
+      std::vector<float> s(ropekern::kSplitRows * half);
       for (int i = 0; i < half; ++i) {
-        const double t = row[i] / (2.0 * M_PI), f1 = round_bits(t, 12), r = t - f1, f2 = round_bits(r, 12);
-        s[i] = static_cast<float>(f1);
-        s[half + i] = static_cast<float>(f2);
-        s[2 * half + i] = static_cast<float>(r - f2);
+        double r = row[i] / (2.0 * M_PI);  // 12 + 12 + 12 bits + the fp32 remainder
+        for (int k = 0; k + 1 < ropekern::kSplitRows; ++k) {
+          const double part = round_bits(r, 12);
+          s[k * half + i] = static_cast<float>(part);
+          r -= part;
+        }
+        s[(ropekern::kSplitRows - 1) * half + i] = static_cast<float>(r);
       }
       split.insert(split.end(), s.begin(), s.end());
     }
@@ -87,7 +90,7 @@ struct Rope {
   ropekern::RopeParams params() const {
     ropekern::RopeParams p;
     p.freqs = rotary_dim ? split.data() : nullptr;
-    p.freqs_batch_stride = inv.size() > 1 ? 3 * (rotary_dim / 2) : 0;
+    p.freqs_batch_stride = inv.size() > 1 ? ropekern::kSplitRows * (rotary_dim / 2) : 0;
     p.rotary_dim = rotary_dim;
     p.interleaved = interleaved;
     p.attention_factor = static_cast<float>(factor);
@@ -144,13 +147,26 @@ RowResult attend(const std::vector<double>& q, const std::vector<std::vector<dou
   return r;
 }
 
+// Relative error of each element; where the fp64 result is a NaN or an infinity (non-finite V
+// values a row sees), the kernel must give exactly that (else the error is infinite).
 template <typename E>
 void compare_row(const E* got, const std::vector<double>& want, double* worst) {
   for (size_t c = 0; c < want.size(); ++c) {
-    const double err = std::fabs(f(got[c]) - want[c]) / (1.0 + std::fabs(want[c]));
+    const double g = f(got[c]);
+    if (!std::isfinite(want[c])) {
+      if (!(std::isnan(want[c]) ? std::isnan(g) : g == want[c])) *worst = INFINITY;
+      continue;
+    }
+    const double err = std::fabs(g - want[c]) / (1.0 + std::fabs(want[c]));
     *worst = std::isnan(err) ? INFINITY : std::fmax(*worst, err);
   }
 }
+
+// A value written into V before the kernel runs: (token, channel of every kv head, value).
+struct Poison {
+  int token, channel;
+  float value;
+};
 
 void check_lse(float got, double want, double* worst_lse, bool* inf_ok) {
   if (std::isinf(want)) {
@@ -171,6 +187,7 @@ struct PrefillCase {
   std::vector<double> bases;  // one (shared) or one per sequence
   int64_t position_base;      // added to the default positions (k: j, q: Sk - Sq + i)
   bool repeat_positions;      // k positions j / 2 (Parallel Context Windows style)
+  std::vector<Poison> poison = {};  // non-finite V values (must reach only the rows that see them)
 };
 
 template <typename E>
@@ -204,6 +221,10 @@ void run_prefill(const PrefillCase& c, uint64_t seed) {
     kp = kbuf.data();
     vp = vbuf.data();
     k_row = v_row = static_cast<int64_t>(hkv) * d;
+  }
+  for (const Poison& x : c.poison) {
+    E* v = c.packed_qkv ? qkv.data() + (hq + hkv) * d : vbuf.data();
+    for (int h = 0; h < hkv; ++h) v[x.token * v_row + h * d + x.channel] = Convert<E>::from_float(x.value);
   }
   std::vector<int32_t> q_pos(tq), k_pos(tk);
   for (int b = 0; b < B; ++b) {
@@ -552,6 +573,14 @@ int main(int argc, char** argv) {
     run_prefill<bf16_t>({"D64 17x129 causal rope off", 1, 1, 1, 64, 0, {17}, {129}, false, true, false, false, 1.0,
                          {10000.0}, 0, false},
                         seed + 4);
+    // NaN / infinities in V at keys that earlier rows of the same tile cannot see: only the rows
+    // that see them may turn non-finite (the mma multiplies masked zeros by V).
+    run_prefill<half_t>({"D64 70x70 causal NaN/inf in masked V", 1, 2, 1, 64, 64, {70}, {70}, false, true, false, false,
+                         1.0, {10000.0}, 0, false, {{5, 0, NAN}, {40, 3, INFINITY}, {41, 3, -INFINITY}, {66, 9, INFINITY}}},
+                        seed + 13);
+    run_prefill<bf16_t>({"D128 varlen causal Sq<Sk inf in masked V", 2, 4, 2, 128, 128, {20, 9}, {30, 60}, true, true,
+                         false, false, 1.0, {10000.0}, 0, false, {{25, 1, -INFINITY}, {85, 100, NAN}}},
+                        seed + 14);
     // name, B, Sq, Hq, Hkv, D, R, cache_lens, s_new, capacity, block_size, causal, interleaved, splits, bases
     run_cache<half_t>({"dense D64 GQA4 append 1", 2, 1, 8, 2, 64, 64, {5, 70}, 1, 96, 0, true, false, 1, {10000.0}},
                       seed + 5);

@@ -6,7 +6,7 @@ registers with the accurate angle of ``rope_math.rope_cos_sin``; V is never rota
 positions are consecutive (default positions) gets its cos/sin by angle addition from one accurate
 row and a per-program step table (``rope_tile.tile_cos_sin``): the per-element trigonometry is what
 the rotation costs, and each K tile is rotated once per query tile. Scaling laws reach the kernel
-only as the host split table ``[nT, 3, R/2]`` (batch stride 0 when shared), so a new law needs no
+only as the host split table ``[nT, 4, R/2]`` (batch stride 0 when shared), so a new law needs no
 new kernel.
 
 Tiling. A program owns ``BLOCK_M`` rows of one (sequence, kv head): row ``r`` is query
@@ -28,7 +28,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope_tile import load_2d, load_pairs, load_pass, load_rotary, rotate_pairs, step_table, tile_cos_sin
+from .rope_tile import (
+    add_seen_nonfinite,
+    finite_or_zero,
+    is_finite,
+    load_2d,
+    load_pairs,
+    load_pass,
+    load_rotary,
+    rotate_pairs,
+    step_table,
+    tile_cos_sin,
+)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -259,7 +270,24 @@ def _attn_keys(
             v_base + cols64[:, None] * stride_vs + d[None, :], col_ok, d < HEAD_DIM, MASKED, HEAD_DIM != HEAD_DIM_P
         )
         acc = acc * alpha[:, None]
+        if MASKED:
+            # A row's zero probability of a key it cannot see would meet that key's V in the dot: a
+            # NaN or an infinity there must not reach it. The dot takes the finite part of V, and
+            # in the rare block whose V holds one (a scalar branch, masked blocks only) each row
+            # then adds the non-finite values of the keys it does see, key by key.
+            nonfinite = tl.sum(tl.where(is_finite(v), 0, 1))
+            v = finite_or_zero(v)
         acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+        if MASKED:
+            if nonfinite > 0:
+                if CAUSAL:
+                    lim = qi + causal_offset
+                else:
+                    lim = tl.full([BLOCK_M], sk, dtype=tl.int32)
+                for jj in range(BLOCK_N):
+                    key = start + jj
+                    v_row = v_base + (k_start + key).to(tl.int64) * stride_vs
+                    acc = add_seen_nonfinite(acc, v_row, d, d < HEAD_DIM, key, sk, lim)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -438,7 +466,7 @@ def forward(
 
     Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, S]`` (last stride 1,
     batch stride may be 0). Varlen: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, positions ``[T]``,
-    ``cu_seqlens_*`` int32 ``[B + 1]``. ``split`` float32 ``[nT, 3, R/2]`` with nT in {1, B}.
+    ``cu_seqlens_*`` int32 ``[B + 1]``. ``split`` float32 ``[nT, 4, R/2]`` with nT in {1, B}.
     Returns ``out`` (contiguous, q's shape and dtype) and LSE float32 ``[B, Hq, Sq]`` / ``[Hq, Tq]``.
     """
     varlen = cu_seqlens_q is not None

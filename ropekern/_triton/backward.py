@@ -380,7 +380,10 @@ def _dkdv_block(
         do = load_2d(do_rows, row_ok, d < HEAD_DIM, True, HEAD_DIM != HEAD_DIM_P)
         dv = _dot(pt.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PREC, UPCAST)
-        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
+        dst = pt * (dpt - delta[None, :])
+        if MASKED:
+            dst = tl.where(keep, dst, 0.0)  # dP of a hidden key may be NaN (NaN in its V): select, never multiply
+        dst = dst.to(q1.dtype)
         dk1 = _dot(dst, q1, dk1, DOT_PREC, UPCAST)
         dk2 = _dot(dst, q2, dk2, DOT_PREC, UPCAST)
         if PASS > 0:
@@ -582,7 +585,10 @@ def _dq_keys(
             v_base + cols64[:, None] * stride_vs + d[None, :], col_ok, d < HEAD_DIM, MASKED, HEAD_DIM != HEAD_DIM_P
         )
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PREC, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)
+        ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(keep, ds, 0.0)  # dP of a hidden key may be NaN (NaN in its V): select, never multiply
+        ds = ds.to(k1.dtype)
         dq1 = _dot(ds, k1, dq1, DOT_PREC, UPCAST)
         dq2 = _dot(ds, k2, dq2, DOT_PREC, UPCAST)
         if PASS > 0:

@@ -5,7 +5,7 @@ The cache holds **un-rotated** keys. Each call
 1. appends ``k_new``/``v_new`` in place at ``cache_seqlens`` (``_append_kernel``, dense or paged);
 2. attends the last Sq tokens of every sequence to its ``n = cache_seqlens + S_new`` keys
    (``_decode_kernel``), rotating every key as it is loaded with the table of *that sequence's
-   current n* (``split [B, 3, R/2]`` for dynamic NTK / LongRoPE, ``[1, 3, R/2]`` otherwise). This is
+   current n* (``split [B, 4, R/2]`` for dynamic NTK / LongRoPE, ``[1, 4, R/2]`` otherwise). This is
    identical to recomputing the whole prefix, which is why length-dependent scaling stays exact;
 3. with split-K (flash-decoding), merges the partial results by their LSE (``_merge_kernel``).
 
@@ -19,9 +19,9 @@ cost ~30 ops per pair: about 10 ops per byte of fp16 K/V, the whole fp32 budget 
 full HBM bandwidth. Instead the kernel uses ``R(base + j) = R(base) R(j)``: the table for the
 offsets ``j < BLOCK_N`` is computed once per program, and per tile only the R/2 angles of the tile
 start ``base`` are formed, applied to the (small) Q tile as ``R(-base)``. The K tile then costs
-4 fp32 ops per pair. Both angles come from ``angle_turns`` (exact below 2**24), and the extra
+4 fp32 ops per pair. Both angles come from ``angle_turns`` (accurate at every position), and the extra
 rounding of the composition is within the DESIGN §4 budget (2e-6): the composed cos/sin of these
-device functions are within 6.2e-7 of fp64 at positions near 0, 2**20 and 2**24 (D 64 and 128,
+device functions are within 6.6e-7 of exact at positions near 0, 2**20, 2**24, 2**28 and 2**31 (D 64 and 128,
 bases 1e4 and 1e6; ``tests/test_triton_decode.py::test_composed_angles_accurate``, interpreter).
 
 Numerics: rotation, scores, online softmax and accumulation in fp32; Q and K are cast back to
@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rope_math import TWO_PI, angle_turns
+from .rope_math import TWO_PI, angle_turns, load_split
+from .rope_tile import add_seen_nonfinite, finite_or_zero, is_finite
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LN2 = math.log(2.0)
@@ -116,9 +117,9 @@ def _append_kernel(
 
 
 @triton.jit
-def _cos_sin(pos, f1, f2, f3):
+def _cos_sin(pos, f1, f2, f3, f4):
     """fp32 cos/sin ``[len(pos), P]`` of the accurate angle (turns reduced to [-0.5, 0.5], then x 2π)."""
-    angle = angle_turns(pos[:, None], f1[None, :], f2[None, :], f3[None, :]) * TWO_PI
+    angle = angle_turns(pos[:, None], f1[None, :], f2[None, :], f3[None, :], f4[None, :]) * TWO_PI
     return tl.cos(angle), tl.sin(angle)
 
 
@@ -226,16 +227,14 @@ def _decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     if ROTATE:
         f_ptr = SPLIT + b64 * stride_fb  # this sequence's table (stride 0 when shared)
-        f1 = tl.load(f_ptr + pair, mask=pair_ok, other=0.0)
-        f2 = tl.load(f_ptr + HALF + pair, mask=pair_ok, other=0.0)
-        f3 = tl.load(f_ptr + 2 * HALF + pair, mask=pair_ok, other=0.0)
-        cq, sq = _cos_sin(q_pos, f1, f2, f3)
+        f1, f2, f3, f4 = load_split(f_ptr, pair, pair_ok, HALF)
+        cq, sq = _cos_sin(q_pos, f1, f2, f3, f4)
         cq = cq * attention_factor
         sq = sq * attention_factor
         q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
         # R(j) for the offsets inside a tile, once per program; the attention factor rides here
         # so that the rotated part of every product carries its square (DESIGN §2).
-        cj, sj = _cos_sin(offs_n, f1, f2, f3)
+        cj, sj = _cos_sin(offs_n, f1, f2, f3, f4)
         cj = cj * attention_factor
         sj = sj * attention_factor
 
@@ -253,7 +252,7 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     d = tl.arange(0, DP)
     d_ok = d < D
-    for j0 in range(start, loop_end, BLOCK_N):
+    for j0 in tl.range(start, loop_end, BLOCK_N, disable_licm=True):  # see the split reload below
         offs_j = j0 + offs_n
         key_ok = offs_j < kv_end
         if PAGED:
@@ -270,7 +269,11 @@ def _decode_kernel(
         k2 = tl.load(k_row[:, None] + c2[None, :], mask=k_mask, other=0.0).to(tl.float32)
         if ROTATE:
             # q . R(j0 + j) k = (R(-j0) q) . (R(j) k): R(-j0) on the small Q tile, R(j) on K.
-            cb, sb = _cos_sin(j0 + tl.zeros([1], dtype=tl.int32), f1, f2, f3)
+            # The split table is reloaded per tile (from L1; disable_licm keeps the loads in the
+            # loop) rather than kept in registers across it: kept, its four rows made the D = 256
+            # bf16 program spill 200-244 B (sm_90, ptxas -v); reloaded it uses 255 registers, no spill.
+            t1, t2, t3, t4 = load_split(f_ptr, pair, pair_ok, HALF)
+            cb, sb = _cos_sin(j0 + tl.zeros([1], dtype=tl.int32), t1, t2, t3, t4)
             qa = q1 * cb + q2 * sb
             qb = q2 * cb - q1 * sb
             ka = k1 * cj - k2 * sj
@@ -297,7 +300,36 @@ def _decode_kernel(
         p = tl.where(valid, tl.exp2(s - m_use[:, None]), 0.0)  # select, never multiply: NaN cannot leak
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_row[:, None] + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _dot(p, v, acc * alpha[:, None], DOT_F32, DT)
+        acc = acc * alpha[:, None]
+        # As in the prefill kernel: a NaN or an infinity in V of a key some row cannot see (causal,
+        # Sq > 1) must not reach that row through its zero probability. The dot takes the finite
+        # part of V, and a tile whose V holds one (rare: a scalar branch) then adds the non-finite
+        # values each row sees, key by key. 16-bit V is sanitised in every causal tile; fp32 V only
+        # in such a tile (its own dot): sanitised always, the fp32 program (D 80) went from 112
+        # registers to 255 and spilled, and the other way round the bf16 D 256 one spilled 1.9 KB.
+        nonfinite = 0
+        if CAUSAL:
+            nonfinite = tl.sum(tl.where(is_finite(v), 0, 1))
+        if DT == tl.float32:
+            if nonfinite > 0:
+                acc = _dot(p, finite_or_zero(v), acc, DOT_F32, DT)
+            else:
+                acc = _dot(p, v, acc, DOT_F32, DT)
+        else:
+            if CAUSAL:
+                v = finite_or_zero(v)
+            acc = _dot(p, v, acc, DOT_F32, DT)
+        if nonfinite > 0:
+            for jj in range(BLOCK_N):
+                key = j0 + jj
+                ok = key < kv_end
+                if PAGED:
+                    key_blk = tl.load(TABLE + b64 * stride_tb + (key >> LOG2_BS), mask=ok, other=0).to(tl.int64)
+                    key_slot = (key & ((1 << LOG2_BS) - 1)).to(tl.int64)
+                    v_key = VC + key_blk * stride_vb + key_slot * stride_vs + h64 * stride_vh
+                else:
+                    v_key = VC + b64 * stride_vb + key.to(tl.int64) * stride_vs + h64 * stride_vh
+                acc = add_seen_nonfinite(acc, v_key, d, d_ok, key, kv_end, tl.where(row_ok, q_pos, -1))
         m_i = m_new
 
     empty = l_i == 0.0

@@ -95,7 +95,7 @@ def forward(
     interleaved: bool,
 ) -> torch.Tensor:
     """Rotated copy of ``x`` ``[B, S, H, D]`` (positions int32 ``[B, S]``) or ``[T, H, D]``
-    (positions ``[T]``); ``split`` float32 ``[nT, 3, R/2]``, nT in {1, B}. Returns a contiguous
+    (positions ``[T]``); ``split`` float32 ``[nT, 4, R/2]``, nT in {1, B}. Returns a contiguous
     tensor of x's shape and dtype."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:

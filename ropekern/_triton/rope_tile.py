@@ -85,7 +85,7 @@ def load_rotary(
 ):
     """Load the rotary part of rows ``row_ptrs [M]`` (pointers to channel 0) and rotate it.
 
-    ``pos [M]`` int32 positions, ``split_ptr`` the sequence's split table ``float32 [3, HALF]``.
+    ``pos [M]`` int32 positions, ``split_ptr`` the sequence's split table ``float32 [4, HALF]``.
     Returns ``(x1, x2)`` ``[M, HALF_P]`` in the input dtype: rotated in fp32 and rounded once when
     ``ROTATE``, the raw loads otherwise (the RoPE-off variant costs no conversion).
     """
@@ -123,8 +123,8 @@ def tile_cos_sin(
     When the ``valid`` positions of the tile are consecutive (``pos[j] = p0 + j``, as with default
     positions), by angle addition: ``e^{i (p0 + j) f} = e^{i p0 f} e^{i j f}`` from the accurate
     ``(cos, sin)(p0 f)`` (one row) and ``step_table``: 4 FMAs per element instead of a full angle
-    (~20 ops) and two transcendentals (~30 ops on GPUs). The angle errors add: <= ~1.6e-6 rad
-    below position 2**24. Any other tile (repeats, jumps, PCW) takes the direct path.
+    (~35 ops) and two transcendentals (~30 ops on GPUs). The angle errors add (measured within
+    6.6e-7 of exact up to position 2**31). Any other tile (repeats, jumps, PCW) takes the direct path.
     """
     idx = tl.arange(0, HALF_P)
     pair_mask = idx < HALF
@@ -148,3 +148,30 @@ def load_pass(
     """The pass-through channels ``[ROTARY_DIM, ROTARY_DIM + PASS)`` of rows ``row_ptrs [M]``: ``[M, PASS_P]``."""
     idx = tl.arange(0, PASS_P)
     return load_2d(row_ptrs[:, None] + ROTARY_DIM + idx[None, :], row_mask, idx < PASS, MASK_ROWS, PASS != PASS_P)
+
+
+@triton.jit
+def add_seen_nonfinite(acc, v_row_ptr, d, d_ok, key, n_keys, lim):
+    """``acc [M, D]`` plus the NaN and infinities of one V row (``key`` < ``n_keys``, at ``v_row_ptr``)
+    for the rows that see it (``lim [M] >= key``): what a positive probability times them gives, whatever the
+    probability (adding keeps their meaning: inf + -inf and NaN + x are NaN). With the P·V dot
+    taking ``finite_or_zero(V)``, a row's zero probability of a key it cannot see never meets that
+    key's NaN (0 * NaN = NaN). Kernels call it key by key after the dot, only for a masked block
+    whose V holds a non-finite value: formed for the whole tile at once (reductions over [N, D], or
+    a counting dot) it made the forward kernel spill 68-846 B (sm_80 / sm_90, ptxas -v)."""
+    vj = tl.load(v_row_ptr + d, mask=d_ok & (d * 0 + key < n_keys), other=0.0).to(tl.float32)
+    bad = vj * 0.0 != 0.0
+    return acc + tl.where((lim >= key)[:, None] & bad[None, :], vj[None, :], 0.0)
+
+
+@triton.jit
+def is_finite(v):
+    """Elementwise: neither a NaN nor an infinity (x * 0 is NaN exactly for those), in fp32."""
+    v = v.to(tl.float32)  # the interpreter's bf16 arithmetic works on raw bits
+    return v * 0.0 == 0.0
+
+
+@triton.jit
+def finite_or_zero(v):
+    """``v`` with its NaN and infinities replaced by 0 (for the P·V dot after ``nonfinite_values``)."""
+    return tl.where(is_finite(v), v, tl.zeros_like(v))
