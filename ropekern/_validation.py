@@ -62,7 +62,7 @@ class AttentionCall:
         return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inv_freq64 [nT, R/2], split [nT, 3, R/2] fp32)`` on the device; nT in {1, batch}."""
+        """``(inv_freq64 [nT, R/2], split [nT, 4, R/2] fp32)`` on the device; nT in {1, batch}."""
         return self.rope.tables(self.seq_lens, self.q.device)
 
 
@@ -148,6 +148,80 @@ def _same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], what: str) 
     for name, t in zip(names[1:], tensors[1:]):
         if getattr(t, what) != first:
             raise ValueError(f"`{name}` {what} {getattr(t, what)} differs from `{names[0]}` {what} {first}")
+
+
+def _elements_may_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share an element of memory (False only when provably disjoint).
+
+    Metadata only. Disjoint storages or byte ranges are disjoint; views with one shape and one set
+    of strides laid out without self-overlap (each stride beyond the span of the smaller ones, as in
+    ``kv[:, :, 0]`` / ``kv[:, :, 1]`` of an interleaved ``[.., 2, H, D]`` buffer) meet exactly when
+    their offset is a sum of strides times index differences, decided digit by digit from the
+    largest stride; anything else is assumed to meet."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    delta, size = b.data_ptr() - a.data_ptr(), a.element_size()
+    if a.shape != b.shape or a.stride() != b.stride() or b.element_size() != size or delta % size:
+        return True
+    dims = sorted((st, n) for st, n in zip(a.stride(), a.shape) if n > 1)
+    reach = 0  # the largest offset the smaller strides span
+    for st, n in dims:
+        if st <= reach:
+            return True  # self-overlapping layout: not decided here
+        reach += (n - 1) * st
+
+    def representable(rest: int, k: int) -> bool:
+        if k < 0:
+            return rest == 0
+        st, n = dims[k]
+        c = rest // st
+        return any(abs(x) <= n - 1 and representable(rest - x * st, k - 1) for x in (c, c + 1))
+
+    return representable(delta // size, len(dims) - 1)
+
+
+def _check_append_targets(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The in-place append writes both caches: refuse layouts where it would overwrite other data."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        zero = [i for i, (n, st) in enumerate(zip(t.shape, t.stride())) if n > 1 and st == 0]
+        if zero:
+            raise ValueError(
+                f"`{name}` has stride 0 in dimension {zero[0]} (an expand()ed view): the in-place append would "
+                f"write one memory slot for all {t.shape[zero[0]]} entries of that dimension; pass a real cache"
+            )
+    if k_cache is v_cache or _elements_may_meet(k_cache, v_cache):
+        raise ValueError(
+            "`k_cache` and `v_cache` share memory: the in-place append of `v_new` would overwrite keys (or the "
+            "other way round); pass two caches that do not overlap"
+        )
+
+
+def _check_block_sharing(block_table: torch.Tensor, lens: list[int], s_new: int, block_size: int) -> None:
+    """Refuse an append into a block that another sequence's block-table row also uses (prefix
+    sharing): the write would change that sequence's keys. Reads the table on the host."""
+    rows = block_table.tolist()
+    users: dict[int, list[int]] = {}
+    for i, (row, n0) in enumerate(zip(rows, lens)):
+        for blk in row[: (n0 + s_new + block_size - 1) // block_size]:
+            users.setdefault(blk, []).append(i)
+    for i, (row, n0) in enumerate(zip(rows, lens)):
+        for blk in row[n0 // block_size : (n0 + s_new + block_size - 1) // block_size]:
+            other = [j for j in users[blk] if j != i]
+            if other:
+                raise ValueError(
+                    f"`block_table` rows {i} and {other[0]} share block {blk}, into which sequence {i} appends: the "
+                    f"write would change sequence {other[0]}'s keys; copy the block first (copy-on-write)"
+                )
 
 
 def _scale(softmax_scale: Any, head_dim: int) -> float:
@@ -394,6 +468,7 @@ def kvcache_call(
             raise ValueError(f"`k_new` shape {tuple(k_new.shape)} differs from `v_new` shape {tuple(v_new.shape)}")
         if k_new.shape[0] != b or k_new.shape[2] != hkv or k_new.shape[3] != d:
             raise ValueError(f"`k_new` must have shape [{b}, S_new, {hkv}, {d}], got {tuple(k_new.shape)}")
+        _check_append_targets(k_cache, v_cache)
     s_new = 0 if k_new is None else k_new.shape[1]
 
     if not isinstance(cache_seqlens, torch.Tensor):
@@ -448,6 +523,8 @@ def kvcache_call(
                 bad = [x for x in row[:u] if not 0 <= x < nb]
                 if bad:
                     raise ValueError(f"`block_table[{i}]` refers to block {bad[0]} outside [0, {nb})")
+            if s_new:
+                _check_block_sharing(block_table, lens, s_new, bs)
     cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
     seq_lens = _seq_len(seq_len, rope, b, device)
     if seq_lens is None and rope.is_length_dependent:

@@ -394,12 +394,27 @@ class RopeConfig:
             def get(key: str) -> Any:
                 return getattr(config, key, None)
 
+        def positive(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"RopeConfig.from_hf: config `{key}` must be a positive integer, got {value!r}")
+            return int(value)
+
         head_dim = get("head_dim")
-        if head_dim is None:
-            hidden, heads = get("hidden_size"), get("num_attention_heads")
+        if head_dim is not None:
+            head_dim = positive("head_dim", head_dim)
+        else:
+            # GPT-2 style names (GPT-J / CodeGen config.json): a config object maps them, a dict does not.
+            hidden = get("hidden_size") if get("hidden_size") is not None else get("n_embd")
+            heads = get("num_attention_heads") if get("num_attention_heads") is not None else get("n_head")
             if hidden is None or heads is None:
                 raise ValueError(
                     "RopeConfig.from_hf: config needs `head_dim` or `hidden_size` and `num_attention_heads`"
+                )
+            hidden, heads = positive("hidden_size", hidden), positive("num_attention_heads", heads)
+            if hidden % heads:
+                raise ValueError(
+                    f"RopeConfig.from_hf: config `hidden_size` ({hidden}) is not a multiple of "
+                    f"`num_attention_heads` ({heads}), and there is no `head_dim`"
                 )
             head_dim = hidden // heads
         model_type = get("model_type") or ""

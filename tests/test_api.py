@@ -236,6 +236,63 @@ def test_kvcache_errors():
     )
 
 
+def test_aliased_caches_refused_when_appending():
+    """The in-place append must not overwrite other data: one tensor as both caches, an expand()ed
+    cache, overlapping K and V views, and (paged) a block that another sequence also uses are refused
+    before anything is written; disjoint views of one buffer and reads without an append are fine."""
+    q = torch.randn(2, 1, 4, 16)
+    kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    f = rk.rope_attention_with_kvcache
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    kc = torch.zeros(2, 8, 2, 16)
+    expect(
+        ValueError, "`k_cache` and `v_cache` share memory", f, q, kc, kc, ROPE, cache_seqlens=lens, k_new=kn, v_new=vn
+    )
+    f(q, kc, kc, ROPE, cache_seqlens=lens)  # reading only: K = V is unusual but writes nothing
+    wide = torch.zeros(2, 8, 2, 24)
+    expect(
+        ValueError, "share memory", f, q, wide[..., :16], wide[..., 8:], ROPE, cache_seqlens=lens, k_new=kn, v_new=vn
+    )
+    one = torch.zeros(1, 8, 2, 16)
+    expect(ValueError, "`k_cache` has stride 0 in dimension 0", f, q, one.expand(2, -1, -1, -1), kc.clone(), ROPE,
+           cache_seqlens=lens, k_new=kn, v_new=vn)  # fmt: skip
+    for kv in (torch.zeros(2, 2, 8, 2, 16), torch.zeros(2, 8, 2, 2, 16)):  # stacked, interleaved per token
+        k_view, v_view = (kv[0], kv[1]) if kv.shape[0] == 2 and kv.shape[1] == 2 else (kv[:, :, 0], kv[:, :, 1])
+        before = kv.clone()
+        f(q, k_view, v_view, ROPE, cache_seqlens=lens, k_new=kn, v_new=vn, backend="torch")
+        assert torch.equal(k_view[0, 3], kn[0, 0]) and torch.equal(v_view[1, 5], vn[1, 0])
+        assert int((kv != before).sum()) == 2 * 2 * 2 * 16  # exactly the two appended tokens of K and V
+    pc, pv = torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)
+    shared = torch.tensor([[0, 1], [0, 2]], dtype=torch.int32)  # block 0: a shared prefix
+    expect(ValueError, r"rows 0 and 1 share block 0, into which sequence 0 appends", f, q, pc, pv, ROPE,
+           cache_seqlens=torch.tensor([3, 5], dtype=torch.int32), block_table=shared, k_new=kn, v_new=vn)  # fmt: skip
+    f(q, pc, pv, ROPE, cache_seqlens=torch.tensor([4, 5], dtype=torch.int32), block_table=shared, k_new=kn, v_new=vn)
+    f(q, pc, pv, ROPE, cache_seqlens=torch.tensor([3, 5], dtype=torch.int32), block_table=shared)  # no append
+
+
+def test_overlap_decision_matches_brute_force():
+    """The metadata test of ``_validation._elements_may_meet`` against the element addresses of random
+    strided views of one small buffer: it never says disjoint when an element is shared."""
+    from ropekern._validation import _elements_may_meet
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.arange(600.0)
+    for _ in range(400):
+        shape = tuple(int(x) for x in torch.randint(1, 4, (3,), generator=gen))
+        stride = tuple(int(x) for x in torch.randint(0, 40, (3,), generator=gen))
+        span = sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+        if span > 300:
+            continue
+        oa, ob = (int(x) for x in torch.randint(0, 600 - span, (2,), generator=gen))
+        a, b = base.as_strided(shape, stride, oa), base.as_strided(shape, stride, ob)
+        shared = bool(set(a.flatten().tolist()) & set(b.flatten().tolist()))
+        assert _elements_may_meet(a, b) or not shared, (shape, stride, oa, ob)
+        if all(st > 0 for st in stride) and len({st for st in stride}) == 3:
+            dims = sorted(zip(stride, shape))
+            if all(dims[i][0] > sum((n - 1) * st for st, n in dims[:i]) for i in range(3)):
+                assert _elements_may_meet(a, b) == shared, (shape, stride, oa, ob)  # exact when decidable
+
+
 def test_apply_rope_errors():
     x = torch.randn(2, 5, 3, 16)
     expect(ValueError, "`x` must have 3 or 4 dimensions", rk.apply_rope, x[0, 0], ROPE)

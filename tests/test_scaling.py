@@ -377,6 +377,27 @@ def test_from_hf_partial_and_interleaved():
     assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
 
 
+def test_from_hf_gptj_config_json_and_errors():
+    """A GPT-J ``config.json`` as saved (``n_embd`` / ``n_head`` / ``rotary_dim``, no ``hidden_size``)
+    reads like the config object; bad sizes give a ValueError naming the config key."""
+    gptj_json = {"model_type": "gptj", "n_embd": 4096, "n_head": 16, "rotary_dim": 64, "n_positions": 2048}
+    rope = RopeConfig.from_hf(gptj_json)
+    assert (rope.head_dim, rope.rotary_dim, rope.interleaved, rope.max_position_embeddings) == (256, 64, True, 2048)
+    base = {"hidden_size": 4096, "num_attention_heads": 32}
+    for change, match in [
+        ({"num_attention_heads": 0}, "`num_attention_heads` must be a positive integer, got 0"),
+        ({"hidden_size": "4096"}, "`hidden_size` must be a positive integer, got '4096'"),
+        (
+            {"hidden_size": 100, "num_attention_heads": 3},
+            r"`hidden_size` \(100\) is not a multiple of `num_attention_heads` \(3\)",
+        ),
+        ({"head_dim": -64}, "`head_dim` must be a positive integer, got -64"),
+        ({"num_attention_heads": 2.5}, "`num_attention_heads` must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RopeConfig.from_hf({**base, **change})
+
+
 def test_from_hf_config_object_phi3():
     from transformers import Phi3Config
 

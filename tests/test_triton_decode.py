@@ -386,7 +386,8 @@ def test_unsupported_calls_raise_with_reason():
 
     def with_block(bs):
         pool = torch.zeros(8, bs, 1, 16, dtype=torch.float16)
-        table = torch.zeros(2, -(-16 // bs) + 1, dtype=torch.int32)
+        n = -(-16 // bs) + 1
+        table = torch.arange(2 * n, dtype=torch.int32).view(2, n)  # distinct blocks: no shared append
         return dict(base, k_cache=pool, v_cache=pool.clone(), block_table=table)
 
     f = rk.rope_attention_with_kvcache
