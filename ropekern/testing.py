@@ -3,9 +3,11 @@
 * **Oracle**: the reference on float64 copies of the inputs (exact angles, fp64 arithmetic).
 * **Baseline**: what users run today in the test dtype: fp32 angles, cos/sin cast to the dtype,
   rotation and attention in the dtype.
-* **Rule**: ``max|kernel - oracle| <= factor * (max|baseline - oracle| + noise)`` with
-  ``noise = max|(oracle.to(dt) + 0.3 - 0.3) - oracle|`` (factor 2 forward, 3 backward), and the
-  same inequality for the mean absolute error.
+* **Rule** (factor 2 forward, 3 backward), over the n elements where the oracle is finite, with
+  ``B = eps(dt) * (max|oracle| + 0.3)`` and ``noise = |(oracle.to(dt) + 0.3 - 0.3) - oracle|``:
+  ``max|kernel - oracle| <= factor * (max|baseline - oracle| + B)`` and
+  ``mean|kernel - oracle| <= factor * (mean|baseline - oracle| + mean(noise) + B / sqrt(n))``
+  (``error_check`` says why).
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ class ErrorCheck:
     max_bound: float
     mean_err: float
     mean_bound: float
+    note: str = ""  # how the bound was formed when it is not the plain rule
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "FAIL"
-        return (
+        text = (
             f"{verdict}: max {self.max_err:.3g} <= {self.max_bound:.3g}, "
             f"mean {self.mean_err:.3g} <= {self.mean_bound:.3g}"
         )
+        return f"{text} ({self.note})" if self.note else text
 
 
 def error_check(
@@ -60,28 +64,64 @@ def error_check(
 ) -> ErrorCheck:
     """Apply the rule to ``out`` (kernel result) against the fp64 ``oracle`` and the ``baseline``.
 
-    Non-finite values must match exactly in position and value (``-inf`` LSE rows), else fail.
+    Non-finite values must match exactly in position and value (``-inf`` LSE rows; NaN where the
+    oracle has NaN), else fail.
+
+    Noise. ``noise`` stands for the rounding that any ``dtype`` result carries at the oracle's
+    magnitude (floored at 0.3). The max bound uses its worst case, ``eps(dtype) * (max|oracle| +
+    0.3)`` (the standard-model bound of the roundings in ``oracle.to(dt) + 0.3 - 0.3``), not this
+    oracle's draw of it; the mean bound keeps the drawn mean plus ``eps * (max|oracle| + 0.3) /
+    sqrt(n)``, the spread of a mean of n such roundings. With the drawn value alone, tensors of a
+    few elements (one row's LSE, a decode step) got a bound below one ulp whenever the draw and the
+    baseline were both lucky: in a fuzz of 10,000 random small fp32 cases, equally valid fp32
+    attention algorithms (keys reversed, textbook loops, a flash-style online softmax, the torch
+    backend) failed the factor-2 rule in 0.5-1.8 % of cases, by up to 42x, 88 % of those failures
+    on tensors of at most 8 elements (the audit's "3 of 1,800 over the rule by <= 1e-6" were these).
+    With the bound each fails in at most 1 case in 10,000 (worst ratio 2.06; 0 in a 5,000-case
+    holdout). The fp32 accumulation of the D-long dot is not added: it explains those last cases
+    only, and a term for it (``u * sqrt(D) * |x|``) cut the detection of 1e-6-level defects
+    several-fold. Seeded bugs are caught as before: one key rotated at p + 1, the attention factor
+    applied once (even at 1 + 1e-4), softmax scale or cos/sin rounded to bfloat16, cos/sin or exp
+    off by 1e-5, 3e-6 relative noise; detection thresholds at the test suite's sizes are unchanged
+    in 28 of 30 settings. The rule cannot tell fp32 angles from the baseline (they are the
+    baseline): large-position tests bound the error against the oracle directly.
+
+    Non-finite baseline. Where the baseline overflows (fp16) or is otherwise non-finite while the
+    oracle is finite, its error there is taken as one rounding of the oracle value, ``eps(dtype) *
+    (|oracle| + 0.3)``, and the result's ``note`` says so: a kernel that gets those elements right
+    passes, one that does not still fails against the bound of the finite elements.
     """
     dtype = dtype or out.dtype
     oracle = oracle.detach().to(torch.float64)
     out64 = out.detach().to(torch.float64).to(oracle.device)
     base64 = baseline.detach().to(torch.float64).to(oracle.device)
     finite = torch.isfinite(oracle)
+    a, b = out64[~finite], oracle[~finite]
     same_nonfinite = bool(torch.equal(torch.isfinite(out64), finite)) and bool(
-        (out64[~finite] == oracle[~finite]).all()
+        ((a == b) | (torch.isnan(a) & torch.isnan(b))).all()
     )
     if oracle.numel() == 0 or not bool(finite.any()):
         return ErrorCheck(same_nonfinite, 0.0, 0.0, 0.0, 0.0)
     o, k, b = oracle[finite], out64[finite], base64[finite]
+    eps = torch.finfo(dtype).eps
     err = (k - o).abs()
     base_err = (b - o).abs()
+    note = ""
+    base_bad = ~torch.isfinite(base_err)
+    if bool(base_bad.any()):
+        base_err = torch.where(base_bad, eps * (o.abs() + 0.3), base_err)
+        note = (
+            f"the {dtype} baseline is not finite at {int(base_bad.sum())} of {o.numel()} elements where the "
+            "oracle is; its error there is taken as one rounding of the oracle"
+        )
     noise = ((o.to(dtype) + 0.3 - 0.3).to(torch.float64) - o).abs()
-    max_bound = factor * (float(base_err.max()) + float(noise.max()))
-    mean_bound = factor * (float(base_err.mean()) + float(noise.mean()))
-    max_err = float(err.max()) if err.numel() else 0.0
-    mean_err = float(err.mean()) if err.numel() else 0.0
+    noise_bound = eps * (float(o.abs().max()) + 0.3)
+    max_bound = factor * (float(base_err.max()) + noise_bound)
+    mean_bound = factor * (float(base_err.mean()) + float(noise.mean()) + noise_bound / math.sqrt(o.numel()))
+    max_err = float(err.max())
+    mean_err = float(err.mean())
     ok = same_nonfinite and max_err <= max_bound and mean_err <= mean_bound
-    return ErrorCheck(ok, max_err, max_bound, mean_err, mean_bound)
+    return ErrorCheck(ok, max_err, max_bound, mean_err, mean_bound, note)
 
 
 def _f64(*tensors):
