@@ -188,6 +188,7 @@ struct PrefillCase {
   int64_t position_base;      // added to the default positions (k: j, q: Sk - Sq + i)
   bool repeat_positions;      // k positions j / 2 (Parallel Context Windows style)
   std::vector<Poison> poison = {};  // non-finite V values (must reach only the rows that see them)
+  int64_t position_stride = 1;       // positions base + stride * p: far apart, over the int32 range
 };
 
 template <typename E>
@@ -230,10 +231,12 @@ void run_prefill(const PrefillCase& c, uint64_t seed) {
   for (int b = 0; b < B; ++b) {
     const int nq = c.q_lens[b], nk = c.k_lens[b];
     const int q0 = c.varlen ? cq[b] : b * sq, k0 = c.varlen ? ck[b] : b * sk;
-    for (int j = 0; j < nk; ++j) k_pos[k0 + j] = static_cast<int32_t>(c.position_base + (c.repeat_positions ? j / 2 : j));
+    for (int j = 0; j < nk; ++j)
+      k_pos[k0 + j] = static_cast<int32_t>(c.position_base + c.position_stride * (c.repeat_positions ? j / 2 : j));
     for (int i = 0; i < nq; ++i) {
       const int64_t p = nk - nq + i;
-      q_pos[q0 + i] = static_cast<int32_t>(c.position_base + (p < 0 ? 0 : (c.repeat_positions ? p / 2 : p)));
+      q_pos[q0 + i] =
+          static_cast<int32_t>(c.position_base + c.position_stride * (p < 0 ? 0 : (c.repeat_positions ? p / 2 : p)));
     }
   }
   const Rope rope(c.rotary, c.interleaved, c.factor, c.bases);
@@ -573,6 +576,11 @@ int main(int argc, char** argv) {
     run_prefill<bf16_t>({"D64 17x129 causal rope off", 1, 1, 1, 64, 0, {17}, {129}, false, true, false, false, 1.0,
                          {10000.0}, 0, false},
                         seed + 4);
+    // Positions spread over the whole int32 range, 30M apart (the two-chunk angle was arbitrary past
+    // 2^28; nearby positions would hide it: their rounding errors cancel in q.k).
+    run_prefill<half_t>({"D64 40x70 causal positions 0..2^31", 1, 2, 1, 64, 64, {40}, {70}, false, true, false, false,
+                         1.0, {10000.0}, 11, false, {}, 30000001},
+                        seed + 15);
     // NaN / infinities in V at keys that earlier rows of the same tile cannot see: only the rows
     // that see them may turn non-finite (the mma multiplies masked zeros by V).
     run_prefill<half_t>({"D64 70x70 causal NaN/inf in masked V", 1, 2, 1, 64, 64, {70}, {70}, false, true, false, false,
