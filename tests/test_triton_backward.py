@@ -1,6 +1,6 @@
 """The fused RoPE + FlashAttention-2 backward (Triton) and autograd on every backend (issue 4).
 
-Gradients of ``rk.rope_attention(..., backend="triton")`` are held to the DESIGN §5 rule with
+Gradients of ``rk.rope_attention(..., backend="triton")`` are held to the docs/design.md §5 rule with
 factor 3 against fp64 autograd through the reference (the oracle), with autograd through the
 reference in the test dtype with fp32 angles (``baseline_attention``) as the yardstick. On a
 CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (conftest) with 32 x 32 tiles: the
@@ -607,8 +607,8 @@ def _compiled() -> dict[str, dict[str, int]]:
 # thread, measured with the same aot.compile_backward calls). Each release is held to its own
 # figure, so a ptxas change either way is noticed.
 _SPILL_STORES = {
-    (3, 6): {"table_sm80": 20, "dq_sm90": 56, "dq_sm90_8_warps": 204},
-    (3, 7): {"table_sm80": 20, "dq_sm90_8_warps": 52},
+    (3, 6): {"table_sm80": 24, "dq_sm90": 56, "dq_sm90_8_warps": 204},
+    (3, 7): {"table_sm80": 24, "dq_sm90_8_warps": 52},
     (3, 8): {"dq_sm90_8_warps": 52},
 }
 

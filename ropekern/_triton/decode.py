@@ -1,4 +1,4 @@
-"""KV-cache decode with RoPE on read (the ``triton`` backend's ``kvcache`` op, DESIGN §1–§2).
+"""KV-cache decode with RoPE on read (the ``triton`` backend's ``kvcache`` op, docs/design.md §1–§2).
 
 The cache holds **un-rotated** keys. Each call
 
@@ -20,7 +20,7 @@ full HBM bandwidth. Instead the kernel uses ``R(base + j) = R(base) R(j)``: the 
 offsets ``j < BLOCK_N`` is computed once per program, and per tile only the R/2 angles of the tile
 start ``base`` are formed, applied to the (small) Q tile as ``R(-base)``. The K tile then costs
 4 fp32 ops per pair. Both angles come from ``angle_turns`` (accurate at every position), and the extra
-rounding of the composition is within the DESIGN §4 budget (2e-6): the composed cos/sin of these
+rounding of the composition is within the docs/design.md §4 budget (2e-6): the composed cos/sin of these
 device functions are within 6.6e-7 of exact at positions near 0, 2**20, 2**24, 2**28 and 2**31 (D 64 and 128,
 bases 1e4 and 1e6; ``tests/test_triton_decode.py::test_composed_angles_accurate``, interpreter).
 
@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _release
 from .rope_math import TWO_PI, angle_turns, load_split
 from .rope_tile import add_seen_nonfinite, finite_or_zero, is_finite
 
@@ -233,7 +234,7 @@ def _decode_kernel(
         sq = sq * attention_factor
         q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
         # R(j) for the offsets inside a tile, once per program; the attention factor rides here
-        # so that the rotated part of every product carries its square (DESIGN §2).
+        # so that the rotated part of every product carries its square (docs/design.md §2).
         cj, sj = _cos_sin(offs_n, f1, f2, f3, f4)
         cj = cj * attention_factor
         sj = sj * attention_factor
@@ -441,7 +442,12 @@ def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]
     if _INTERPRET:
         return min(64, _pow2(rows)), 16, 1, 1
     fp32 = dtype == torch.float32  # fp32 tiles take twice the registers
-    block_m = min(16 if fp32 else 32 if dp > 128 else 64, _pow2(rows))
+    # Head dims above 128 in 16 bits: each Triton release's bundled ptxas allocates differently (the
+    # accurate angle of every tile start leaves few registers spare). BLOCK_M 16 fits Triton 3.6 and
+    # 3.7 (242 registers, no spill; 3.8-3.9: 508-656 B spilled), BLOCK_M 32 fits 3.9 (255, none;
+    # 3.8: 20 B; 3.6-3.7: 208-216 B), measured at D 256 bf16, 8 warps, sm_90.
+    wide_m = 32 if _release(triton.__version__) >= (3, 8) else 16
+    block_m = min(16 if fp32 else wide_m if dp > 128 else 64, _pow2(rows))
     block_n = 32 if fp32 or dp > 128 else 64
     num_warps = 4 if dp <= 64 and block_m == 16 else 8
     return block_m, block_n, num_warps, 2
