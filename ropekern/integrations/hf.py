@@ -58,6 +58,9 @@ __all__ = [
     "exact_reference",
     "UnrotatedLayer",
     "SUPPORTED_ARCHITECTURES",
+    "cache_keyword",
+    "output_cache",
+    "CACHE_KEYWORDS",
 ]
 
 _STATE = "_ropekern_state"
@@ -928,7 +931,7 @@ def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
     Everything stays transformers' own code (projections, rotate-half or rotate-every-two, partial
     rotary, masks, cache) except the RoPE tables, whose fp32 angles (``position * inv_freq`` in fp32:
     0.06 rad off at position 2^20) become exact: cos/sin from fp64 angles on ropekern's fp64
-    frequencies, per row with that row's length for dynamic NTK / LongRoPE (DESIGN §2). Attention
+    frequencies, per row with that row's length for dynamic NTK / LongRoPE (docs/design.md §2). Attention
     runs in the model's dtype: SDPA instead of eager (whose softmax is always fp32) where the model
     supports it, and GPT-J's scores, which transformers forms in fp32, in the model's dtype. Cast
     the model to float64 first for an oracle; returns ``model``.
@@ -1022,7 +1025,7 @@ def extend_context(
 
     Args:
         model: a supported transformers model (patched or not).
-        scaling: a ``rope_parameters`` dict of any ropekern type (DESIGN §3), e.g.
+        scaling: a ``rope_parameters`` dict of any ropekern type (docs/design.md §3), e.g.
             ``{"rope_type": "yarn", "factor": 4.0}``. ``original_max_position_embeddings`` defaults to the
             model's pretraining length: the config's top-level ``original_max_position_embeddings``
             (Phi-3), else the current ``rope_parameters``' one, else ``max_position_embeddings``.

@@ -9,7 +9,7 @@ namespace ropekern {
 // Host-computed rotary data (ropekern/scaling.py). Scaling laws never reach the kernels.
 struct RopeParams {
   const float* freqs = nullptr;     // [nT, kSplitRows, rotary_dim / 2] turn split (f1..f4 rows)
-  int64_t freqs_batch_stride = 0;   // 0: one table for all sequences; 3 * rotary_dim / 2: one per sequence
+  int64_t freqs_batch_stride = 0;   // 0: one table for all sequences; 4 * rotary_dim / 2: one per sequence
   int rotary_dim = 0;               // R; 0 disables rotation (the "RoPE off" benchmark variant)
   bool interleaved = false;         // pairs (2i, 2i+1) instead of (i, i + R/2)
   float attention_factor = 1.0f;    // multiplies cos and sin
