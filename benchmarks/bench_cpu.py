@@ -13,7 +13,7 @@ Memory: peak resident memory of a 32K-token prefill (in a subprocess) against th
 q, k, v and out.
 
 Candidates run interleaved (A B C A B C ...) after a warm-up; medians are compared as ratios, so
-a loaded machine slows all of them alike. FLOPs: 4 B Hq Sq Sk D, halved for causal (DESIGN §6).
+a loaded machine slows all of them alike. FLOPs: 4 B Hq Sq Sk D, halved for causal (docs/design.md §6).
 
     PYTHONPATH=. python benchmarks/bench_cpu.py                      # the full table
     PYTHONPATH=. python benchmarks/bench_cpu.py --quick              # 1K-4K prefill, 4K-16K decode

@@ -4,7 +4,7 @@
 //
 //   fwd          q [B, Sq, Hq, D] / varlen [Tq, Hq, D], k, v [B, Sk, Hkv, D] / [Tk, Hkv, D]
 //                -> out like q, lse float32 [B, Hq, Sq] / [Hq, Tq]
-//   fwd_kvcache  appends k_new/v_new into the caches in place, then attends (DESIGN §2)
+//   fwd_kvcache  appends k_new/v_new into the caches in place, then attends (docs/design.md §2)
 //   apply_rope   x [B, S, H, D] / [T, H, D] -> rotated copy
 // `freqs` is the fp32 turn-split table [nT, 4, rotary_dim / 2] (nT = 1 or B) from RopeConfig.tables;
 // positions are int32; rotary_dim == 0 runs without rotation.

@@ -120,7 +120,7 @@ def main() -> int:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    # DESIGN §6: forward 4·B·Hq·N²·D (halved for causal), backward 2.5x forward, RoPE not counted.
+    # docs/design.md §6: forward 4·B·Hq·N²·D (halved for causal), backward 2.5x forward, RoPE not counted.
     flops = 3.5 * 4 * b * hq * n * n * d / (2 if causal else 1)
     median = sorted(times)[len(times) // 2]
     share = torch.tensor([blocked[0] / sum(times)], dtype=torch.float64, device=device)

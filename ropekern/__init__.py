@@ -1,6 +1,6 @@
 """ropekern: scaled rotary position embeddings fused into FlashAttention-style kernels.
 
-Public API (DESIGN §1): ``RopeConfig``, ``apply_rope``, ``rope_attention``,
+Public API (docs/design.md §1): ``RopeConfig``, ``apply_rope``, ``rope_attention``,
 ``rope_attention_with_kvcache``, ``available_backends`` and ``reference`` (the fp64-angle oracle).
 """
 

@@ -72,7 +72,7 @@ def dense_backward(
     with -sin, times the attention factor) maps dQ', dK' back to the un-rotated inputs, and
     pass-through channels keep the plain gradient.
     """
-    # Precision, fp32 inputs (DESIGN §5 ratio = error / bound with factor 3; worst of 160 random
+    # Precision, fp32 inputs (docs/design.md §5 ratio = error / bound with factor 3; worst of 160 random
     # dense cases over every rope type, causal or not, GQA, D 64/128, `whole_rows`): S, P, dP and
     # dS in fp64 (cd), the three products dV = P^T dO, dQ' = dS K', dK' = dS^T Q' in fp32 (gd):
     # worst 0.41 (mean-error ratio 0.27). dP in fp32 as well: worst 0.50, mean 0.48, 8 % faster;
@@ -132,7 +132,7 @@ def dense_backward(
         if whole_rows:
             # exp(S - lse) carries the forward kernel's fp32 rounding of lse into every P; the
             # softmax of the recomputed row does not (with one visible key P is exactly 1, as in the
-            # eager baseline, where exp(S - lse) put dv 2.7x over the DESIGN §5 bound). Every row
+            # eager baseline, where exp(S - lse) put dv 2.7x over the docs/design.md §5 bound). Every row
             # here sees a key, so no row is all -inf.
             p = torch.softmax(s, dim=-1)
         else:

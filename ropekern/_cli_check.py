@@ -1,6 +1,6 @@
 """``ropekern check``: every available backend against the fp64 reference over a sweep.
 
-Each case compares a backend's output (and LSE) with the oracle under the DESIGN §5 error-ratio
+Each case compares a backend's output (and LSE) with the oracle under the docs/design.md §5 error-ratio
 rule. Prints a pass/fail table and exits non-zero when any case fails.
 """
 

@@ -3,7 +3,7 @@
 Loads a local transformers checkpoint (no network) twice: in the test dtype (stock, then patched in
 place) and in float64 as the oracle, ``hf.exact_reference``: the stock transformers forward with
 exact (fp64-angle) RoPE tables, independent of the patched code path. Random prompts, batched with
-left padding, give two checks under the DESIGN §5 error-ratio rule (baseline: the stock model's own
+left padding, give two checks under the docs/design.md §5 error-ratio rule (baseline: the stock model's own
 full forward in the test dtype):
 
 * prefill: the patched model's logits at every real token;

@@ -306,7 +306,7 @@ def _varlen_default_positions(cu: torch.Tensor, total: int, offsets: torch.Tenso
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
     pos = torch.arange(total, device=cu.device, dtype=torch.int64) - cu[:-1].to(torch.int64)[seq]
     if offsets is not None:
-        # DESIGN §2 default Sk - Sq + i; negative when Sq > Sk, clamped to 0 as in the dense layout.
+        # docs/design.md §2 default Sk - Sq + i; negative when Sq > Sk, clamped to 0 as in the dense layout.
         pos = (pos + offsets[seq]).clamp_min(0)
     return pos.to(torch.int32)
 
@@ -402,7 +402,7 @@ def attention_call(
     else:
         k_pos = _positions("k_positions", k_positions, (b, sk), device)
     if q_positions is None:
-        # DESIGN §2: q_positions[b, i] = Sk - Sq + i; clamped at 0 when Sq > Sk.
+        # docs/design.md §2: q_positions[b, i] = Sk - Sq + i; clamped at 0 when Sq > Sk.
         q_pos = (torch.arange(sq, device=device, dtype=torch.int32) + (sk - sq)).clamp_min(0).expand(b, sq)
     else:
         q_pos = _positions("q_positions", q_positions, (b, sq), device)

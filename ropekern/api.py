@@ -1,4 +1,4 @@
-"""Public entry points: validate, pick a backend, run (DESIGN §1–§2)."""
+"""Public entry points: validate, pick a backend, run (docs/design.md §1–§2)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def rope_attention_with_kvcache(
         softmax_scale, return_lse, backend: as in ``rope_attention`` (LSE ``[B, Hq, Sq]``).
         seq_len: as in ``rope_attention``; default ``n_b``.
     Every key is rotated on read with the table of its sequence's current length ``n_b`` (or
-    ``seq_len``), so dynamic NTK and LongRoPE stay exact as the sequence grows (DESIGN §2).
+    ``seq_len``), so dynamic NTK and LongRoPE stay exact as the sequence grows (docs/design.md §2).
     """
     call = kvcache_call(
         q,

@@ -1,4 +1,4 @@
-"""The oracle: scaled-RoPE attention in plain PyTorch (DESIGN §2), any device, any float dtype.
+"""The oracle: scaled-RoPE attention in plain PyTorch (docs/design.md §2), any device, any float dtype.
 
 Rotation angles are formed in float64 (``position * inv_freq``), so the reference is exact at any
 position. Arithmetic runs in float64 for float64 inputs and float32 otherwise; the output has the

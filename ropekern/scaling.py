@@ -1,4 +1,4 @@
-"""RoPE scaling laws as host-side data (DESIGN §3).
+"""RoPE scaling laws as host-side data (docs/design.md §3).
 
 Every scaling type reduces to a vector of inverse frequencies (radians per position) and one
 magnitude factor. They are computed here in float64, once per (config, scaling state), and handed

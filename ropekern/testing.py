@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN §5, shared by the test suite and ``ropekern check``.
+"""The correctness rule of docs/design.md §5, shared by the test suite and ``ropekern check``.
 
 * **Oracle**: the reference on float64 copies of the inputs (exact angles, fp64 arithmetic).
 * **Baseline**: what users run today in the test dtype: fp32 angles, cos/sin cast to the dtype,

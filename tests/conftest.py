@@ -1,7 +1,7 @@
 """Shared test setup.
 
 Triton kernels run through the interpreter when no GPU is present: TRITON_INTERPRET must be set
-before triton is imported anywhere (DESIGN §5), so it is set here, at collection start.
+before triton is imported anywhere (docs/design.md §5), so it is set here, at collection start.
 """
 
 import os

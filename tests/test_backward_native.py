@@ -2,7 +2,7 @@
 with the autograd formula that ``ropekern._native`` registers on the op (the PyTorch FA2-style
 recompute from the saved out and LSE, inverse rotation on dq / dk).
 
-Held to the DESIGN §5 rule with factor 3 against fp64 autograd through the reference, with autograd
+Held to the docs/design.md §5 rule with factor 3 against fp64 autograd through the reference, with autograd
 through the reference in the test dtype with fp32 angles as the yardstick (as the Triton backward in
 tests/test_triton_backward.py).
 """

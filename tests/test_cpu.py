@@ -1,6 +1,6 @@
 """The native CPU backend (csrc/cpu, ropekern/_native.py) against the fp64 reference.
 
-Every comparison uses the error-ratio rule of DESIGN §5 (``ropekern.testing.error_check``); the
+Every comparison uses the error-ratio rule of docs/design.md §5 (``ropekern.testing.error_check``); the
 core sweeps run on both kernel units (AVX2 and generic, switched by ROPEKERN_CPU_ISA).
 """
 
@@ -460,7 +460,7 @@ def test_apply_rope_length_dependent_and_identity():
 
 
 def test_accurate_angles(isa):
-    """cos/sin of the kernels within 2e-6 of fp64 for positions below 2**24 (DESIGN §4): rotating
+    """cos/sin of the kernels within 2e-6 of fp64 for positions below 2**24 (docs/design.md §4): rotating
     the unit vector (1, 0) of every pair yields (cos, sin) directly."""
     rope = rk.RopeConfig(128, base=10000.0)
     pos = torch.cat([torch.tensor([2**24 - 1, 2**24 - 4096, 2**20, 12345]), torch.randint(0, 2**24, (60,))])

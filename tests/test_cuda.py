@@ -3,9 +3,9 @@
 * CPU tests (run everywhere): availability reasons, capability refusals, and the argument packing,
   checked end to end by running the packed arguments through an fp32 emulation of each op schema
   (the kernels' accurate angle, ``angle_turns_fp32``) and comparing with the fp64 oracle under the
-  DESIGN §5 rule. The kernel code itself is tested on the CPU by the C++ emulation harness
+  docs/design.md §5 rule. The kernel code itself is tested on the CPU by the C++ emulation harness
   (``ctest``: csrc/tests/test_cuda_emulated.cpp).
-* GPU tests (``@pytest.mark.gpu``, skipped without a GPU): the DESIGN §5 sweep of the compiled
+* GPU tests (``@pytest.mark.gpu``, skipped without a GPU): the docs/design.md §5 sweep of the compiled
   kernels against the reference, decode with dense and paged caches, apply_rope, refusals,
   determinism, and ``torch.library.opcheck``.
 """

@@ -2,7 +2,7 @@
 
 One group of processes is spawned per world size (2 and 4) and runs every case of ``CASES``; each
 rank saves its shards of out, lse and the gradients. The parent gathers them (``unshard``) and
-holds them to the DESIGN §5 rule against the single-process fp64 reference on the gathered
+holds them to the docs/design.md §5 rule against the single-process fp64 reference on the gathered
 sequence (``rope_attention`` semantics and its autograd gradients), with the single-process
 baseline (dtype arithmetic, fp32 angles) as the yardstick: factor 2 forward, 3 for gradients.
 A group that does not finish within ``_DEADLINE_S`` is killed and the test fails.

@@ -9,7 +9,7 @@ transformers forward (projections, its own rotate-half / rotate-every-two, parti
 in float64 and only makes its RoPE tables exact (fp64 angles instead of fp32). Two checks use it:
   * the patched model in float64 must equal it to 1e-9 relative (same math; only summation order
     differs), which catches any integration mistake (layout, scale, positions, mask, cache);
-  * in fp32 and bf16, the DESIGN §5 error-ratio rule with baseline = the stock eager model in the
+  * in fp32 and bf16, the docs/design.md §5 error-ratio rule with baseline = the stock eager model in the
     test dtype (what users run today) and kernel = the patched model in that dtype.
 Rope types transformers lacks for a model (static NTK; any scaling for GPT-J, whose stock table is a
 fixed buffer) get their stock baseline through ``extend_context``, which writes ropekern's fp32

@@ -1,4 +1,4 @@
-"""The Triton fused RoPE + FlashAttention forward against the fp64 oracle (DESIGN §5).
+"""The Triton fused RoPE + FlashAttention forward against the fp64 oracle (docs/design.md §5).
 
 On a CPU-only machine the kernel runs under ``TRITON_INTERPRET=1`` (set by conftest), where the
 single interpreter config uses 32 x 32 tiles: the shapes below (<= 129 tokens) are chosen to cross

@@ -1,4 +1,4 @@
-"""The Triton ``apply_rope`` kernel against the fp64 oracle (DESIGN §5), through the interpreter on CPU."""
+"""The Triton ``apply_rope`` kernel against the fp64 oracle (docs/design.md §5), through the interpreter on CPU."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 // The CPU kernels, written once against vec.h and compiled once per instruction set
 // (kernels_avx2.cpp, kernels_generic.cpp) into namespace ropekern::cpu::RK_ISA.
 //
-// Numerics (DESIGN §4): fp32 everywhere whatever the I/O dtype; angles by the accurate split of
+// Numerics (docs/design.md §4): fp32 everywhere whatever the I/O dtype; angles by the accurate split of
 // rope_math.h (angle_turns_high8/low8 below are its functions op for op, eight pairs at a time); scores are
 // kept in base 2 (each q.k is multiplied by softmax_scale * log2(e), so exp is one exp2) and the LSE
 // is converted back to natural log; masked scores are -inf and their probabilities are selected
@@ -254,7 +254,7 @@ RK_INLINE void zero_floats(float* x, int64_t n) { memset(x, 0, static_cast<size_
 // rows per vector.
 // Each score sums its channels in chunks of kDotChunk, the chunk sums added in C: one FMA chain
 // over all 256 channels of a D = 256 head made the fp32 output error 1.5x the eager baseline's
-// (BLAS dots are blocked) and broke the 2x rule of DESIGN §5 in 1 case of 25; the extra C
+// (BLAS dots are blocked) and broke the 2x rule of docs/design.md §5 in 1 case of 25; the extra C
 // load/add/store per chunk is 12 of every 12 * 64 vector ops and runs beside the FMAs.
 constexpr int kDotChunk = 64;
 template <int MR>
@@ -420,7 +420,7 @@ constexpr float kLazyMax = 8.0f;
 // `scale2` (softmax_scale * log2 e) multiplies each finished score once, here, rather than the
 // rotated Q row before the dot: pre-scaling Q adds one rounding per channel to every score, and
 // in fp32 that took the output error to 2.7x the eager fp32 baseline's in the worst of 200 random
-// small cases (emulated; 1.8x scaling here), breaking the 2x rule of DESIGN §5 at small positions.
+// small cases (emulated; 1.8x scaling here), breaking the 2x rule of docs/design.md §5 at small positions.
 static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float scale2, float* m, float* l,
                          float* alpha) {
   const V neg_inf = vset1(-kInf), lazy = vset1(kLazyMax), zero = vzero(), one = vset1(1.0f);

@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   at::Tensor lse = varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(at::kFloat))
                           : at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  if (k.numel() == 0) {  // no keys at all: zeros and LSE -inf (DESIGN §2)
+  if (k.numel() == 0) {  // no keys at all: zeros and LSE -inf (docs/design.md §2)
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
@@ -296,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   }
   const RopeParams rope = args::rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, kWho);
 
-  // Append the new tokens, un-rotated, in place (DESIGN §2: keys are rotated on every read).
+  // Append the new tokens, un-rotated, in place (docs/design.md §2: keys are rotated on every read).
   if (s_new > 0) {
     const size_t row_bytes = static_cast<size_t>(D) * q.element_size();
     const at::Tensor kn = *k_new, vn = *v_new;

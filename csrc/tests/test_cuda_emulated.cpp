@@ -531,7 +531,7 @@ void run_rope(int d, int rotary, bool interleaved, uint64_t seed) {
       }
     }
   }
-  // fp32: the accurate angle is within ~2e-6 rad of fp64 (DESIGN §4), so allow 1e-5.
+  // fp32: the accurate angle is within ~2e-6 rad of fp64 (docs/design.md §4), so allow 1e-5.
   const double tol = std::is_same<E, float>::value ? 1e-5 : 2 * eps_of<E>();
   std::printf("%-52s max rel err %.2e (tol %.1e)\n", label.c_str(), worst, tol);
   expect(worst <= tol, label + ": within tolerance");

@@ -1,4 +1,4 @@
-"""Triton fused scaled-RoPE + FlashAttention-2 forward (DESIGN §2, §4; issue 3).
+"""Triton fused scaled-RoPE + FlashAttention-2 forward (docs/design.md §2, §4; issue 3).
 
 One kernel serves every rope type, both layouts and both pair conventions. It takes **un-rotated**
 q, k, v: the Q tile is rotated once after it loads, each K tile right after it loads, in fp32

@@ -1,4 +1,4 @@
-"""Triton device functions for the accurate RoPE angle (DESIGN §4), shared by every Triton kernel.
+"""Triton device functions for the accurate RoPE angle (docs/design.md §4), shared by every Triton kernel.
 
 The angle is formed exactly as ``ropekern.scaling.angle_turns_fp32`` specifies (and as the C++
 header ``csrc/include/ropekern/rope_math.h`` does): 12-bit position chunks times 12-bit frequency

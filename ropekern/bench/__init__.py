@@ -1,5 +1,5 @@
 """ropekern's benchmark layer: one setup, provider registry, timing and results path shared by
-``ropekern bench`` and the scripts in ``benchmarks/`` (DESIGN §6).
+``ropekern bench`` and the scripts in ``benchmarks/`` (docs/design.md §6).
 
 * ``config``     shapes, rope presets, sweep grids (``SweepConfig``, ``preset``)
 * ``metrics``    FLOP and byte counts (``attention_flops``, ``op_flops``, ``op_bytes``)

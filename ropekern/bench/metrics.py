@@ -1,4 +1,4 @@
-"""FLOP and byte counts of DESIGN §6 (RoPE FLOPs are never counted).
+"""FLOP and byte counts of docs/design.md §6 (RoPE FLOPs are never counted).
 
 * forward: ``4·B·Hq·Sq·Sk·D`` (two GEMMs of 2·Sq·Sk·D each per head), halved when causal;
 * backward: 2.5x the forward; the backward benchmark times forward + backward together, so its
@@ -20,7 +20,7 @@ BACKWARD_FACTOR = 2.5
 
 
 def attention_flops(batch: int, hq: int, sq: int, sk: int, head_dim: int, causal: bool) -> float:
-    """Forward attention FLOPs: ``4·B·Hq·Sq·Sk·D``, halved for causal (DESIGN §6)."""
+    """Forward attention FLOPs: ``4·B·Hq·Sq·Sk·D``, halved for causal (docs/design.md §6)."""
     flops = 4.0 * batch * hq * sq * sk * head_dim
     return flops / 2 if causal else flops
 

@@ -1,5 +1,5 @@
 """Run a sweep: for every shape, build each provider (per rope type where it matters), time them
-interleaved, measure peak memory, and derive the DESIGN §6 figures and the ratios."""
+interleaved, measure peak memory, and derive the docs/design.md §6 figures and the ratios."""
 
 from __future__ import annotations
 

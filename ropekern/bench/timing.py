@@ -1,5 +1,5 @@
 """Interleaved timing: every candidate of a point runs in one loop (A B C A B C ...), so that a
-machine shared with other jobs slows all of them alike and the ratios stay meaningful (DESIGN §6).
+machine shared with other jobs slows all of them alike and the ratios stay meaningful (docs/design.md §6).
 
 * CPU: one warm-up call each (``warmup=False`` skips it: for calls of seconds, first-call effects
   are milliseconds, and the runner still warms up every provider at the sweep's first point),

@@ -1,4 +1,4 @@
-// Accurate RoPE angles in fp32 (DESIGN §4), shared by the CPU and CUDA kernels.
+// Accurate RoPE angles in fp32 (docs/design.md §4), shared by the CPU and CUDA kernels.
 //
 // The host splits each frequency, in turns per position, into f1 + f2 + f3 + f4 where f1, f2 and
 // f3 carry 12 significant bits and f4 is the fp32 remainder (ropekern/scaling.py: split_turns; the
