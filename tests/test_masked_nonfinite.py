@@ -85,23 +85,26 @@ def test_varlen_causal(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kvcache_causal_several_queries(backend):
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_causal_several_queries(backend, paged):
     """Sq = 6 new tokens appended and attended causally: query i sees keys <= n - 6 + i."""
     torch.manual_seed(2)
-    kc, vc = torch.randn(2, 24, 2, 32), torch.randn(2, 24, 2, 32)
+    kc, vc = torch.randn(2, 32, 2, 32), torch.randn(2, 32, 2, 32)
     q, kn, vn = torch.randn(2, 6, 4, 32), torch.randn(2, 6, 2, 32), torch.randn(2, 6, 2, 32)
     lens = torch.tensor([0, 10], dtype=torch.int32)
     bad, clean = _poison(vn, [((0, 2), 0, NAN), ((1, 4), 31, INF)])
     rope = rk.RopeConfig(32)
+    kw = dict(cache_seqlens=lens, k_new=kn)
+    if paged:  # 4 blocks of 16 slots, sequence 1 in blocks 3 and 0
+        kc, vc = kc.reshape(4, 16, 2, 32), vc.reshape(4, 16, 2, 32)
+        kw["block_table"] = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32)
 
     def run(v_new):
-        return rk.rope_attention_with_kvcache(
-            q, kc.clone(), vc.clone(), rope, cache_seqlens=lens, k_new=kn, v_new=v_new, backend=backend
-        )
+        return rk.rope_attention_with_kvcache(q, kc.clone(), vc.clone(), rope, v_new=v_new, backend=backend, **kw)
 
     out, ref = run(bad), run(clean)
     assert torch.equal(out[0, :2], ref[0, :2]) and torch.equal(out[1, :4], ref[1, :4])
-    oracle, _ = oracle_kvcache(q, kc, vc, rope, cache_seqlens=lens, k_new=kn, v_new=bad)
+    oracle, _ = oracle_kvcache(q, kc, vc, rope, v_new=bad, **kw)
     assert _same_nonfinite(out, oracle)
 
 

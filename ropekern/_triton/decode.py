@@ -118,6 +118,20 @@ def _append_kernel(
 
 
 @triton.jit
+def _cache_slots(TABLE, b64, keys, ok, stride_tb, PAGED: tl.constexpr, LOG2_BS: tl.constexpr):
+    """(block, slot) of cache entries ``keys`` of sequence ``b64``, int64: the block-table entry and the
+    slot in it when ``PAGED`` (entries of keys not ``ok`` are never read: slots >= n may point at
+    unallocated blocks, garbage), else the dense cache's batch row and the key itself."""
+    if PAGED:
+        blk = tl.load(TABLE + b64 * stride_tb + (keys >> LOG2_BS), mask=ok, other=0).to(tl.int64)
+        slot = (keys & ((1 << LOG2_BS) - 1)).to(tl.int64)
+    else:
+        blk = b64
+        slot = keys.to(tl.int64)
+    return blk, slot
+
+
+@triton.jit
 def _cos_sin(pos, f1, f2, f3, f4):
     """fp32 cos/sin ``[len(pos), P]`` of the accurate angle (turns reduced to [-0.5, 0.5], then x 2π)."""
     angle = angle_turns(pos[:, None], f1[None, :], f2[None, :], f3[None, :], f4[None, :]) * TWO_PI
@@ -256,15 +270,9 @@ def _decode_kernel(
     for j0 in tl.range(start, loop_end, BLOCK_N, disable_licm=True):  # see the split reload below
         offs_j = j0 + offs_n
         key_ok = offs_j < kv_end
-        if PAGED:
-            # Table entries of slots >= n are never read: they may be garbage (unallocated blocks).
-            blk = tl.load(TABLE + b64 * stride_tb + (offs_j >> LOG2_BS), mask=key_ok, other=0).to(tl.int64)
-            slot = (offs_j & ((1 << LOG2_BS) - 1)).to(tl.int64)
-            k_row = KC + blk * stride_kb + slot * stride_ks + h64 * stride_kh
-            v_row = VC + blk * stride_vb + slot * stride_vs + h64 * stride_vh
-        else:
-            k_row = KC + b64 * stride_kb + offs_j.to(tl.int64) * stride_ks + h64 * stride_kh
-            v_row = VC + b64 * stride_vb + offs_j.to(tl.int64) * stride_vs + h64 * stride_vh
+        blk, slot = _cache_slots(TABLE, b64, offs_j, key_ok, stride_tb, PAGED, LOG2_BS)
+        k_row = KC + blk * stride_kb + slot * stride_ks + h64 * stride_kh
+        v_row = VC + blk * stride_vb + slot * stride_vs + h64 * stride_vh
         k_mask = key_ok[:, None] & pair_ok[None, :]
         k1 = tl.load(k_row[:, None] + c1[None, :], mask=k_mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_row[:, None] + c2[None, :], mask=k_mask, other=0.0).to(tl.float32)
@@ -323,13 +331,8 @@ def _decode_kernel(
         if nonfinite > 0:
             for jj in range(BLOCK_N):
                 key = j0 + jj
-                ok = key < kv_end
-                if PAGED:
-                    key_blk = tl.load(TABLE + b64 * stride_tb + (key >> LOG2_BS), mask=ok, other=0).to(tl.int64)
-                    key_slot = (key & ((1 << LOG2_BS) - 1)).to(tl.int64)
-                    v_key = VC + key_blk * stride_vb + key_slot * stride_vs + h64 * stride_vh
-                else:
-                    v_key = VC + b64 * stride_vb + key.to(tl.int64) * stride_vs + h64 * stride_vh
+                key_blk, key_slot = _cache_slots(TABLE, b64, key, key < kv_end, stride_tb, PAGED, LOG2_BS)
+                v_key = VC + key_blk * stride_vb + key_slot * stride_vs + h64 * stride_vh
                 acc = add_seen_nonfinite(acc, v_key, d, d_ok, key, kv_end, tl.where(row_ok, q_pos, -1))
         m_i = m_new
 
