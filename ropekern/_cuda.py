@@ -24,6 +24,7 @@ import torch
 # One argument packer for both native backends: the CUDA kernels are registered for the same
 # op schemas (csrc/bindings.cpp) as the CPU ones.
 from ._native import attention_args, kvcache_args, rope_args
+from .ops import grad_reason
 
 __all__ = ["backend", "CudaBackend", "attention_args", "kvcache_args", "rope_args", "HEAD_DIMS"]
 
@@ -115,7 +116,7 @@ class CudaBackend:
         if call.q.shape[0] * call.k_cache.shape[2] > _GRID_YZ:
             return f"batch * kv heads exceeds the CUDA grid limit of {_GRID_YZ}"
         named = {"q": call.q, "k_cache": call.k_cache, "v_cache": call.v_cache}
-        return attention_reason(call.q, call.q.shape[-1], named)
+        return attention_reason(call.q, call.q.shape[-1], named) or grad_reason("cuda", "kv-cache", *call.inputs)
 
     def kvcache(self, call: Any, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_splits``: split-K partitions of the cache; 0 lets the launcher choose."""
@@ -127,7 +128,7 @@ class CudaBackend:
             return why
         if call.x.dtype not in ROPE_DTYPES:
             return f"dtype {call.x.dtype}; apply_rope on CUDA takes float16, bfloat16 or float32"
-        return None
+        return grad_reason("cuda", "rope", call.x)
 
     def rope(self, call: Any) -> torch.Tensor:
         return torch.ops.ropekern.apply_rope(*rope_args(call))

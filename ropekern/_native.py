@@ -17,7 +17,8 @@ shared by its CPU and CUDA kernels: q, k, v, out and the LSE are saved and the b
 P from the LSE (FlashAttention-2) with the inverse rotation on dq/dk: the fused Triton kernels for
 CUDA tensors, else a PyTorch recompute (fp32 compute for fp16/bf16 inputs, fp64 for fp32). So
 ``backend="auto"`` keeps the native forward under grad. ``fwd_kvcache`` and ``apply_rope`` have no
-formula: their calls that require grad are declined (``check_grad``) and fall back to ``torch``.
+formula: their calls that require grad are declined (``ops.grad_reason``, one rule for every
+backend) and fall back to ``torch``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from .ops import grad_reason
 
 __all__ = ["NativeBackend", "attention_args", "kvcache_args", "rope_args", "cpu_backend", "cpu_isa"]
 
@@ -115,13 +118,6 @@ class NativeBackend:
             return f"{tensor.dtype} inputs (the {self.name} kernels take float32, bfloat16 and float16)"
         return None
 
-    def check_grad(self, *tensors: torch.Tensor | None) -> str | None:
-        """``fwd_kvcache`` (appends into the caches in place) and ``apply_rope`` have no autograd
-        formula: calls that need their gradients go elsewhere. ``fwd`` has one (module docstring)."""
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return f"inputs require grad (the {self.name} kv-cache and rope kernels are forward-only)"
-        return None
-
     def check_attention(self, call: Any) -> str | None:
         return self.check_device(call.q)
 
@@ -129,13 +125,13 @@ class NativeBackend:
         return torch.ops.ropekern.fwd(*attention_args(call))
 
     def check_kvcache(self, call: Any) -> str | None:
-        return self.check_device(call.q) or self.check_grad(call.q, call.k_cache, call.v_cache, call.k_new, call.v_new)
+        return self.check_device(call.q) or grad_reason(self.name, "kv-cache", *call.inputs)
 
     def kvcache(self, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.ropekern.fwd_kvcache(*kvcache_args(call))
 
     def check_rope(self, call: Any) -> str | None:
-        return self.check_device(call.x) or self.check_grad(call.x)
+        return self.check_device(call.x) or grad_reason(self.name, "rope", call.x)
 
     def rope(self, call: Any) -> torch.Tensor:
         return torch.ops.ropekern.apply_rope(*rope_args(call))

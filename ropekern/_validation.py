@@ -99,6 +99,11 @@ class KVCacheCall:
     def s_new(self) -> int:
         return 0 if self.k_new is None else self.k_new.shape[1]
 
+    @property
+    def inputs(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors a caller could ask gradients of (``ops.grad_reason``)."""
+        return self.q, self.k_cache, self.v_cache, self.k_new, self.v_new
+
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope.tables(self.seq_lens, self.q.device)
 

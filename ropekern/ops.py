@@ -100,6 +100,15 @@ def _load(name: str) -> Any:
     return reason if reason else backend
 
 
+def grad_reason(backend: str, op: str, *tensors: torch.Tensor | None) -> str | None:
+    """The one rule for ops without an autograd formula, every backend: a call whose inputs require
+    grad is declined, so ``auto`` moves on to one that has a formula (``torch``: autograd through the
+    reference) and a named backend raises, instead of returning an output with no gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return f"inputs require grad (the {backend} {op} kernel has no backward)"
+    return None
+
+
 def available_backends() -> dict[str, bool | str]:
     """Each backend name -> ``True``, or the reason it cannot run here."""
     return {name: (loaded if isinstance(loaded, str) else True) for name, loaded in ((n, _load(n)) for n in _REGISTRY)}

@@ -293,6 +293,39 @@ def test_overlap_decision_matches_brute_force():
                 assert _elements_may_meet(a, b) == shared, (shape, stride, oa, ob)  # exact when decidable
 
 
+def test_no_backward_means_declined_under_grad(monkeypatch):
+    """One grad rule for every backend (``ops.grad_reason``): a kernel without a backward (the cpu and
+    cuda kv-cache and rope kernels, the triton kv-cache kernel) declines a call whose inputs require
+    grad, so ``auto`` gives an output with a gradient and a named backend raises. The triton kv-cache
+    used to return an output with no gradient at all."""
+    from ropekern import _cuda
+    from ropekern._validation import kvcache_call, rope_call
+
+    q = torch.randn(1, 2, 4, 16, requires_grad=True)
+    kc, vc = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    lens = torch.tensor([5], dtype=torch.int32)
+    f = rk.rope_attention_with_kvcache
+    named = [b for b in ("cpu", "triton") if rk.available_backends().get(b) is True]
+    for backend in named:
+        expect(ValueError, "the .* kv-cache kernel has no backward", f, q, kc, vc, ROPE, cache_seqlens=lens,
+               backend=backend)  # fmt: skip
+    out = f(q, kc, vc, ROPE, cache_seqlens=lens)
+    assert out.requires_grad and torch.autograd.grad(out.sum(), q)[0].abs().sum() > 0
+    with torch.no_grad():  # no grad wanted: the kernels serve the call
+        for backend in named:
+            f(q, kc, vc, ROPE, cache_seqlens=lens, backend=backend)
+    x = torch.randn(1, 3, 2, 16, requires_grad=True)
+    expect(ValueError, "the cpu rope kernel has no backward", rk.apply_rope, x, ROPE, backend="cpu")
+    assert rk.apply_rope(x, ROPE).requires_grad
+    # The CUDA backend's checks, without a GPU: its device and layout checks pass, the grad rule remains.
+    monkeypatch.setattr(_cuda, "_device_reason", lambda t: None)
+    monkeypatch.setattr(_cuda, "attention_reason", lambda *a: None)
+    assert "cuda kv-cache kernel has no backward" in _cuda.backend.check_kvcache(
+        kvcache_call(q, kc, vc, ROPE, cache_seqlens=lens)
+    )
+    assert "cuda rope kernel has no backward" in _cuda.backend.check_rope(rope_call(x.half(), ROPE))
+
+
 def test_apply_rope_errors():
     x = torch.randn(2, 5, 3, 16)
     expect(ValueError, "`x` must have 3 or 4 dimensions", rk.apply_rope, x[0, 0], ROPE)

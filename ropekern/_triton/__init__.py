@@ -76,7 +76,10 @@ class TritonBackend:
         return self._op("attention").run(call)
 
     def check_kvcache(self, call: Any) -> str | None:
-        return self._device_reason(call.q) or self._op("decode").check(call)
+        from ..ops import grad_reason
+
+        why = self._device_reason(call.q) or self._op("decode").check(call)
+        return why or grad_reason(self.name, "kv-cache", *call.inputs)
 
     def kvcache(self, call: Any):
         return self._op("decode").run(call)
