@@ -259,8 +259,9 @@ def _cache_keyword(cls: type, where: str, allowed: tuple[str, ...] = CACHE_KEYWO
     return names[0]
 
 
-def _check_attention_signature(cls: type, where: str) -> str:
-    """Refuse a class forward with a parameter the patched forward would ignore; returns its cache keyword."""
+def _check_attention_signature(cls: type, where: str) -> None:
+    """Refuse a class forward with a parameter the patched forward would ignore, or without exactly
+    one known cache keyword."""
     unknown = [
         p.name for p in _forward_parameters(cls) if p.kind is not p.VAR_KEYWORD and p.name not in _ATTENTION_PARAMS
     ]
@@ -270,7 +271,7 @@ def _check_attention_signature(cls: type, where: str) -> str:
             "ropekern's attention adapter does not know (a newer transformers layout); it would be ignored, so "
             "the module is refused"
         )
-    return _cache_keyword(cls, where)
+    _cache_keyword(cls, where)
 
 
 def _take_cache(kwargs: dict, where: str) -> Any:
@@ -278,9 +279,8 @@ def _take_cache(kwargs: dict, where: str) -> Any:
 
     Raises when two names carry one, or when a ``transformers`` ``Cache`` arrives under a keyword no
     transformers release has used for it (a rename ropekern does not know: never skipped quietly)."""
-    given = {name: kwargs.pop(name) for name in CACHE_KEYWORDS if kwargs.get(name) is not None}
-    for name in CACHE_KEYWORDS:
-        kwargs.pop(name, None)
+    popped = {name: kwargs.pop(name, None) for name in CACHE_KEYWORDS}
+    given = {name: value for name, value in popped.items() if value is not None}
     if len(given) > 1:
         raise ValueError(f"{where}: the KV cache was passed twice, as {sorted(given)}")
     stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
