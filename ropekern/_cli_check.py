@@ -11,30 +11,16 @@ import time
 
 import torch
 
+from .laws import LAWS
+
 HELP = "check every available backend against the fp64 reference (pass/fail table; exit 1 on failure)"
 
-ROPES = {
-    "default": dict(),
-    "dynamic": dict(scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=64),
-    "yarn": dict(scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}),
-    "longrope": dict(
-        scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.05] * 16,
-            "long_factor": [4.0] * 16,
-            "original_max_position_embeddings": 64,
-        }
-    ),
-    "llama3": dict(
-        scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        }
-    ),
-}
+# The sweep's laws take every path through the kernels: a shared table (default, llama3's bands),
+# per-sequence tables (dynamic, longrope) and a magnitude factor (yarn, longrope); linear, ntk and
+# proportional change only the shared table's values. Each is its law's canonical example for the
+# sweep's 32 rotated channels, switching at 64 tokens.
+KINDS = ("default", "dynamic", "yarn", "longrope", "llama3")
+ROPES = {kind: LAWS[kind].example(32, 64) for kind in KINDS}
 
 
 def add_arguments(parser) -> None:

@@ -1,8 +1,9 @@
 """RoPE scaling laws as host-side data (docs/design.md §3).
 
 Every scaling type reduces to a vector of inverse frequencies (radians per position) and one
-magnitude factor. They are computed here in float64, once per (config, scaling state), and handed
-to the kernels as data, so a new scaling law never needs a new kernel.
+magnitude factor, which its law (``ropekern.laws``, one class per ``rope_type``) computes in
+float64. ``RopeConfig`` computes them once per (config, scaling state) and hands them to the
+kernels as data, so a new scaling law never needs a new kernel.
 
 Kernels receive the frequencies as a *turn split* (``split_turns``): each frequency in turns
 (``inv_freq / 2π``) is cut into three 12-bit pieces and an fp32 remainder, so that every partial
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .laws import ROPE_TYPES, ScalingLaw, _err, _int, _real, law_class
+
 __all__ = [
     "ROPE_TYPES",
     "RopeConfig",
@@ -31,81 +34,13 @@ __all__ = [
     "MAX_POSITION",
 ]
 
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional")
-
 # Positions are carried as int32 by every kernel; the accurate-angle scheme keeps cos/sin within
 # 2e-6 of exact up to this bound (angle_turns_fp32).
 MAX_POSITION = 2**31 - 1
 
-_TYPE_ALIASES = {"su": "longrope"}  # Phi-3's pre-release name for LongRoPE.
-
-_COMMON_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
-_TYPE_KEYS: dict[str, set[str]] = {
-    "default": set(),
-    "linear": {"factor"},
-    "ntk": {"factor"},
-    "dynamic": {"factor", "original_max_position_embeddings"},
-    "yarn": {
-        "factor",
-        "original_max_position_embeddings",
-        "attention_factor",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "truncate",
-    },
-    "longrope": {
-        "short_factor",
-        "long_factor",
-        "original_max_position_embeddings",
-        "factor",
-        "attention_factor",
-    },
-    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-    "proportional": {"factor"},
-}
-_REQUIRED_KEYS: dict[str, set[str]] = {
-    "linear": {"factor"},
-    "ntk": {"factor"},
-    "dynamic": {"factor"},
-    "yarn": {"factor"},
-    "longrope": {"short_factor", "long_factor"},
-    "llama3": {"factor", "low_freq_factor", "high_freq_factor"},
-}
-
 _TWO_PI = 2.0 * math.pi
 _TABLE_CACHE_SIZE = 64
 _LENGTH_CACHE_SIZE = 8
-
-
-def _err(field: str, msg: str) -> ValueError:
-    return ValueError(f"RopeConfig: `{field}` {msg}")
-
-
-def _real(field: str, value: Any, *, allow_none: bool = False) -> float | None:
-    if value is None:
-        if allow_none:
-            return None
-        raise _err(field, "is required")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _err(field, f"must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise _err(field, f"must be finite, got {value!r}")
-    return value
-
-
-def _int(field: str, value: Any, *, allow_none: bool = False) -> int | None:
-    if value is None:
-        if allow_none:
-            return None
-        raise _err(field, "is required")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _err(field, f"must be an integer, got {value!r}")
-    return int(value)
 
 
 SPLIT_ROWS = 4  # rows of the split table: f1, f2, f3 (12 significant bits each) and the remainder f4
@@ -213,19 +148,9 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if "rope_type" in params and "type" in params and params["type"] != params["rope_type"]:
             raise _err("scaling.type", f"{params['type']!r} contradicts rope_type {params['rope_type']!r}")
-        rope_type = _TYPE_ALIASES.get(rope_type, rope_type)
-        if rope_type not in ROPE_TYPES:
-            raise _err("scaling.rope_type", f"is unknown: {rope_type!r}; expected one of {ROPE_TYPES}")
-        self.rope_type = rope_type
-        unknown = set(params) - _COMMON_KEYS - _TYPE_KEYS[rope_type]
-        if unknown:
-            allowed = sorted(_COMMON_KEYS | _TYPE_KEYS[rope_type])
-            raise _err(
-                f"scaling.{sorted(unknown)[0]}", f"is not a parameter of rope_type {rope_type!r}; allowed: {allowed}"
-            )
-        missing = _REQUIRED_KEYS.get(rope_type, set()) - set(params)
-        if missing:
-            raise _err(f"scaling.{sorted(missing)[0]}", f"is required for rope_type {rope_type!r}")
+        law = law_class(rope_type)
+        self.rope_type = law.rope_type
+        law.check_keys(params)
 
         theta = _real("scaling.rope_theta", params.get("rope_theta"), allow_none=True)
         base = _real("base", base, allow_none=True)
@@ -239,29 +164,18 @@ class RopeConfig:
         if prf is not None and not 0.0 < prf <= 1.0:
             raise _err("scaling.partial_rotary_factor", f"must be in (0, 1], got {prf}")
         rotary_dim = _int("rotary_dim", rotary_dim, allow_none=True)
-        if rope_type == "proportional":
-            # transformers defines proportional RoPE over the whole head: the first
-            # int(prf * D // 2) frequencies rotate, the rest are zero (identity rotations).
-            if rotary_dim is not None and rotary_dim != self.head_dim:
-                raise _err("rotary_dim", "must be None or head_dim for proportional RoPE (use partial_rotary_factor)")
-            self._rope_angles = int((prf if prf is not None else 1.0) * self.head_dim // 2)
-            rotary_dim = self.head_dim
-        elif prf is not None:
-            implied = int(self.head_dim * prf)
-            if rotary_dim is not None and rotary_dim != implied:
-                raise _err(
-                    "rotary_dim", f"({rotary_dim}) contradicts partial_rotary_factor {prf} (rotary_dim {implied})"
-                )
-            rotary_dim = implied
-        if rotary_dim is None:
-            rotary_dim = self.head_dim
-        if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > self.head_dim:
-            raise _err("rotary_dim", f"must be even and in [2, head_dim={self.head_dim}], got {rotary_dim}")
-        self.rotary_dim = rotary_dim
-        if rope_type in ("ntk", "dynamic") and rotary_dim < 4:
-            raise _err("rotary_dim", f"must be >= 4 for {rope_type} (its exponent is R/(R-2)), got {rotary_dim}")
+        self.rotary_dim = law.resolve_rotary_dim(self.head_dim, rotary_dim, prf)
 
-        self.scaling = self._validate_params(rope_type, params)
+        # Every per-type decision (parameters, frequencies, magnitude, length dependence) is the law's.
+        self._law: ScalingLaw = law(
+            params,
+            head_dim=self.head_dim,
+            rotary_dim=self.rotary_dim,
+            base=self.base,
+            max_position_embeddings=self.max_position_embeddings,
+            partial_rotary_factor=prf,
+        )
+        self.scaling = self._law.scaling
         self._cache: OrderedDict[Any, torch.Tensor] = OrderedDict()
         # Device copies of constant tables, keyed by (what, device): built once, so that a decode
         # step on a GPU issues no host-to-device copy for them.
@@ -269,110 +183,6 @@ class RopeConfig:
         # Per-call tables of length-dependent types for host-side lengths, keyed by the lengths:
         # every layer of a model's step asks for the same ones (see tables()).
         self._length_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    # ------------------------------------------------------------------ validation
-    def _original_len(self, params: Mapping[str, Any]) -> int:
-        value = params.get("original_max_position_embeddings")
-        if value is None:
-            value = self.max_position_embeddings
-        if value is None:
-            raise _err(
-                "scaling.original_max_position_embeddings",
-                f"is required for rope_type {self.rope_type!r} (or pass max_position_embeddings)",
-            )
-        value = _int("scaling.original_max_position_embeddings", value)
-        if value <= 0:
-            raise _err("scaling.original_max_position_embeddings", f"must be positive, got {value}")
-        return value
-
-    def _factor(self, params: Mapping[str, Any], original: int | None = None) -> float:
-        factor = params.get("factor")
-        if factor is None and original is not None and self.max_position_embeddings is not None:
-            # transformers: DeepSeek-V3 / Phi-3 derive the factor from the two lengths.
-            return self.max_position_embeddings / original
-        factor = _real("scaling.factor", factor)
-        if factor < 1.0:
-            raise _err("scaling.factor", f"must be >= 1, got {factor}")
-        return factor
-
-    def _validate_params(self, rope_type: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"rope_type": rope_type}
-        half = self.rotary_dim // 2
-        if rope_type in ("linear", "ntk"):
-            out["factor"] = self._factor(params)
-        elif rope_type == "dynamic":
-            out["factor"] = self._factor(params)
-            length = self.max_position_embeddings
-            if length is None and params.get("original_max_position_embeddings") is not None:
-                length = self._original_len(params)
-            if length is None:
-                raise _err("max_position_embeddings", "is required for dynamic NTK (its L)")
-            out["max_position_embeddings"] = length
-        elif rope_type == "yarn":
-            original = self._original_len(params)
-            out["original_max_position_embeddings"] = original
-            out["factor"] = self._factor(params, original)
-            af = _real("scaling.attention_factor", params.get("attention_factor"), allow_none=True)
-            if af is not None and af < 0:
-                raise _err("scaling.attention_factor", f"must be >= 0, got {af}")
-            # transformers reads beta_fast/beta_slow with `or`: 0 and None both mean the default.
-            beta_fast = _real("scaling.beta_fast", params.get("beta_fast"), allow_none=True) or 32.0
-            beta_slow = _real("scaling.beta_slow", params.get("beta_slow"), allow_none=True) or 1.0
-            if beta_fast < beta_slow:
-                raise _err("scaling.beta_fast", f"({beta_fast}) must be >= beta_slow ({beta_slow})")
-            mscale = _real("scaling.mscale", params.get("mscale"), allow_none=True)
-            mscale_all_dim = _real("scaling.mscale_all_dim", params.get("mscale_all_dim"), allow_none=True)
-            truncate = params.get("truncate", True)
-            if not isinstance(truncate, bool):
-                raise _err("scaling.truncate", f"must be a bool, got {truncate!r}")
-            out.update(
-                attention_factor=af,
-                beta_fast=beta_fast,
-                beta_slow=beta_slow,
-                mscale=mscale,
-                mscale_all_dim=mscale_all_dim,
-                truncate=truncate,
-            )
-        elif rope_type == "longrope":
-            original = self._original_len(params)
-            out["original_max_position_embeddings"] = original
-            for key in ("short_factor", "long_factor"):
-                values = params[key]
-                if isinstance(values, torch.Tensor):
-                    values = values.tolist()
-                if not isinstance(values, (list, tuple)):
-                    raise _err(f"scaling.{key}", f"must be a list of numbers, got {type(values).__name__}")
-                if len(values) != half:
-                    raise _err(f"scaling.{key}", f"must have rotary_dim/2 = {half} entries, got {len(values)}")
-                values = [_real(f"scaling.{key}", v) for v in values]
-                if any(v <= 0 for v in values):
-                    raise _err(f"scaling.{key}", "entries must be positive")
-                out[key] = tuple(values)
-            if params.get("factor") is None and self.max_position_embeddings is None:
-                factor = None  # transformers would fail; the magnitude factor then defaults to 1.
-            else:
-                factor = self._factor(params, original)
-            out["factor"] = factor
-            af = _real("scaling.attention_factor", params.get("attention_factor"), allow_none=True)
-            if af is not None and af < 0:
-                raise _err("scaling.attention_factor", f"must be >= 0, got {af}")
-            out["attention_factor"] = af
-        elif rope_type == "llama3":
-            out["original_max_position_embeddings"] = self._original_len(params)
-            out["factor"] = self._factor(params)
-            low = _real("scaling.low_freq_factor", params["low_freq_factor"])
-            high = _real("scaling.high_freq_factor", params["high_freq_factor"])
-            if low <= 0:
-                raise _err("scaling.low_freq_factor", f"must be positive, got {low}")
-            if high <= low:
-                raise _err("scaling.high_freq_factor", f"({high}) must be > low_freq_factor ({low})")
-            out.update(low_freq_factor=low, high_freq_factor=high)
-        elif rope_type == "proportional":
-            factor = _real("scaling.factor", params.get("factor", 1.0))
-            if factor < 1.0:
-                raise _err("scaling.factor", f"must be >= 1, got {factor}")
-            out["factor"] = factor
-        return out
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -443,14 +253,9 @@ class RopeConfig:
         max_pos = get("max_position_embeddings")
         if max_pos is None:
             max_pos = get("n_positions")  # GPT-J
-        rope_type = _TYPE_ALIASES.get(
-            params.get("rope_type", params.get("type")), params.get("rope_type", params.get("type"))
-        )
-        original = get("original_max_position_embeddings")
-        if rope_type in ("llama3", "yarn", "longrope") and original is not None:
-            params["original_max_position_embeddings"] = original  # Phi-3: the top-level value wins
-        if rope_type is None or rope_type == "default":
-            params = {k: v for k, v in params.items() if k in _COMMON_KEYS and k != "type"}
+        rope_type = params.get("rope_type", params.get("type"))
+        with contextlib.suppress(ValueError):  # an unknown type: the constructor names it
+            params = law_class("default" if rope_type is None else rope_type).hf_params(params, get)
         return cls(
             head_dim=head_dim,
             rotary_dim=rotary_dim,
@@ -463,40 +268,16 @@ class RopeConfig:
     @property
     def is_length_dependent(self) -> bool:
         """True when the frequencies depend on the sequence length (dynamic NTK, LongRoPE)."""
-        return self.rope_type in ("dynamic", "longrope")
+        return self._law.is_length_dependent
 
     @property
     def attention_factor(self) -> float:
         """Magnitude factor multiplying cos and sin (YaRN, LongRoPE); 1.0 for other types."""
-        s = self.scaling
-        if self.rope_type == "yarn":
-            if s["attention_factor"] is not None:
-                return s["attention_factor"]
-            factor = s["factor"]
-
-            def mscale(scale: float, m: float = 1.0) -> float:
-                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-            if s["mscale"] and s["mscale_all_dim"]:
-                return mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
-            return mscale(factor)
-        if self.rope_type == "longrope":
-            if s["attention_factor"] is not None:
-                return s["attention_factor"]
-            factor = s["factor"]
-            if factor is None or factor <= 1.0:
-                return 1.0
-            return math.sqrt(1.0 + math.log(factor) / math.log(s["original_max_position_embeddings"]))
-        return 1.0
+        return self._law.attention_factor
 
     def state_key(self, seq_len: int | None = None) -> Any:
         """The scaling state a sequence of length ``seq_len`` uses (equal keys, equal tables)."""
-        if self.rope_type == "dynamic":
-            length = self.scaling["max_position_embeddings"]
-            return length if seq_len is None else max(int(seq_len), length)
-        if self.rope_type == "longrope":
-            return bool(seq_len) and seq_len > self.scaling["original_max_position_embeddings"]
-        return None
+        return self._law.state_key(seq_len)
 
     # ------------------------------------------------------------------ tables
     def inv_freq64(self, seq_len: int | None = None) -> torch.Tensor:
@@ -504,7 +285,7 @@ class RopeConfig:
         key = self.state_key(seq_len)
         table = self._cache.get(key)
         if table is None:
-            table = self._compute_inv_freq(key)
+            table = self._law.inv_freq(key)
             self._cache[key] = table
             if len(self._cache) > _TABLE_CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -516,64 +297,6 @@ class RopeConfig:
     def inv_freq(self, seq_len: int | None = None) -> torch.Tensor:
         """Inverse frequencies, float32 ``[rotary_dim // 2]`` on the CPU (as transformers stores them)."""
         return self.inv_freq64(seq_len).to(torch.float32)
-
-    def _exponents(self, dim: int, count: int) -> torch.Tensor:
-        return torch.arange(0, 2 * count, 2, dtype=torch.float64) / dim
-
-    def _compute_inv_freq(self, key: Any) -> torch.Tensor:
-        s, R, base = self.scaling, self.rotary_dim, self.base
-        half = R // 2
-        t = self.rope_type
-        if t == "proportional":
-            inv = torch.zeros(half, dtype=torch.float64)
-            n = self._rope_angles
-            inv[:n] = 1.0 / torch.pow(torch.tensor(base, dtype=torch.float64), self._exponents(self.head_dim, n))
-            return inv / s["factor"]
-        exps = self._exponents(R, half)
-        if t == "ntk":
-            base = base * s["factor"] ** (R / (R - 2))
-        elif t == "dynamic":
-            length = s["max_position_embeddings"]
-            base = base * (s["factor"] * key / length - (s["factor"] - 1)) ** (R / (R - 2))
-        inv = 1.0 / torch.pow(torch.tensor(base, dtype=torch.float64), exps)
-        if t == "linear":
-            inv = inv / s["factor"]
-        elif t == "yarn":
-            inv = self._yarn(inv, base)
-        elif t == "longrope":
-            ext = torch.tensor(s["long_factor"] if key else s["short_factor"], dtype=torch.float64)
-            inv = inv / ext
-        elif t == "llama3":
-            inv = self._llama3(inv)
-        return inv
-
-    def _yarn(self, inv: torch.Tensor, base: float) -> torch.Tensor:
-        s, R = self.scaling, self.rotary_dim
-        original = s["original_max_position_embeddings"]
-
-        def correction_dim(rotations: float) -> float:
-            return (R * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-        low, high = correction_dim(s["beta_fast"]), correction_dim(s["beta_slow"])
-        if s["truncate"]:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, R - 1)
-        if low == high:
-            high += 0.001  # transformers' guard against a zero-width ramp
-        ramp = ((torch.arange(R // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        extrapolation = 1.0 - ramp
-        return (inv / s["factor"]) * ramp + inv * extrapolation
-
-    def _llama3(self, inv: torch.Tensor) -> torch.Tensor:
-        s = self.scaling
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        original = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > original / low, inv / factor, inv)
-        smooth = (original / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= original / high) & (wavelen <= original / low)
-        return torch.where(medium, smoothed, scaled)
 
     def tables(
         self, seq_lens: torch.Tensor | list[int] | None = None, device: torch.device | str = "cpu"
@@ -626,19 +349,9 @@ class RopeConfig:
         return hit
 
     def _inv_freq_per_sequence(self, seq_lens: torch.Tensor) -> torch.Tensor:
-        """float64 ``[B, R/2]`` for length-dependent types, computed with device tensor ops."""
-        s, R, dev = self.scaling, self.rotary_dim, seq_lens.device
-        if self.rope_type == "longrope":
-            orig = s["original_max_position_embeddings"]
-            short, long = self._on_device(
-                "longrope", dev, lambda: (self.inv_freq64(None).to(dev), self.inv_freq64(orig + 1).to(dev))
-            )
-            return torch.where((seq_lens > orig)[:, None], long, short)
-        length = s["max_position_embeddings"]
-        ell = seq_lens.clamp_min(length).to(torch.float64)
-        base = self.base * (s["factor"] * ell / length - (s["factor"] - 1)) ** (R / (R - 2))
-        exps = self._on_device("exponents", dev, lambda: self._exponents(R, R // 2).to(dev))
-        return 1.0 / torch.pow(base[:, None], exps[None, :])
+        """float64 ``[B, R/2]``: the law's frequencies for the lengths int64 ``[B]`` (length-dependent types)."""
+        device = seq_lens.device
+        return self._law.inv_freq_per_sequence(seq_lens, lambda what, build: self._on_device(what, device, build))
 
     def cos_sin(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``(cos, sin)`` of shape ``[*positions.shape, rotary_dim // 2]``, times ``attention_factor``.
@@ -663,25 +376,15 @@ class RopeConfig:
     # ------------------------------------------------------------------ misc
     def to_dict(self) -> dict[str, Any]:
         """The constructor arguments, so ``RopeConfig(**cfg.to_dict())`` round-trips."""
-        scaling = None
-        if self.rope_type != "default":
-            scaling = {
-                k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in self.scaling.items()
-                if v is not None and k != "max_position_embeddings"
-            }
-            if self.rope_type == "proportional":
-                scaling["partial_rotary_factor"] = 2 * self._rope_angles / self.head_dim
-        return {
+        args = {
             "head_dim": self.head_dim,
             "base": self.base,
-            "rotary_dim": None if self.rope_type == "proportional" else self.rotary_dim,
+            "rotary_dim": self.rotary_dim,
             "interleaved": self.interleaved,
-            "scaling": scaling,
-            "max_position_embeddings": self.max_position_embeddings
-            if self.rope_type != "dynamic"
-            else self.scaling["max_position_embeddings"],
+            "scaling": None,
+            "max_position_embeddings": self.max_position_embeddings,
         }
+        return self._law.to_dict(args)
 
     def __repr__(self) -> str:
         extra = {k: v for k, v in self.scaling.items() if k != "rope_type" and not isinstance(v, tuple)}
@@ -703,5 +406,5 @@ class RopeConfig:
             self.base,
             self.interleaved,
             tuple(sorted((k, v) for k, v in self.scaling.items())),
-            getattr(self, "_rope_angles", None),
+            self._law.identity(),
         )

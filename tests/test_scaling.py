@@ -8,8 +8,10 @@ import random
 import pytest
 import torch
 
-from ropekern import RopeConfig
-from ropekern.scaling import angle_turns_fp32, split_turns
+import ropekern as rk
+from ropekern import RopeConfig, laws
+from ropekern.laws import LAWS, ScalingLaw
+from ropekern.scaling import ROPE_TYPES, angle_turns_fp32, split_turns
 from ropekern.testing import PI_FRACTION, exact_angle
 
 transformers = pytest.importorskip("transformers")
@@ -425,6 +427,107 @@ def test_roundtrip_to_dict():
     ):
         rope = RopeConfig(64, base=5e5, scaling=scaling, max_position_embeddings=4096)
         assert RopeConfig(**rope.to_dict()) == rope
+
+
+def test_every_law_example_round_trips():
+    """Each built-in law is registered under its type and its canonical example builds a config
+    of that type (for several rotary sizes) that round-trips through to_dict."""
+    assert tuple(LAWS) == ROPE_TYPES and all(LAWS[t].rope_type == t for t in ROPE_TYPES)
+    for t in ROPE_TYPES:
+        for d in (8, 64, 128):
+            rope = RopeConfig(d, **LAWS[t].example(d, 32))
+            assert rope.rope_type == t and RopeConfig(**rope.to_dict()) == rope
+
+
+# ------------------------------------------------------------------ a law defined outside the package
+@pytest.fixture
+def restore_laws():
+    """A law registers itself when its class is defined: put the registry back after the test."""
+    saved = dict(LAWS), dict(laws._TYPE_ALIASES)
+    yield
+    LAWS.clear()
+    LAWS.update(saved[0])
+    laws._TYPE_ALIASES.clear()
+    laws._TYPE_ALIASES.update(saved[1])
+
+
+def _rotate(x, pos, inv, magnitude, rotary_dim):
+    """fp64 half-split rotation of x ``[B, S, H, D]`` at positions ``[B, S]`` by frequencies
+    ``[B, R/2]`` (one row per sequence), cos/sin times ``magnitude``; channels >= R copied."""
+    half = rotary_dim // 2
+    angle = pos.double()[..., None] * inv[:, None, :]  # [B, S, R/2]
+    cos, sin = (torch.cos(angle) * magnitude)[:, :, None], (torch.sin(angle) * magnitude)[:, :, None]
+    x = x.double()
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dim:]], -1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_law_defined_outside_the_package(restore_laws, backend):
+    """A new law is one ScalingLaw subclass and no kernel change: this one, defined here, halves
+    every frequency, halves them again for sequences longer than `switch` tokens (so it is length
+    dependent, through the base class's per-sequence tables) and scales cos/sin by `magnitude`.
+    apply_rope and rope_attention on the backend match what those frequencies imply."""
+
+    class Halved(ScalingLaw):
+        rope_type = "toy"
+        keys = frozenset({"switch", "magnitude"})
+        required = frozenset({"switch"})
+        is_length_dependent = True
+
+        def validate(self, params):
+            return {"switch": int(params["switch"]), "magnitude": float(params.get("magnitude", 1.0))}
+
+        def state_key(self, seq_len):
+            return bool(seq_len) and seq_len > self.scaling["switch"]
+
+        def inv_freq(self, key):
+            return self._rotary_inv_freq() / (4.0 if key else 2.0)
+
+        def magnitude(self):
+            return self.scaling["magnitude"]
+
+        @classmethod
+        def example(cls, rotary_dim=64, length=32):
+            return {"scaling": {"rope_type": cls.rope_type, "switch": length, "magnitude": 0.8}}
+
+    assert LAWS["toy"] is Halved
+    d, r, switch = 32, 24, 20
+    rope = RopeConfig(d, base=100.0, rotary_dim=r, **Halved.example(r, switch))
+    assert rope.rope_type == "toy" and rope.attention_factor == 0.8 and rope.is_length_dependent
+    assert RopeConfig(**rope.to_dict()) == rope
+    with pytest.raises(ValueError, match="`scaling.swtch` is not a parameter of rope_type 'toy'"):
+        RopeConfig(d, scaling={"rope_type": "toy", "swtch": 3})
+    with pytest.raises(ValueError, match="`scaling.switch` is required for rope_type 'toy'"):
+        RopeConfig(d, scaling={"rope_type": "toy"})
+
+    plain = 100.0 ** -(torch.arange(0, r, 2, dtype=torch.float64) / r)  # the default frequencies
+    short, long = plain / 2, plain / 4
+    torch.testing.assert_close(rope.inv_freq64(switch), short, rtol=1e-15, atol=0)
+    torch.testing.assert_close(rope.inv_freq64(switch + 1), long, rtol=1e-15, atol=0)
+    inv, split = rope.tables([5, switch, switch + 1])
+    torch.testing.assert_close(inv, torch.stack([short, short, long]), rtol=1e-15, atol=0)
+    assert split.shape == (3, 4, r // 2)
+
+    # sequence 0 stays within `switch` tokens, sequence 1 goes past it: one table each
+    gen = torch.Generator().manual_seed(21)
+    pos = torch.stack([torch.arange(9) + 4, torch.arange(9) + 37])
+    inv = torch.stack([short, long])
+    x = torch.randn(2, 9, 3, d, generator=gen)
+    got = rk.apply_rope(x, rope, pos, backend=backend)
+    torch.testing.assert_close(got.double(), _rotate(x, pos, inv, 0.8, r), rtol=0, atol=1e-5)
+
+    q, k, v = (torch.randn(2, n, h, d, generator=gen) for n, h in ((5, 4), (9, 2), (9, 2)))
+    out, lse = rk.rope_attention(
+        q, k, v, rope, causal=True, q_positions=pos[:, -5:], k_positions=pos, return_lse=True, backend=backend
+    )
+    qr = _rotate(q, pos[:, -5:], inv, 0.8, r)
+    kr = _rotate(k, pos, inv, 0.8, r).repeat_interleave(2, 2)
+    s = torch.einsum("bihd,bjhd->bhij", qr, kr) * d**-0.5
+    s = s.masked_fill(torch.arange(9)[None, :] > torch.arange(5)[:, None] + 4, -math.inf)  # bottom-right causal
+    want = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v.double().repeat_interleave(2, 2))
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------ validation

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..laws import LAWS
 from ..scaling import ROPE_TYPES, RopeConfig
 
 __all__ = [
@@ -86,49 +87,18 @@ class Shape:
 
 
 def make_rope(rope_type: str, head_dim: int) -> RopeConfig:
-    """A representative ``RopeConfig`` of each type (long-context settings of public checkpoints).
+    """A representative ``RopeConfig`` of each type: its law's canonical example at the lengths of
+    public long-context checkpoints (Llama 3.1: base 500000, 8K original; the others 4K).
 
     Only the cost matters here, not the model: every type goes through the same host tables, so
     the spread between types measures what the kernel pays for per-sequence tables (dynamic,
     longrope) and the attention factor (yarn, longrope).
     """
-    half = head_dim // 2
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unknown rope type {rope_type!r}; expected one of {ROPE_TYPES} or 'all'")
-    scaling: dict[str, Any] | None
-    mpe = None
-    if rope_type == "default":
-        scaling = None
-    elif rope_type in ("linear", "ntk"):
-        scaling = {"rope_type": rope_type, "factor": 4.0}
-    elif rope_type == "dynamic":
-        scaling, mpe = {"rope_type": "dynamic", "factor": 4.0}, 4096
-    elif rope_type == "yarn":
-        scaling = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}
-    elif rope_type == "longrope":
-        # Phi-3-mini-128k style: 4K original, factor 32, per-frequency rescale factors.
-        short = [1.0 + 0.5 * i / max(1, half - 1) for i in range(half)]
-        long = [1.0 + 15.0 * i / max(1, half - 1) for i in range(half)]
-        scaling = {
-            "rope_type": "longrope",
-            "short_factor": short,
-            "long_factor": long,
-            "original_max_position_embeddings": 4096,
-            "factor": 32.0,
-        }
-    elif rope_type == "llama3":
-        scaling = {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        }
-    else:  # proportional
-        scaling = {"rope_type": "proportional", "factor": 1.0, "partial_rotary_factor": 0.25}
-    return RopeConfig(
-        head_dim, base=500000.0 if rope_type == "llama3" else 10000.0, scaling=scaling, max_position_embeddings=mpe
-    )
+    llama3 = rope_type == "llama3"
+    example = LAWS[rope_type].example(head_dim, 8192 if llama3 else 4096)
+    return RopeConfig(head_dim, base=500000.0 if llama3 else 10000.0, **example)
 
 
 def parse_dtype(text: str) -> str:
