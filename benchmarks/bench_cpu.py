@@ -276,7 +276,7 @@ def bench_memory(seqlen: int, dtype: torch.dtype, which: str) -> dict:
 
 
 def environment() -> dict:
-    from ropekern._native import cpu_isa
+    from ropekern.backends.native import cpu_isa
 
     model = platform.processor()
     try:

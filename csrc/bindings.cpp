@@ -1,6 +1,7 @@
-// The one dispatch layer of ropekern's native ops: schemas (TORCH_LIBRARY) and the CPU kernels
-// (TORCH_LIBRARY_IMPL for the CPU key). The CUDA extension registers its kernels for the same
-// schemas under the CUDA key; fake (meta) implementations live in ropekern/_native.py.
+// The native ops' schemas (TORCH_LIBRARY) and the extension module. The ops themselves are one
+// template per op (op_args.h), registered per dispatch key by csrc/cpu/ops.cpp (CPU) and, in a CUDA
+// build, csrc/cuda/bindings_cuda.cpp (CUDA); fake (meta) implementations live in
+// ropekern/backends/native.py.
 //
 //   fwd          q [B, Sq, Hq, D] / varlen [Tq, Hq, D], k, v [B, Sk, Hkv, D] / [Tk, Hkv, D]
 //                -> out like q, lse float32 [B, Hq, Sq] / [Hq, Tq]
@@ -12,26 +13,9 @@
 #include <torch/library.h>
 
 #include "cpu/ops.h"
+#include "schemas.h"
 
-TORCH_LIBRARY(ropekern, m) {
-  m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor freqs, Tensor? cu_seqlens_q, "
-      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int rotary_dim, bool interleaved, "
-      "float attention_factor, bool causal, float softmax_scale) -> (Tensor out, Tensor lse)");
-  m.def(
-      "fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
-      "Tensor? v_new, Tensor? block_table, Tensor freqs, int rotary_dim, bool interleaved, float attention_factor, "
-      "bool causal, float softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
-  m.def(
-      "apply_rope(Tensor x, Tensor positions, Tensor freqs, int rotary_dim, bool interleaved, "
-      "float attention_factor) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(ropekern, CPU, m) {
-  m.impl("fwd", &ropekern::cpu::fwd);
-  m.impl("fwd_kvcache", &ropekern::cpu::fwd_kvcache);
-  m.impl("apply_rope", &ropekern::cpu::apply_rope);
-}
+TORCH_LIBRARY(ropekern, m) { ropekern::define_schemas(m); }
 
 namespace {
 

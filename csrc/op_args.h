@@ -1,7 +1,9 @@
 // Torch-side glue shared by the CPU ops (csrc/cpu/ops.cpp) and the CUDA registrations
-// (csrc/cuda/bindings_cuda.cpp): argument checks that raise ValueError / TypeError naming the
-// argument, the rotary params, and the strides of [B, S, H, D] / [T, H, D] views written into the
-// params structs of ropekern/params.h. `who` prefixes every message ("ropekern (cpu)").
+// (csrc/cuda/bindings_cuda.cpp): the op functions themselves, whose signatures follow the schemas
+// of csrc/bindings.cpp, the argument checks that raise ValueError / TypeError naming the argument,
+// and the one fill of each op's params struct (ropekern/params.h) from its tensors. A device
+// supplies only what it does with the filled params (`Device` below). `who` prefixes every message
+// ("ropekern (cpu)").
 //
 // ropekern/_validation.py checks user inputs first with readable errors; these checks guard
 // direct calls of torch.ops.ropekern.* against memory errors.
@@ -10,6 +12,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 #include "ropekern/params.h"
 #include "ropekern/rope_math.h"
@@ -117,6 +121,200 @@ void set_shape(P& p, int64_t batch, int64_t seqlen_q, int64_t num_heads, int64_t
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.rope = rope;
+}
+
+// ---------------------------------------------------------------------------------- the ops
+// ropekern::fwd: inputs checked, outputs allocated, AttnParams filled. The int32 tensors are the
+// contiguous views the params point into, alive until the launch.
+struct AttnCall {
+  AttnParams p;
+  at::Tensor q, k, v, out, lse, q_pos, k_pos, cu_q, cu_k;
+  bool varlen = false;
+};
+
+// ropekern::fwd_kvcache: DecodeParams filled (num_splits left to the device); `capacity` is the
+// cache length per sequence (dense: Smax; paged: max_blocks * block_size).
+struct CacheCall {
+  DecodeParams p;
+  at::Tensor q, k_cache, v_cache, lens, block_table, out, lse;
+  std::optional<at::Tensor> k_new, v_new;
+  int64_t capacity = 0;
+  bool paged = false;
+};
+
+// ropekern::apply_rope: x as [B, S, H, D] (a packed [T, H, D] input as B = 1), its positions
+// [B, S] contiguous int32, and the output (`out` in x's shape, `out4` its [B, S, H, D] view).
+struct RopeCall {
+  at::Tensor x4, pos, out, out4;
+  RopeParams rope;
+};
+
+// What a native backend provides (csrc/cpu/ops.cpp, csrc/cuda/bindings_cuda.cpp):
+//   static constexpr const char* kWho;
+//   using DType = ...;                                  its dtype enum (kFloat32, kBFloat16, kFloat16)
+//   static void check_device(const at::Tensor& first, const char* name);  the first tensor is on its device
+//   static void attention(AttnCall&, DType);            runs the kernels on the filled params
+//   static void kvcache(CacheCall&, DType, int64_t num_splits);
+//   static void rope(RopeCall&, DType);
+template <class Device>
+typename Device::DType first_input(const at::Tensor& t, const char* name) {
+  Device::check_device(t, name);
+  return dtype_of<typename Device::DType>(t, name, Device::kWho);
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                       const std::optional<at::Tensor>& cu_seqlens_q,
+                                       const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                       int64_t max_seqlen_k, const at::Tensor& freqs, int64_t rotary_dim,
+                                       bool interleaved, double attention_factor, bool causal, double softmax_scale) {
+  const char* who = Device::kWho;
+  const auto dtype = first_input<Device>(q, "q");
+  AttnCall c;
+  c.varlen = cu_seqlens_q.has_value();
+  TORCH_CHECK_VALUE(c.varlen == cu_seqlens_k.has_value(), who, ": `cu_seqlens_q` and `cu_seqlens_k` go together");
+  const int64_t dims = c.varlen ? 3 : 4;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}})
+    check_float(t, name, dims, q.scalar_type(), q, who);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), who, ": `k` shape ", k.sizes(), " differs from `v` ", v.sizes());
+  const int64_t D = q.size(-1), Hq = q.size(-2), Hkv = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == D, who, ": head dim of `k` (", k.size(-1), ") differs from `q` (", D, ")");
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, who, ": query heads (", Hq, ") must be a multiple of key/value heads (",
+                    Hkv, ")");
+  TORCH_CHECK_VALUE(softmax_scale == softmax_scale, who, ": `softmax_scale` is NaN");
+  int64_t B;
+  if (c.varlen) {
+    B = cu_seqlens_q->numel() - 1;
+    TORCH_CHECK_VALUE(B >= 0, who, ": `cu_seqlens_q` must have shape [batch + 1]");
+    c.cu_q = int32_arg(*cu_seqlens_q, "cu_seqlens_q", {B + 1}, q, who);
+    c.cu_k = int32_arg(*cu_seqlens_k, "cu_seqlens_k", {B + 1}, q, who);
+    c.q_pos = int32_arg(q_pos, "q_pos", {q.size(0)}, q, who);
+    c.k_pos = int32_arg(k_pos, "k_pos", {k.size(0)}, q, who);
+  } else {
+    B = q.size(0);
+    TORCH_CHECK_VALUE(k.size(0) == B, who, ": batch of `k` (", k.size(0), ") differs from `q` (", B, ")");
+    c.q_pos = int32_arg(q_pos, "q_pos", {B, q.size(1)}, q, who);
+    c.k_pos = int32_arg(k_pos, "k_pos", {B, k.size(1)}, q, who);
+  }
+  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, who);
+  c.q = q;
+  c.k = k;
+  c.v = v;
+  c.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  c.lse = c.varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(at::kFloat))
+                   : at::empty({B, Hq, q.size(1)}, q.options().dtype(at::kFloat));
+  AttnParams& p = c.p;
+  set_q_out_lse(p, q, c.out, c.lse);
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  set_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  p.q_pos = c.q_pos.data_ptr<int32_t>();
+  p.k_pos = c.k_pos.data_ptr<int32_t>();
+  if (c.varlen) {
+    p.cu_seqlens_q = c.cu_q.data_ptr<int32_t>();
+    p.cu_seqlens_k = c.cu_k.data_ptr<int32_t>();
+  } else {
+    p.q_pos_batch_stride = c.q_pos.stride(0);
+    p.k_pos_batch_stride = c.k_pos.stride(0);
+  }
+  set_shape(p, B, c.varlen ? max_seqlen_q : q.size(1), Hq, Hkv, D, softmax_scale, causal, rope, who);
+  p.seqlen_k = to_int(c.varlen ? max_seqlen_k : k.size(1), "seqlen_k", who);
+  Device::attention(c, dtype);
+  return {c.out, c.lse};
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                               const std::optional<at::Tensor>& k_new,
+                                               const std::optional<at::Tensor>& v_new,
+                                               const std::optional<at::Tensor>& block_table, const at::Tensor& freqs,
+                                               int64_t rotary_dim, bool interleaved, double attention_factor,
+                                               bool causal, double softmax_scale, int64_t num_splits) {
+  const char* who = Device::kWho;
+  const auto dtype = first_input<Device>(q, "q");
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{q, "q"}, {k_cache, "k_cache"}, {v_cache, "v_cache"}})
+    check_float(t, name, 4, q.scalar_type(), q, who);
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), who, ": `k_cache` shape ", k_cache.sizes(),
+                    " differs from `v_cache` ", v_cache.sizes());
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, who, ": head dim of `k_cache` differs from `q`");
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, who, ": query heads (", Hq, ") must be a multiple of key/value heads (",
+                    Hkv, ")");
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), who, ": `k_new` and `v_new` go together");
+  TORCH_CHECK_VALUE(num_splits >= 0, who, ": `num_splits` must be >= 0 (0 = heuristic), got ", num_splits);
+  CacheCall c;
+  DecodeParams& p = c.p;
+  if (k_new) {
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{*k_new, "k_new"}, {*v_new, "v_new"}}) {
+      check_float(t, name, 4, q.scalar_type(), q, who);
+      TORCH_CHECK_VALUE(t.size(0) == B && t.size(2) == Hkv && t.size(3) == D, who, ": `", name,
+                        "` must have shape [", B, ", S_new, ", Hkv, ", ", D, "], got ", t.sizes());
+    }
+    TORCH_CHECK_VALUE(v_new->sizes() == k_new->sizes(), who, ": `k_new` and `v_new` shapes differ");
+    c.k_new = k_new;
+    c.v_new = v_new;
+    p.k_new = k_new->data_ptr();
+    p.v_new = v_new->data_ptr();
+    p.s_new = to_int(k_new->size(1), "S_new", who);
+    set_strides(*k_new, p.kn_batch_stride, p.kn_row_stride, p.kn_head_stride);
+    set_strides(*v_new, p.vn_batch_stride, p.vn_row_stride, p.vn_head_stride);
+  }
+  c.lens = int32_arg(cache_seqlens, "cache_seqlens", {B}, q, who);
+  c.paged = block_table.has_value();
+  c.capacity = k_cache.size(1);
+  if (c.paged) {
+    check_same_device(*block_table, "block_table", q, who);
+    TORCH_CHECK_TYPE(block_table->scalar_type() == at::kInt, who, ": `block_table` must be int32, got ",
+                     block_table->scalar_type());
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == B, who, ": `block_table` must have shape [",
+                      B, ", max_blocks], got ", block_table->sizes());
+    c.block_table = block_table->contiguous();
+    c.capacity = c.block_table.size(1) * k_cache.size(1);
+    p.block_table = c.block_table.data_ptr<int32_t>();
+    p.block_table_batch_stride = c.block_table.size(1);
+    p.block_size = to_int(k_cache.size(1), "block size", who);
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == B, who, ": dense `k_cache` batch (", k_cache.size(0),
+                      ") differs from `q` batch (", B, ")");
+  }
+  c.q = q;
+  c.k_cache = k_cache;
+  c.v_cache = v_cache;
+  c.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  c.lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  set_q_out_lse(p, q, c.out, c.lse);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  set_strides(k_cache, p.kc_batch_stride, p.kc_row_stride, p.kc_head_stride);
+  set_strides(v_cache, p.vc_batch_stride, p.vc_row_stride, p.vc_head_stride);
+  p.cache_seqlens = c.lens.data_ptr<int32_t>();
+  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, who);
+  set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, who);
+  Device::kvcache(c, dtype, num_splits);
+  return {c.out, c.lse};
+}
+
+template <class Device>
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& freqs, int64_t rotary_dim,
+                      bool interleaved, double attention_factor) {
+  const char* who = Device::kWho;
+  const auto dtype = first_input<Device>(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4, who, ": `x` must be [B, S, H, D] or [T, H, D], got ", x.sizes());
+  check_float(x, "x", x.dim(), x.scalar_type(), x, who);
+  RopeCall c;
+  c.x4 = x.dim() == 4 ? x : x.unsqueeze(0);
+  const int64_t B = c.x4.size(0), S = c.x4.size(1);
+  c.pos = x.dim() == 4 ? int32_arg(positions, "positions", {B, S}, x, who)
+                       : int32_arg(positions, "positions", {S}, x, who).unsqueeze(0);
+  c.rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, x.size(-1), B, x, who);
+  c.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  c.out4 = x.dim() == 4 ? c.out : c.out.unsqueeze(0);
+  if (x.numel() > 0) Device::rope(c, dtype);
+  return c.out;
 }
 
 }  // namespace args

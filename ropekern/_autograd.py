@@ -1,14 +1,14 @@
-"""Attention gradients recomputed from the saved log-sum-exp, for every backend (issue 4).
+"""Attention gradients recomputed from the saved log-sum-exp, for every backend.
 
-The FlashAttention-2 recompute backward in plain PyTorch (``dense_backward``, chunked over queries
-so that no ``[Sq, Sk]`` matrix of a whole sequence is ever held), and ``attention_backward``, the
-one backward that a forward kernel without its own backward uses: the fused Triton backward when
-it can serve the call (CUDA tensors), else the PyTorch recompute (any device; registered as the op
-``ropekern_autograd::recompute_bwd`` so that ``torch.compile`` traces it as one opaque node).
+``dense_backward`` is the FlashAttention-2 recompute backward in plain PyTorch, chunked over queries
+so that no ``[Sq, Sk]`` matrix of a whole sequence is ever held; ``recompute_backward`` runs it over a
+whole call (an op, ``ropekern_autograd::recompute_bwd``, so that ``torch.compile`` traces it as one
+opaque node). Both are the ``torch`` backend's ``backward``.
 
-``register_native_autograd()`` makes the C++ op ``ropekern::fwd`` (CUDA kernels today, the native
-CPU kernels when they land; both register under the same schema) differentiable: it saves q, k, v,
-out and the LSE and calls ``attention_backward``.
+``register_attention_autograd(op)`` gives an attention forward op (``ATTENTION_SCHEMA``: the native
+``ropekern::fwd`` of the CPU and CUDA kernels, the Triton one) its one autograd formula: it saves the
+inputs, out and the LSE and runs the ``backward`` of the first backend that serves the call
+(``backward_backend``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import math
 
 import torch
 
+from . import backends
+from ._validation import BACKWARD_SCHEMA, RopeArgs
 from .reference import cos_sin, rotate
 
-__all__ = ["attention_backward", "dense_backward", "recompute_backward", "register_native_autograd"]
+__all__ = ["backward_backend", "dense_backward", "recompute_backward", "register_attention_autograd"]
 
 # Scores held at once per query chunk: 2**24 elements (128 MiB in fp64, ~5 live copies: s, p,
 # dp, ds and a product), so the pure-PyTorch backward fits next to the activations.
@@ -41,12 +43,9 @@ def dense_backward(
     delta: torch.Tensor,
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
-    inv64: torch.Tensor,
-    rotary_dim: int,
-    interleaved: bool,
-    attention_factor: float,
-    softmax_scale: float,
+    rope: RopeArgs,
     causal: bool,
+    softmax_scale: float,
     whole_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one dense (query block, key block) pair from the softmax statistics.
@@ -57,8 +56,8 @@ def dense_backward(
             longer sequence, the global one); delta: ``rowsum(dO * O) - dlse`` ``[B, Hq, Sq]`` of the
             final output O (FlashAttention-2); with ``whole_rows``, ``-dlse`` alone (zeros when the
             LSE takes no gradient): rowsum(dO * O) is then formed from the recomputed rows.
-        q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
-        rotary_dim: rotated channels R (0: no rotation); interleaved: pair layout.
+        q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; rope: the kernels' rotary arguments (split
+            table ``[nT, 4, R/2]``, nT in {1, B}; ``rotary_dim`` 0: no rotation).
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
         whole_rows: k holds every key the queries see (not a block of a longer sequence), so P is
             the softmax of the recomputed scores itself, rowsum(dO * O) is rowsum(P * dP) of the
@@ -86,10 +85,11 @@ def dense_backward(
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    r, il = rotary_dim, interleaved
+    r, il = rope.rotary_dim, rope.interleaved
     if r:
-        cq, sq_ = cos_sin(q_pos, inv64[:, None, :], attention_factor, cd)
-        ck, sk_ = cos_sin(k_pos, inv64[:, None, :], attention_factor, cd)
+        inv64 = inv_freq_from_split(rope.split)
+        cq, sq_ = cos_sin(q_pos, inv64[:, None, :], rope.attention_factor, cd)
+        ck, sk_ = cos_sin(k_pos, inv64[:, None, :], rope.attention_factor, cd)
         cq, sq_, ck, sk_ = (t[:, :, None, :] for t in (cq, sq_, ck, sk_))  # [B, S, 1, R/2]
         qr, kr = rotate(q.to(cd), cq, sq_, r, il), rotate(k.to(cd), ck, sk_, r, il)
     else:
@@ -159,37 +159,19 @@ def dense_backward(
     return dq, dk, dv.permute(0, 2, 1, 3)
 
 
-@torch.library.custom_op("ropekern_autograd::recompute_bwd", mutates_args=())
-def recompute_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    split: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    softmax_scale: float,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` (input dtype) of a whole ``rope_attention`` call in PyTorch, any device.
-
-    Layouts as ``rope_attention`` (dense, or varlen with ``cu_seqlens_*``, one sequence at a time);
-    ``split`` is the kernels' table ``[nT, 4, R/2]``; ``rotary_dim`` 0 means no rotation."""
+def _recompute(
+    dout, out, lse, dlse, q, k, v, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, _mq, _mk, rope, causal,
+    softmax_scale,
+):  # fmt: skip
+    """``(dq, dk, dv)`` (input dtype) of a whole ``rope_attention`` call in PyTorch, any device
+    (``BACKWARD_SCHEMA``, rope bundled). Layouts as ``rope_attention`` (dense, or varlen with
+    ``cu_seqlens_*``, one sequence at a time)."""
     cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     # -dlse in the LSE layout: dense_backward (whole_rows) adds rowsum(dO * O) of the recomputed rows.
     delta = -dlse.to(cd) if dlse is not None else torch.zeros(lse.shape, dtype=cd, device=lse.device)
-    inv64 = inv_freq_from_split(split)
-    args = (rotary_dim, interleaved, attention_factor, softmax_scale, causal, True)
+    args = (causal, softmax_scale, True)
     if cu_seqlens_q is None:
-        grads = dense_backward(q, k, v, dout, lse, delta, q_positions, k_positions, inv64, *args)
+        grads = dense_backward(q, k, v, dout, lse, delta, q_positions, k_positions, rope, *args)
         return tuple(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v)))
     dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -197,106 +179,63 @@ def recompute_backward(
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if qs.start == qs.stop or ks.start == ks.stop:
             continue  # no queries or no keys: zero gradients
-        table = inv64[b : b + 1] if inv64.shape[0] > 1 else inv64
+        table = rope.split[b : b + 1] if rope.split.shape[0] > 1 else rope.split
         grads = dense_backward(
             q[None, qs], k[None, ks], v[None, ks], dout[None, qs], lse[None, :, qs], delta[None, :, qs],
-            q_positions[None, qs], k_positions[None, ks], table, *args,
+            q_positions[None, qs], k_positions[None, ks], rope._replace(split=table), *args,
         )  # fmt: skip
         dq[qs], dk[ks], dv[ks] = (gr[0].to(dq.dtype) for gr in grads)
     return dq, dk, dv
 
 
-@recompute_backward.register_fake
-def _recompute_backward_fake(dout, q, k, v, *rest):
+def fake_grads(dout, out, lse, dlse, q, k, v, *rest):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
-def triton_serves(q: torch.Tensor, k: torch.Tensor, batch: int, allow_interpreter: bool = False) -> bool:
-    """Whether the fused Triton backward takes these inputs: CUDA tensors (CPU tensors only with
-    ``allow_interpreter`` under ``TRITON_INTERPRET=1``) of the kernels' dtypes and head dims."""
-    from .ops import _load, import_module
-
-    backend = _load("triton")
-    if isinstance(backend, str) or backend._device_reason(q) is not None:
-        return False
-    if q.device.type != "cuda" and not allow_interpreter:
-        return False
-    return import_module("ropekern._triton.backward").check(q, k, batch) is None
+backends.define_op(
+    "ropekern_autograd::recompute_bwd", BACKWARD_SCHEMA, "(Tensor, Tensor, Tensor)", _recompute, fake_grads
+)
+recompute_backward = torch.ops.ropekern_autograd.recompute_bwd
 
 
-def attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    split: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of a fused forward that has none of its own (arguments as the ``ropekern::fwd``
-    schema, ``rotary_dim`` 0 = no rotation): the fused Triton kernels for CUDA tensors they take,
-    else ``recompute_backward``. Returns ``(dq, dk, dv)`` in the input dtype."""
-    batch = cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]
-    if triton_serves(q, k, batch):
-        from .ops import import_module
-
-        bwd = import_module("ropekern._triton.ops").attention_bwd
-        # rotary_dim 0 (no rotation) still needs the head split as the kernels read it: the table's R.
-        return bwd(
-            dout, q, k, v, out, lse, dlse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, softmax_scale, attention_factor, rotary_dim or 2 * split.shape[-1],
-            interleaved, causal, rotary_dim > 0,
-        )  # fmt: skip
-    return recompute_backward(
-        dout, q, k, v, out, lse, dlse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k,
-        softmax_scale, attention_factor, rotary_dim, interleaved, causal,
-    )  # fmt: skip
+def backward_backend(call: backends.BackwardCall, prefer: str = "auto") -> backends.Backend:
+    """The backend whose ``backward`` serves ``call``: ``prefer`` when it does (the forward's own
+    backend, e.g. Triton's fused backward under the interpreter), else the first of the device's
+    ``auto`` order that does (``torch`` serves every call)."""
+    if prefer != "auto":
+        loaded = backends.load(prefer)
+        if not isinstance(loaded, str) and loaded.check_backward(call) is None:
+            return loaded
+    return backends.select_backend("backward", call, call.q.device, "auto")
 
 
-# ------------------------------------------------------------------------------- native forward ops
+# ------------------------------------------------------------------------------- forward ops
 _REGISTERED: set[str] = set()
 
 
-def _native_setup_context(ctx, inputs, output) -> None:
-    q, k, v, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k = inputs[:8]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k)
-    ctx.scalars = inputs[8:]  # max_seqlen_q/k, rotary_dim, interleaved, attention_factor, causal, softmax_scale
+def register_attention_autograd(qualname: str, prefer: str = "auto") -> None:
+    """Make a forward op with ``ATTENTION_SCHEMA`` -> ``(out, lse)`` differentiable (idempotent).
 
-
-def _native_backward(ctx, dout, dlse):
-    q, k, v, out, lse, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_q, max_k, rotary_dim, interleaved, factor, causal, scale = ctx.scalars
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward(
-        dout, q, k, v, out, lse, dlse, q_pos, k_pos, freqs, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, factor,
-        rotary_dim, interleaved, causal,
-    )  # fmt: skip
-    return (dq, dk, dv) + (None,) * 12
-
-
-def register_native_autograd(qualname: str = "ropekern::fwd") -> None:
-    """Make a forward op with the ``ropekern::fwd`` schema differentiable (idempotent).
-
-    ``fwd(q, k, v, q_pos, k_pos, freqs, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k,
-    rotary_dim, interleaved, attention_factor, causal, softmax_scale) -> (out, lse)``: one
-    registration covers every device the op has kernels for (the CUDA backend's, and the native CPU
-    backend's when it registers under the same schema). The op must exist (its library loaded).
-    """
+    One registration covers every device the op has kernels for; ``prefer`` names the backend whose
+    backward runs when it serves the call (``backward_backend``). The op must exist."""
     if qualname in _REGISTERED:
         return
-    torch.library.register_autograd(qualname, _native_backward, setup_context=_native_setup_context)
+
+    def setup_context(ctx, inputs, output) -> None:
+        is_tensor = [isinstance(x, torch.Tensor) for x in inputs]
+        ctx.save_for_backward(*(x for x, t in zip(inputs, is_tensor) if t), *output)
+        ctx.is_tensor = is_tensor
+        ctx.others = [None if t else x for x, t in zip(inputs, is_tensor)]
+
+    def backward(ctx, dout, dlse):
+        *saved, out, lse = ctx.saved_tensors
+        tensors = iter(saved)
+        inputs = [next(tensors) if other is None and t else other for other, t in zip(ctx.others, ctx.is_tensor)]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        call = backends.BackwardCall.from_op_args(dout, out, lse, dlse, *inputs)
+        grads = backward_backend(call, prefer).backward(call)
+        return (*grads, *(None,) * (len(inputs) - 3))
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     _REGISTERED.add(qualname)

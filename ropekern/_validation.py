@@ -12,20 +12,92 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, get_type_hints
 
 import torch
 
 from .scaling import MAX_POSITION, RopeConfig
 
-__all__ = ["AttentionCall", "KVCacheCall", "RopeCall", "attention_call", "kvcache_call", "rope_call"]
+__all__ = ["AttentionCall", "KVCacheCall", "RopeArgs", "RopeCall", "attention_call", "kvcache_call", "rope_call"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
+class RopeArgs(NamedTuple):
+    """The rotary arguments every kernel takes, in the one order every op signature uses (the
+    C++ twin is ``RopeParams``, csrc/include/ropekern/params.h): ``*call.rope_args()`` fills them.
+
+    split: float32 ``[nT, 4, R/2]`` turn-split table (``scaling.split_turns``), nT in {1, batch};
+    rotary_dim: R, or 0 to run without rotation (the table then only fixes the head split);
+    interleaved: pairs ``(2i, 2i+1)`` instead of ``(i, i + R/2)``; attention_factor: multiplies cos/sin.
+    """
+
+    split: torch.Tensor
+    rotary_dim: int
+    interleaved: bool
+    attention_factor: float
+
+    @classmethod
+    def take(cls, args: tuple | list) -> tuple[RopeArgs, tuple]:
+        """``(RopeArgs, the arguments after them)`` from op arguments that start with them."""
+        n = len(cls._fields)
+        return cls(*args[:n]), tuple(args[n:])
+
+
+_SCHEMA_TYPES = {torch.Tensor: "Tensor", int: "int", bool: "bool", float: "float"}
+# The torch.library schemas of every op's arguments, in the order ``op_args()`` below gives them
+# (csrc/bindings.cpp spells the same order for the native ops).
+ROPE_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in get_type_hints(RopeArgs).items())
+ATTENTION_SCHEMA = (
+    "Tensor q, Tensor k, Tensor v, Tensor q_positions, Tensor k_positions, Tensor? cu_seqlens_q, "
+    f"Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, {ROPE_SCHEMA}, bool causal, float softmax_scale"
+)
+KVCACHE_SCHEMA = (
+    "Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, "
+    f"Tensor? block_table, {ROPE_SCHEMA}, bool causal, float softmax_scale, int num_splits"
+)
+APPLY_ROPE_SCHEMA = f"Tensor x, Tensor positions, {ROPE_SCHEMA}"
+# The backward of an attention forward: the output gradients and the forward's results, then the
+# forward's own arguments.
+BACKWARD_SCHEMA = f"Tensor dout, Tensor out, Tensor lse, Tensor? dlse, {ATTENTION_SCHEMA}"
+
+
+def rope_position(schema: str) -> int:
+    """Where an op's rope arguments start in ``schema`` (its first field's index)."""
+    names = [arg.split()[-1] for arg in schema.split(", ")]
+    return names.index(RopeArgs._fields[0])
+
+
+def bundle_rope(args: tuple, at: int) -> tuple:
+    """An op's arguments with the rope ones (from index ``at``) gathered into one ``RopeArgs``: the
+    arguments of the kernel launchers."""
+    rope, rest = RopeArgs.take(args[at:])
+    return (*args[:at], rope, *rest)
+
+
+class _Rotary:
+    """The rotary side of a validated call: its tables and its ``RopeArgs``."""
+
+    rope: RopeConfig
+    seq_lens: torch.Tensor | None
+    rotate: bool
+
+    def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inv_freq64 [nT, R/2], split [nT, 4, R/2] fp32)`` on the device; nT in {1, batch}."""
+        return self.rope.tables(self.seq_lens, self._device())
+
+    def rope_args(self) -> RopeArgs:
+        _, split = self.tables()
+        rotary_dim = self.rope.rotary_dim if self.rotate else 0
+        return RopeArgs(split.contiguous(), rotary_dim, bool(self.rope.interleaved), float(self.rope.attention_factor))
+
+
 @dataclass
-class AttentionCall:
+class AttentionCall(_Rotary):
     """A validated ``rope_attention`` call.
 
     Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, Sq]`` / ``[B, Sk]``.
@@ -61,13 +133,20 @@ class AttentionCall:
     def batch(self) -> int:
         return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inv_freq64 [nT, R/2], split [nT, 4, R/2] fp32)`` on the device; nT in {1, batch}."""
-        return self.rope.tables(self.seq_lens, self.q.device)
+    def _device(self) -> torch.device:
+        return self.q.device
+
+    def op_args(self) -> tuple:
+        """The arguments of every attention forward op (``ATTENTION_SCHEMA``)."""
+        return (
+            self.q, self.k, self.v, self.q_positions, self.k_positions, self.cu_seqlens_q, self.cu_seqlens_k,
+            int(self.max_seqlen_q), int(self.max_seqlen_k), *self.rope_args(), bool(self.causal),
+            float(self.softmax_scale),
+        )  # fmt: skip
 
 
 @dataclass
-class KVCacheCall:
+class KVCacheCall(_Rotary):
     """A validated ``rope_attention_with_kvcache`` call.
 
     q ``[B, Sq, Hq, D]``; dense cache ``[B, Smax, Hkv, D]`` or paged ``[num_blocks, block_size,
@@ -101,15 +180,23 @@ class KVCacheCall:
 
     @property
     def inputs(self) -> tuple[torch.Tensor | None, ...]:
-        """The tensors a caller could ask gradients of (``ops.grad_reason``)."""
+        """The tensors a caller could ask gradients of (``backends.grad_reason``)."""
         return self.q, self.k_cache, self.v_cache, self.k_new, self.v_new
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope.tables(self.seq_lens, self.q.device)
+    def _device(self) -> torch.device:
+        return self.q.device
+
+    def op_args(self, num_splits: int = 0) -> tuple:
+        """The arguments of every kv-cache op (``KVCACHE_SCHEMA``); ``num_splits`` is the split-K
+        hint (0: the kernel chooses)."""
+        return (
+            self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.k_new, self.v_new, self.block_table,
+            *self.rope_args(), bool(self.causal), float(self.softmax_scale), int(num_splits),
+        )  # fmt: skip
 
 
 @dataclass
-class RopeCall:
+class RopeCall(_Rotary):
     """A validated ``apply_rope`` call: x ``[B, S, H, D]`` with positions int32 ``[B, S]``, or
     x ``[T, H, D]`` with positions ``[T]``; ``seq_lens`` as in ``AttentionCall`` (per batch row)."""
 
@@ -117,9 +204,14 @@ class RopeCall:
     rope: RopeConfig
     positions: torch.Tensor
     seq_lens: torch.Tensor | None
+    rotate: bool = True
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope.tables(self.seq_lens, self.x.device)
+    def _device(self) -> torch.device:
+        return self.x.device
+
+    def op_args(self) -> tuple:
+        """The arguments of every apply_rope op (``APPLY_ROPE_SCHEMA``)."""
+        return (self.x, self.positions, *self.rope_args())
 
 
 def _checking() -> bool:

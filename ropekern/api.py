@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import backends
 from ._validation import attention_call, kvcache_call, rope_call
 from .scaling import RopeConfig
 
 __all__ = ["apply_rope", "rope_attention", "rope_attention_with_kvcache", "available_backends"]
 
-available_backends = ops.available_backends
+available_backends = backends.available_backends
 
 
 def apply_rope(
@@ -35,7 +35,7 @@ def apply_rope(
     call = rope_call(x, rope, positions, seq_len)
     if x.numel() == 0:
         return x.clone()
-    return ops.select_backend("rope", call, x.device, backend).rope(call)
+    return backends.select_backend("rope", call, x.device, backend).rope(call)
 
 
 def rope_attention(
@@ -95,7 +95,7 @@ def rope_attention(
     if q.numel() == 0 or k.numel() == 0:
         out, lse = _no_keys(call)
     else:
-        out, lse = ops.select_backend("attention", call, q.device, backend).attention(call)
+        out, lse = backends.select_backend("attention", call, q.device, backend).attention(call)
     return (out, lse) if return_lse else out
 
 
@@ -165,5 +165,5 @@ def rope_attention_with_kvcache(
 
             append_kv(call)
     else:
-        out, lse = ops.select_backend("kvcache", call, q.device, backend).kvcache(call)
+        out, lse = backends.select_backend("kvcache", call, q.device, backend).kvcache(call)
     return (out, lse) if return_lse else out

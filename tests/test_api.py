@@ -294,12 +294,12 @@ def test_overlap_decision_matches_brute_force():
 
 
 def test_no_backward_means_declined_under_grad(monkeypatch):
-    """One grad rule for every backend (``ops.grad_reason``): a kernel without a backward (the cpu and
+    """One grad rule for every backend (``backends.grad_reason``): a kernel without a backward (the cpu and
     cuda kv-cache and rope kernels, the triton kv-cache kernel) declines a call whose inputs require
     grad, so ``auto`` gives an output with a gradient and a named backend raises. The triton kv-cache
     used to return an output with no gradient at all."""
-    from ropekern import _cuda
     from ropekern._validation import kvcache_call, rope_call
+    from ropekern.backends import cuda as _cuda
 
     q = torch.randn(1, 2, 4, 16, requires_grad=True)
     kc, vc = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)

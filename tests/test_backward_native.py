@@ -1,5 +1,5 @@
 """Gradients of ``rk.rope_attention(..., backend="cpu")``: the native CPU forward (``ropekern::fwd``)
-with the autograd formula that ``ropekern._native`` registers on the op (the PyTorch FA2-style
+with the autograd formula that ``ropekern.backends.native`` registers on the op (the PyTorch FA2-style
 recompute from the saved out and LSE, inverse rotation on dq / dk).
 
 Held to the docs/design.md §5 rule with factor 3 against fp64 autograd through the reference, with autograd
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import ropekern as rk
-from ropekern import ops, reference
+from ropekern import backends, reference
 from ropekern._validation import attention_call
 from ropekern.testing import baseline_attention, error_check, random_qkv
 
-native = pytest.importorskip("ropekern._native")
+native = pytest.importorskip("ropekern.backends.native")
 if native.cpu_backend.unavailable():
     pytest.skip(native.cpu_backend.unavailable(), allow_module_level=True)
 
@@ -131,7 +131,7 @@ def test_auto_keeps_the_native_forward_under_grad():
     rope = rk.RopeConfig(32)
     q, k, v, _ = random_qkv(1, 5, 7, 2, 1, 32, seed=5)
     q.requires_grad_()
-    assert ops.select_backend("attention", attention_call(q, k, v, rope), q.device, "auto") is native.cpu_backend
+    assert backends.select_backend("attention", attention_call(q, k, v, rope), q.device, "auto") is native.cpu_backend
     out = rk.rope_attention(q, k, v, rope, causal=True)
     assert "ropekern_fwd" in type(out.grad_fn).__name__, type(out.grad_fn).__name__
     out.square().sum().backward()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ropekern as rk
-from ropekern import cli, ops
+from ropekern import backends, cli
 from ropekern.bench import config as bconfig
 from ropekern.bench.config import Shape, SweepConfig, make_rope
 from ropekern.bench.metrics import attention_flops, io_bytes, op_bytes, op_flops
@@ -173,19 +173,19 @@ def test_gpu_providers_skip_with_a_reason_on_cpu():
 def test_default_backends_and_new_backends_are_picked_up(monkeypatch):
     # triton on CPU tensors is the interpreter (tests set TRITON_INTERPRET=1): never a timed provider;
     # the torch reference only when no native backend exists.
-    native = [n for n, ok in rk.available_backends().items() if ok is True and n in ops._AUTO_ORDER["cpu"]]
+    native = [n for n, ok in rk.available_backends().items() if ok is True and n in backends._AUTO_ORDER["cpu"]]
     assert "triton" not in default_backends("cpu")
     assert default_backends("cpu") == ([n for n in native if n != "torch"] or ["torch"])
     # A new native CPU backend appears in the registry: the sweep times it instead of the reference.
-    monkeypatch.setitem(ops._REGISTRY, "fakecpu", "ropekern.ops:TORCH")
-    monkeypatch.setitem(ops._AUTO_ORDER, "cpu", ("fakecpu", *ops._AUTO_ORDER["cpu"]))
-    ops._load.cache_clear()
+    monkeypatch.setitem(backends._REGISTRY, "fakecpu", "ropekern.backends.pytorch:backend")
+    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("fakecpu", *backends._AUTO_ORDER["cpu"]))
+    backends.load.cache_clear()
     try:
         assert "fakecpu" in default_backends("cpu") and "torch" not in default_backends("cpu")
         names = [p.name for p in build_providers("forward", ["fakecpu"])]
         assert names[:3] == ["rk-fakecpu", "rk-fakecpu:norope", "rk-fakecpu:separate"]
     finally:
-        ops._load.cache_clear()
+        backends.load.cache_clear()
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -349,8 +349,9 @@ def test_cli_reports_a_broken_backend(monkeypatch, capsys):
         def attention(self, call):
             raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(ops, "_load", lambda name: Broken() if name == "broken" else ops.TORCH)
-    monkeypatch.setitem(ops._REGISTRY, "broken", "x:y")
+    torch_backend = backends.get_backend("torch")
+    monkeypatch.setattr(backends, "load", lambda name: Broken() if name == "broken" else torch_backend)
+    monkeypatch.setitem(backends._REGISTRY, "broken", "x:y")
     rc = cli.main(["bench", *TINY, "--backends", "broken", "--providers", "rk-broken,eager+sdpa", "--no-memory"])
     out = capsys.readouterr().out
     assert rc == 1 and "kernel exploded" in out and "eager+sdpa" in out
@@ -409,7 +410,7 @@ def test_script_saves_results_and_report_renders(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.skipif(ops.available_backends()["cpu"] is not True, reason="needs the native CPU extension")
+@pytest.mark.skipif(backends.available_backends()["cpu"] is not True, reason="needs the native CPU extension")
 def test_bench_cpu_script_tiny(tmp_path, capsys):
     """benchmarks/bench_cpu.py end to end on tiny shapes: prefill and decode rows with the ratios
     and bandwidths the README table is built from, the read-only sweep recorded in the JSON."""

@@ -23,15 +23,15 @@ def test_check_quick_passes(capsys):
 
 def test_check_fails_on_a_broken_backend(monkeypatch, capsys):
     """The check must be able to fail: corrupt the backend's output and expect exit 1."""
-    from ropekern import ops
+    from ropekern.backends.pytorch import backend as torch_backend
 
-    real = ops.TORCH.attention
+    real = torch_backend.attention
 
     def broken(call):
         out, lse = real(call)
         return out * 1.01, lse
 
-    monkeypatch.setattr(ops.TORCH, "attention", broken)
+    monkeypatch.setattr(torch_backend, "attention", broken)
     assert main(["check", "--quick", "--backend", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

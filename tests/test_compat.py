@@ -37,7 +37,7 @@ def test_triton_version_reasons(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.5.1")
     assert "older than 3.6" in _triton.version_reason()
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    monkeypatch.setattr(_triton, "_INTERPRET", True)
+    monkeypatch.setattr(_triton, "INTERPRET", True)
     monkeypatch.setattr(numpy, "__version__", "2.4.0")
     assert "numpy 2.4.0" in _triton.version_reason() and "Triton >= 3.7" in _triton.version_reason()
     monkeypatch.setattr(numpy, "__version__", "2.3.5")
@@ -45,7 +45,7 @@ def test_triton_version_reasons(monkeypatch):
     monkeypatch.setattr(numpy, "__version__", "2.4.0")
     monkeypatch.setattr(triton, "__version__", "3.7.1")
     assert _triton.version_reason() is None
-    monkeypatch.setattr(_triton, "_INTERPRET", False)
+    monkeypatch.setattr(_triton, "INTERPRET", False)
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     assert _triton.version_reason() is None  # compiled kernels do not use numpy
 

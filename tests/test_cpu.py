@@ -1,4 +1,4 @@
-"""The native CPU backend (csrc/cpu, ropekern/_native.py) against the fp64 reference.
+"""The native CPU backend (csrc/cpu, ropekern/backends/native.py) against the fp64 reference.
 
 Every comparison uses the error-ratio rule of docs/design.md §5 (``ropekern.testing.error_check``); the
 core sweeps run on both kernel units (AVX2 and generic, switched by ROPEKERN_CPU_ISA).
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ropekern as rk
-from ropekern import ops, reference
+from ropekern import backends, reference
 from ropekern._validation import attention_call, kvcache_call, rope_call
 from ropekern.testing import (
     baseline_attention,
@@ -23,7 +23,7 @@ from ropekern.testing import (
     random_qkv,
 )
 
-native = pytest.importorskip("ropekern._native")
+native = pytest.importorskip("ropekern.backends.native")
 if native.cpu_backend.unavailable():
     pytest.skip(native.cpu_backend.unavailable(), allow_module_level=True)
 
@@ -208,7 +208,7 @@ def test_empty_inputs():
     # the kernel itself, called directly with no keys
     q, k, v, _ = random_qkv(1, 3, 0, 4, 2, 64)
     call = attention_call(q, k, v, rope)
-    out, lse = torch.ops.ropekern.fwd(*native.attention_args(call))
+    out, lse = torch.ops.ropekern.fwd(*call.op_args())
     assert not out.any() and bool((lse == -math.inf).all())
 
 
@@ -427,7 +427,7 @@ def test_kvcache_empty_cache_and_split_counts():
     o_base, l_base = baseline_kvcache(q, kc, vc, rope, **kw)
     call = kvcache_call(q, kc, vc, rope, **kw)
     for splits in (1, 2, 7, 64, 0):
-        out, lse = torch.ops.ropekern.fwd_kvcache(*native.kvcache_args(call, num_splits=splits))
+        out, lse = torch.ops.ropekern.fwd_kvcache(*call.op_args(splits))
         check(out, o_ref, o_base, F32, f"out, {splits} splits")
         check(lse, l_ref, l_base, F32, f"lse, {splits} splits")
 
@@ -476,22 +476,23 @@ def test_accurate_angles(isa):
 def test_auto_picks_cpu_for_cpu_tensors():
     rope = make_rope("default", 64)
     q, k, v, _ = random_qkv(1, 4, 4, 2, 1, 64)
-    assert ops.select_backend("attention", attention_call(q, k, v, rope), q.device, "auto") is native.cpu_backend
-    assert ops.select_backend("rope", rope_call(q, rope), q.device, "auto") is native.cpu_backend
+    assert backends.select_backend("attention", attention_call(q, k, v, rope), q.device, "auto") is native.cpu_backend
+    assert backends.select_backend("rope", rope_call(q, rope), q.device, "auto") is native.cpu_backend
     kc = torch.zeros(1, 8, 1, 64)
     kv = kvcache_call(q[:, :1], kc, kc.clone(), rope, cache_seqlens=torch.tensor([4], dtype=torch.int32))
-    assert ops.select_backend("kvcache", kv, q.device, "auto") is native.cpu_backend
+    assert backends.select_backend("kvcache", kv, q.device, "auto") is native.cpu_backend
     q64 = q.double()
-    assert ops.select_backend("attention", attention_call(q64, q64, q64, rope), q.device, "auto") is ops.TORCH
+    torch_backend = backends.get_backend("torch")
+    assert backends.select_backend("attention", attention_call(q64, q64, q64, rope), q.device, "auto") is torch_backend
     # gradients: attention keeps the native forward (``ropekern::fwd`` has an autograd formula,
     # tests/test_backward_native.py); the forward-only rope kernel steps aside for the reference
     qg = q.clone().requires_grad_()
-    assert ops.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is native.cpu_backend
+    assert backends.select_backend("attention", attention_call(qg, k, v, rope), q.device, "auto") is native.cpu_backend
     rk.rope_attention(qg, k, v, rope).sum().backward()
     assert qg.grad is not None
-    assert ops.select_backend("rope", rope_call(qg, rope), q.device, "auto") is ops.TORCH
+    assert backends.select_backend("rope", rope_call(qg, rope), q.device, "auto") is torch_backend
     with torch.no_grad():
-        assert ops.select_backend("rope", rope_call(qg, rope), q.device, "auto") is native.cpu_backend
+        assert backends.select_backend("rope", rope_call(qg, rope), q.device, "auto") is native.cpu_backend
     assert rk.available_backends()["cpu"] is True
 
 
@@ -511,9 +512,9 @@ def test_bad_inputs():
         finally:
             del os.environ["ROPEKERN_CPU_ISA"]
     # direct op calls are checked too (no memory errors behind the Python validation)
-    args = list(native.attention_args(attention_call(q, k, v, rope)))
+    args = list(attention_call(q, k, v, rope).op_args())
     bad = list(args)
-    bad[5] = torch.zeros(1, 3, 5)
+    bad[9] = torch.zeros(1, 3, 5)
     with pytest.raises(ValueError, match="`freqs` must have shape"):
         torch.ops.ropekern.fwd(*bad)
     bad = list(args)
@@ -526,7 +527,7 @@ def test_bad_inputs():
         torch.ops.ropekern.fwd(*bad)
     kc = torch.zeros(1, 8, 1, 64)
     call = kvcache_call(q[:, :1], kc, kc.clone(), rope, cache_seqlens=torch.tensor([4], dtype=torch.int32))
-    bad = list(native.kvcache_args(call))
+    bad = list(call.op_args())
     bad[3] = torch.tensor([8], dtype=torch.int32)
     bad[4] = bad[5] = torch.zeros(1, 1, 1, 64)
     with pytest.raises(ValueError, match="does not fit the cache capacity"):
@@ -540,7 +541,7 @@ def test_bad_inputs():
         cache_seqlens=torch.tensor([6], dtype=torch.int32),
         block_table=torch.tensor([[1, 0]], dtype=torch.int32),
     )
-    bad = list(native.kvcache_args(call))
+    bad = list(call.op_args())
     bad[6] = torch.tensor([[1, 5]], dtype=torch.int32)
     with pytest.raises(ValueError, match="outside"):
         torch.ops.ropekern.fwd_kvcache(*bad)
@@ -551,14 +552,14 @@ def test_bad_inputs():
 def test_opcheck():
     rope = make_rope("dynamic", 64)
     q, k, v, _ = random_qkv(2, 5, 7, 4, 2, 64, BF16)
-    torch.library.opcheck(torch.ops.ropekern.fwd.default, native.attention_args(attention_call(q, k, v, rope)))
+    torch.library.opcheck(torch.ops.ropekern.fwd.default, attention_call(q, k, v, rope).op_args())
     qv, kv_, vv, extra = random_qkv(0, 0, 0, 4, 2, 64, F32, varlen_lengths=([3, 4], [5, 2]))
     call = attention_call(qv, kv_, vv, rope, causal=True, **extra)
-    torch.library.opcheck(torch.ops.ropekern.fwd.default, native.attention_args(call))
+    torch.library.opcheck(torch.ops.ropekern.fwd.default, call.op_args())
     qc, kc, vc, k_new, v_new, table = cache_case(2, [3, 9], 2, 2, 4, 2, 64, F32, True)
     call = kvcache_call(
         qc, kc, vc, rope, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32), k_new=k_new, v_new=v_new,
         block_table=table,
     )  # fmt: skip
-    torch.library.opcheck(torch.ops.ropekern.fwd_kvcache.default, native.kvcache_args(call))
-    torch.library.opcheck(torch.ops.ropekern.apply_rope.default, native.rope_args(rope_call(q, rope)))
+    torch.library.opcheck(torch.ops.ropekern.fwd_kvcache.default, call.op_args())
+    torch.library.opcheck(torch.ops.ropekern.apply_rope.default, rope_call(q, rope).op_args())

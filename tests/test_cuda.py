@@ -1,4 +1,4 @@
-"""The ``cuda`` backend (csrc/cuda, ropekern/_cuda.py).
+"""The ``cuda`` backend (csrc/cuda, ropekern/backends/cuda.py).
 
 * CPU tests (run everywhere): availability reasons, capability refusals, and the argument packing,
   checked end to end by running the packed arguments through an fp32 emulation of each op schema
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import ropekern as rk
-from ropekern import _cuda, ops, reference
+from ropekern import backends, reference
 from ropekern._validation import attention_call, kvcache_call, rope_call
+from ropekern.backends import cuda as _cuda
 from ropekern.scaling import angle_turns_fp32
 from ropekern.testing import (
     baseline_attention,
@@ -64,7 +65,7 @@ def _table(freqs, b):
     return freqs[b if freqs.shape[0] > 1 else 0]
 
 
-def emulate_fwd(q, k, v, q_pos, k_pos, freqs, cu_q, cu_k, max_q, max_k, rotary_dim, interleaved, factor, causal, scale):
+def emulate_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, freqs, rotary_dim, interleaved, factor, causal, scale):
     if cu_q is None:
         slices = [(b, b, b) for b in range(q.shape[0])]
     else:
@@ -147,7 +148,7 @@ def test_unavailable_reason_names_the_missing_piece():
 def test_auto_never_picks_cuda_for_cpu_tensors():
     q, k, v, _ = random_qkv(1, 4, 4, 2, 2, 64)
     call = attention_call(q, k, v, rk.RopeConfig(64))
-    assert ops.select_backend("attention", call, q.device, "auto").name != "cuda"
+    assert backends.select_backend("attention", call, q.device, "auto").name != "cuda"
     assert "CUDA tensors" in _cuda.backend.check_attention(call)
 
 
@@ -180,7 +181,7 @@ def test_attention_packing_dense(scaling, interleaved, rotary_dim, causal):
     qp = torch.tensor([[2**20 + i for i in range(5)], [3, 3, 4, 4, 90]])
     kp = torch.tensor([[2**20 - 4 + j for j in range(9)], list(range(0, 90, 10))])
     kwargs = dict(q_positions=qp, k_positions=kp, causal=causal, softmax_scale=0.2)
-    out, lse = emulate_fwd(*_cuda.attention_args(attention_call(q, k, v, rope, **kwargs)))
+    out, lse = emulate_fwd(*attention_call(q, k, v, rope, **kwargs).op_args())
     o64, l64 = oracle_attention(q, k, v, rope, **kwargs)
     ob, lb = baseline_attention(q, k, v, rope, **kwargs)
     _assert_rule(out, o64, ob)
@@ -193,14 +194,14 @@ def test_attention_packing_varlen_per_sequence_tables_and_rope_off():
     q, k, v, extra = random_qkv(3, 0, 0, 2, 1, 64, varlen_lengths=(lens_q, lens_k))
     call = attention_call(q, k, v, rope, causal=True, **extra)
     assert call.tables()[1].shape[0] == 3
-    out, lse = emulate_fwd(*_cuda.attention_args(call))
+    out, lse = emulate_fwd(*call.op_args())
     o64, l64 = oracle_attention(q, k, v, rope, causal=True, **extra)
     ob, lb = baseline_attention(q, k, v, rope, causal=True, **extra)
     _assert_rule(out, o64, ob)
     _assert_rule(lse, l64, lb)
     call.rotate = False  # the benchmarks' RoPE-off variant: rotary_dim 0 in the packed call
-    args = _cuda.attention_args(call)
-    assert args[10] == 0
+    args = call.op_args()
+    assert args[10] == 0  # rotary_dim
     torch.testing.assert_close(emulate_fwd(*args)[0], reference.attention(call)[0], atol=1e-5, rtol=1e-5)
 
 
@@ -225,7 +226,7 @@ def test_kvcache_packing_appends_in_place(paged):
     want_k, want_v = k_cache.clone(), v_cache.clone()
     reference.append_kv(kvcache_call(q, want_k, want_v, rope, **kw))
     call = kvcache_call(q, k_cache, v_cache, rope, **kw)
-    out, lse = emulate_fwd_kvcache(*_cuda.kvcache_args(call, num_splits=3))
+    out, lse = emulate_fwd_kvcache(*call.op_args(3))
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     _assert_rule(out, o64, ob)
     _assert_rule(lse, l64, lb)
@@ -236,7 +237,7 @@ def test_rope_packing(packed):
     rope = rk.RopeConfig(40, rotary_dim=24, scaling=DYNAMIC, max_position_embeddings=8)
     x = torch.randn(7, 3, 40) if packed else torch.randn(2, 7, 3, 40)
     pos = torch.arange(7) * 1000 if packed else torch.stack([torch.arange(7), torch.arange(7) * 50])
-    out = emulate_apply_rope(*_cuda.rope_args(rope_call(x, rope, pos)))
+    out = emulate_apply_rope(*rope_call(x, rope, pos).op_args())
     _assert_rule(out, oracle_rope(x, rope, pos), baseline_rope(x, rope, pos))
     assert torch.equal(out[..., 24:], x[..., 24:])
 
@@ -334,7 +335,7 @@ def test_attention_empty_and_refusals():
     with pytest.raises(ValueError, match="head dim 80"):
         rk.rope_attention(q, k, v, rk.RopeConfig(80), backend="cuda")
     call = attention_call(q, k, v, rk.RopeConfig(80))
-    assert ops.select_backend("attention", call, q.device, "auto").name != "cuda"
+    assert backends.select_backend("attention", call, q.device, "auto").name != "cuda"
 
 
 @gpu
@@ -427,11 +428,9 @@ def test_small_shapes_for_sanitizer():
 
 @gpu
 def test_opcheck():
-    """Schema, fake and CUDA kernel agree (the fakes are registered with the ops by ropekern._native)."""
+    """Schema, fake and CUDA kernel agree (the fakes are registered with the ops by ropekern.backends.native)."""
     _cuda_ready()
     q, k, v, _ = random_qkv(1, 17, 17, 2, 1, 64, dtype=torch.float16, device="cuda")
-    torch.library.opcheck(
-        torch.ops.ropekern.fwd.default, _cuda.attention_args(attention_call(q, k, v, rk.RopeConfig(64)))
-    )
+    torch.library.opcheck(torch.ops.ropekern.fwd.default, attention_call(q, k, v, rk.RopeConfig(64)).op_args())
     x = torch.randn(2, 5, 2, 64, device="cuda", dtype=torch.float16)
-    torch.library.opcheck(torch.ops.ropekern.apply_rope.default, _cuda.rope_args(rope_call(x, rk.RopeConfig(64))))
+    torch.library.opcheck(torch.ops.ropekern.apply_rope.default, rope_call(x, rk.RopeConfig(64)).op_args())

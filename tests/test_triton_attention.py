@@ -14,7 +14,7 @@ import torch
 import ropekern as rk
 from ropekern import reference
 from ropekern._validation import attention_call
-from ropekern.ops import get_backend
+from ropekern.backends import get_backend
 from ropekern.testing import baseline_attention, error_check, oracle_attention, random_qkv
 
 from cases import ropes_per_type
@@ -255,8 +255,9 @@ def test_autotune_configs():
     import triton
 
     from ropekern._triton import attention as A
+    from ropekern._triton.host import head_constants
 
-    if A._INTERPRET:
+    if A.INTERPRET:
         assert len(A._rope_attn_fwd.configs) == 1
     every = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -265,8 +266,9 @@ def test_autotune_configs():
 
     def shapes(major, smem, elem, d, r=None, group=1):
         r = d if r is None else r
-        half_p, pass_p = A._pow2(r // 2), A._pow2(d - r) if d > r else 0
-        kept = A.select_configs(every, major, smem, elem, A._pow2(d), 2 * half_p + pass_p, group)
+        head = head_constants(d, r)
+        k_cols = 2 * head["HALF_P"] + head["PASS_P"]
+        kept = A.select_configs(every, major, smem, elem, head["HEAD_DIM_P"], k_cols, group)
         return {A.config_shape(c) for c in kept}
 
     hopper_128 = shapes(9, 232448, 2, 128)  # H100: 227 KB shared memory per block
@@ -286,9 +288,8 @@ def test_autotune_configs():
     for major, smem in ((9, 232448), (8, 166912), (8, 101376)):
         for elem in (2, 4):
             for d, r in ((32, 32), (64, 64), (80, 48), (96, 96), (128, 128), (128, 64), (256, 256), (256, 128)):
-                half_p = A._pow2(r // 2)
-                k_cols = 2 * half_p + (A._pow2(d - r) if d > r else 0)
-                key = (major, elem, A.head_class(A._pow2(d), k_cols))
+                head = head_constants(d, r)
+                key = (major, elem, A.head_class(head["HEAD_DIM_P"], 2 * head["HALF_P"] + head["PASS_P"]))
                 assert shapes(major, smem, elem, d, r) <= A._SPILL_FREE[key]
                 assert shapes(major, smem, elem, d, r, group=8) <= A._SPILL_FREE_GQA[key]
 
@@ -330,13 +331,7 @@ def test_kernels_compile_for_gpus():
 
 # ---------------------------------------------------------------------------------- torch.library
 def _op_args(q, k, v, rope, **kw):
-    call = attention_call(q, k, v, rope, **kw)
-    _, split = call.tables()
-    return (
-        q, k, v, call.q_positions, call.k_positions, split, call.cu_seqlens_q, call.cu_seqlens_k,
-        call.max_seqlen_q, call.max_seqlen_k, call.softmax_scale, rope.attention_factor, rope.rotary_dim,
-        rope.interleaved, call.causal, True,
-    )  # fmt: skip
+    return attention_call(q, k, v, rope, **kw).op_args()
 
 
 def test_opcheck_dense_and_varlen():

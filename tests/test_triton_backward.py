@@ -20,9 +20,9 @@ import torch
 
 import ropekern as rk
 from ropekern import _autograd, reference
-from ropekern._validation import attention_call
+from ropekern._validation import ATTENTION_SCHEMA, attention_call
+from ropekern.backends import fake_attention, get_backend
 from ropekern.distributed import block_backward
-from ropekern.ops import get_backend
 from ropekern.testing import baseline_attention, error_check, random_qkv
 
 from cases import ropes_per_type
@@ -348,19 +348,13 @@ def test_empty_inputs():
     q, k, v, _ = qkv(1, 4, 0, 2, 1, 32, BF16)
     args = _op_args(q, k, v, rope)
     out, lse = torch.ops.ropekern_triton.attention_fwd(*args)
-    dq, dk, dv = torch.ops.ropekern_triton.attention_bwd(torch.ones_like(out), q, k, v, out, lse, None, *args[3:])
+    dq, dk, dv = torch.ops.ropekern_triton.attention_bwd(torch.ones_like(out), out, lse, None, *args)
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
 
 
 # ---------------------------------------------------------------------------------- torch.library / compile
 def _op_args(q, k, v, rope, **kw):
-    call = attention_call(q, k, v, rope, **kw)
-    _, split = call.tables()
-    return (
-        q, k, v, call.q_positions, call.k_positions, split, call.cu_seqlens_q, call.cu_seqlens_k,
-        call.max_seqlen_q, call.max_seqlen_k, call.softmax_scale, rope.attention_factor, rope.rotary_dim,
-        rope.interleaved, call.causal, True,
-    )  # fmt: skip
+    return attention_call(q, k, v, rope, **kw).op_args()
 
 
 def test_opcheck_forward_with_autograd_and_backward_op():
@@ -373,7 +367,7 @@ def test_opcheck_forward_with_autograd_and_backward_op():
     q, k, v, extra = qkv(2, 0, 0, 2, 2, 32, BF16, varlen=([3, 5], [4, 6]))
     args = _op_args(q, k, v, rk.RopeConfig(32), **extra)
     out, lse = torch.ops.ropekern_triton.attention_fwd(*args)
-    bwd_args = (_randn_like(out, 1), q, k, v, out, lse, torch.randn_like(lse), *args[3:])
+    bwd_args = (_randn_like(out, 1), out, lse, torch.randn_like(lse), *args)
     torch.library.opcheck(torch.ops.ropekern_triton.attention_bwd.default, bwd_args)
 
 
@@ -442,18 +436,14 @@ def test_ring_block_backward_routes_through_triton(causal):
 
 # ---------------------------------------------------------------------------------- native forward ops
 # A stand-in for ``ropekern::fwd`` (the CUDA / native CPU kernels, absent here): the same schema in
-# a test namespace, implemented by the reference. ``register_native_autograd`` must make it
+# a test namespace, implemented by the reference. ``register_attention_autograd`` must make it
 # differentiable with the PyTorch recompute on CPU tensors (the Triton kernels on CUDA ones).
 _LIB = torch.library.Library("ropekern_bwdtest", "DEF")
-_LIB.define(
-    "fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor freqs, Tensor? cu_seqlens_q, "
-    "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int rotary_dim, bool interleaved, "
-    "float attention_factor, bool causal, float softmax_scale) -> (Tensor out, Tensor lse)"
-)
+_LIB.define(f"fwd({ATTENTION_SCHEMA}) -> (Tensor out, Tensor lse)")
 
 
 def _standin_fwd(
-    q, k, v, q_pos, k_pos, freqs, cu_q, cu_k, max_q, max_k, rotary_dim, interleaved, factor, causal, scale
+    q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, freqs, rotary_dim, interleaved, factor, causal, scale
 ):
     inv64 = _autograd.inv_freq_from_split(freqs)
     outs, lses = [], []
@@ -484,22 +474,12 @@ def _standin_fwd(
 _LIB.impl("fwd", _standin_fwd, "CPU")
 
 
-@torch.library.register_fake("ropekern_bwdtest::fwd")
-def _standin_fake(q, k, v, q_pos, k_pos, freqs, cu_q, *rest):
-    lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
-
-
-_autograd.register_native_autograd("ropekern_bwdtest::fwd")
+torch.library.register_fake("ropekern_bwdtest::fwd", fake_attention)
+_autograd.register_attention_autograd("ropekern_bwdtest::fwd")
 
 
 def _native_args(call):
-    _, split = call.tables()
-    return (
-        call.q, call.k, call.v, call.q_positions, call.k_positions, split, call.cu_seqlens_q, call.cu_seqlens_k,
-        call.max_seqlen_q, call.max_seqlen_k, call.rope.rotary_dim if call.rotate else 0, call.rope.interleaved,
-        call.rope.attention_factor, call.causal, call.softmax_scale,
-    )  # fmt: skip
+    return call.op_args()
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -565,7 +545,7 @@ def test_recompute_backward_opcheck():
     out, lse = torch.ops.ropekern_bwdtest.fwd(*args)
     torch.library.opcheck(
         torch.ops.ropekern_autograd.recompute_bwd.default,
-        (torch.randn_like(out), q, k, v, out, lse, None, *args[3:8], call.softmax_scale, 1.0, 16, False, True),
+        (torch.randn_like(out), out, lse, None, *args),
     )
 
 

@@ -13,7 +13,8 @@ import ropekern as rk
 from ropekern import reference
 from ropekern._triton import decode
 from ropekern._triton.rope_math import load_split
-from ropekern._validation import kvcache_call
+from ropekern._validation import KVCACHE_SCHEMA, bundle_rope, kvcache_call, rope_position
+from ropekern.backends import get_backend
 from ropekern.testing import baseline_kvcache, error_check, exact_angle, oracle_kvcache
 
 from cases import rope_kwargs_per_type
@@ -249,8 +250,7 @@ def test_positions_near_2_pow_20():
     o_ref, l_ref = oracle_kvcache(q, pool, vpool, rope, **kw)
     o_base, _ = baseline_kvcache(q, pool, vpool, rope, **kw)
     call = kvcache_call(q, pool, vpool, rope, **kw)
-    decode.append(call)
-    out, lse = decode.attend(call, block_n=block, num_splits=2)
+    out, lse = decode.run(*_launch_args(call, 2), block_n=block)
     err = float((out.double() - o_ref).abs().max())
     assert err < 1e-5 and float((lse.double() - l_ref).abs().max()) < 1e-5
     assert float((o_base.double() - o_ref).abs().max()) > 100 * err  # the fp32-angle baseline is far off
@@ -297,6 +297,11 @@ def _call(case, rope, causal=True):
     return kvcache_call(case["q"], case["k_cache"], case["v_cache"], rope, causal=causal, **kw)
 
 
+def _launch_args(call, num_splits=0):
+    """The arguments of ``decode.run`` (the op's, rope bundled) for a validated call."""
+    return bundle_rope(call.op_args(num_splits), rope_position(KVCACHE_SCHEMA))
+
+
 def test_split_k_matches_single_pass():
     """Forced 1, 3 and 8 splits agree (empty splits of the shorter sequences included)."""
     rope = make_rope("dynamic", 16)
@@ -304,8 +309,7 @@ def test_split_k_matches_single_pass():
     kw = {key: case[key] for key in ("cache_seqlens", "k_new", "v_new", "block_table")}
     o_ref, l_ref = oracle_kvcache(case["q"], case["k_cache"], case["v_cache"], rope, **kw)
     call = _call(case, rope)
-    decode.append(call)
-    results = [decode.attend(call, num_splits=s) for s in (1, 3, 8)]
+    results = [decode.run(*_launch_args(call, s)) for s in (1, 3, 8)]
     for out, lse in results:
         assert float((out.double() - o_ref).abs().max()) < 1e-5
         assert float((lse.double() - l_ref).abs().max()) < 1e-5
@@ -353,7 +357,7 @@ def test_rotation_compiled_out():
     case = make_cache((5, 21), s_new=1, sq=2, hq=2, hkv=1, d=16, dtype=torch.float32, seed=13)
     call = _call(clone_case(case), rope)
     call.rotate = False
-    out, lse = decode.run(call)
+    out, lse = decode.run(*_launch_args(call))
     ref = _call(
         {
             key: (val.double() if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
@@ -365,7 +369,7 @@ def test_rotation_compiled_out():
     o_ref, l_ref = reference.kvcache(ref)
     assert float((out.double() - o_ref).abs().max()) < 1e-5
     assert float((lse.double() - l_ref).abs().max()) < 1e-5
-    rotated, _ = decode.run(_call(clone_case(case), rope))
+    rotated, _ = decode.run(*_launch_args(_call(clone_case(case), rope)))
     assert float((rotated - out).abs().max()) > 1e-2  # rotation really was off
 
 
@@ -402,9 +406,24 @@ def test_unsupported_calls_raise_with_reason():
     with pytest.raises(ValueError, match="head dim 288 > 256"):
         f(rope=make_rope("default", 288), backend="triton", **big)
     # `auto` skips triton for these (check returns the reason) and the torch backend serves them.
-    assert decode.check(_call(with_block(24), rope)) is not None
+    assert get_backend("triton").check_kvcache(_call(with_block(24), rope)) is not None
     out = f(rope=rope, **with_block(24))
     assert out.shape == base["q"].shape
+
+
+def test_opcheck_declares_the_cache_mutation():
+    """The kv-cache kernel is a ``torch.library`` op like its siblings: schema (the appends into
+    ``k_cache``/``v_cache`` declared), fake and autograd registration pass ``opcheck``, dense and paged."""
+    gen = torch.Generator().manual_seed(21)
+    rope = make_rope("dynamic", 16)
+    for table in (None, torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)):
+        shape = (2, 32, 1, 16) if table is None else (4, 16, 1, 16)
+        kc, vc = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        kn, vn = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
+        q = torch.randn(2, 2, 2, 16, generator=gen)
+        lens = torch.tensor([3, 20], dtype=torch.int32)
+        call = kvcache_call(q, kc, vc, rope, cache_seqlens=lens, k_new=kn, v_new=vn, block_table=table)
+        torch.library.opcheck(torch.ops.ropekern_triton.kvcache.default, call.op_args())
 
 
 def test_empty_batch_and_queries_skip_the_kernel():
@@ -428,6 +447,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from ropekern._triton import decode
+from ropekern._triton.host import head_constants
 
 def report(kernel, types, constexprs, num_warps, num_stages):
     names = kernel.arg_names
@@ -444,18 +464,19 @@ out = []
 for dtype_name, d, rotary_dim, interleaved, rows in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype_name)
     ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}[dtype_name]
-    half, dp = rotary_dim // 2, decode._pow2(d)
+    head = head_constants(d, rotary_dim)
+    dp = head["HEAD_DIM_P"]
     block_m, block_n, warps, stages = decode._config(dtype, dp, rows)
-    ce = dict(G=4, D=d, DP=dp, HALF=half, HP=decode._pow2(half), PASS=d - rotary_dim,
-              PP=decode._pow2(d - rotary_dim), INTERLEAVED=interleaved, ROTATE=True, CAUSAL=True, PAGED=True,
+    ce = dict(G=4, **head, INTERLEAVED=interleaved, ROTATE=True, CAUSAL=True, PAGED=True,
               LOG2_BS=4, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dtype == torch.float32)
     types = dict(Q=ptr, KC=ptr, VC=ptr, OUT=ptr, SEQLENS="*i32", TABLE="*i32", SPLIT="*fp32", LSE="*fp32",
                  qk_scale="fp32", attention_factor="fp32")
     out.append(["decode", dtype_name, d, *report(decode._decode_kernel, types, ce, warps, stages)])
     types = dict(OPART="*fp32", LPART="*fp32", OUT=ptr, LSE="*fp32")
-    out.append(["merge", dtype_name, d, *report(decode._merge_kernel, types, dict(D=d, DP=dp, SP=64), 4, 1)])
+    ce = dict(HEAD_DIM=d, HEAD_DIM_P=dp, SP=64)
+    out.append(["merge", dtype_name, d, *report(decode._merge_kernel, types, ce, 4, 1)])
     types = dict(KNEW=ptr, VNEW=ptr, KC=ptr, VC=ptr, SEQLENS="*i32", TABLE="*i32")
-    ce = dict(D=d, DP=dp, BLOCK_H=16, PAGED=True, LOG2_BS=4)
+    ce = dict(HEAD_DIM=d, HEAD_DIM_P=dp, BLOCK_H=16, PAGED=True, LOG2_BS=4)
     out.append(["append", dtype_name, d, *report(decode._append_kernel, types, ce, 4, 1)])
 print(json.dumps(out))
 """

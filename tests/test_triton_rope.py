@@ -99,9 +99,7 @@ def test_opcheck_and_compile():
     x = randn(2, 9, 2, 32, dtype=BF16)
     rope = rk.RopeConfig(32, rotary_dim=16)
     call = rope_call(x, rope)
-    _, split = call.tables()
-    args = (x, call.positions, split, rope.attention_factor, rope.rotary_dim, rope.interleaved)
-    torch.library.opcheck(torch.ops.ropekern_triton.apply_rope.default, args)
+    torch.library.opcheck(torch.ops.ropekern_triton.apply_rope.default, call.op_args())
 
     def f(x):
         return rk.apply_rope(x, rope, backend="triton")

@@ -27,14 +27,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import attention, backward, rope
-
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(n, 1)))
+from .host import INTERPRET, head_constants, pow2
 
 
 def _require_compiler() -> None:
-    if attention._INTERPRET:
+    if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: under the interpreter kernels are not compiled")
 
 
@@ -86,9 +83,8 @@ def compile_attention(
     r = head_dim if rotary_dim is None else rotary_dim
     bm, bn, warps, stages = block
     constexprs = dict(
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=_pow2(head_dim), HALF=r // 2, HALF_P=_pow2(r // 2),
-        PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 0, INTERLEAVED=interleaved,
-        ROTATE=rotate, CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+        GROUP=group, **head_constants(head_dim, r), INTERLEAVED=interleaved, ROTATE=rotate, CAUSAL=causal,
+        VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
         UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     fn = attention._rope_attn_fwd.fn
@@ -131,19 +127,18 @@ def compile_backward(
     for name in ("Q", "K", "V", "DO", "DK", "DV", "DQ", "Out"):
         pointers[name] = dtype
     if kernel == "preprocess":
-        d_p = _pow2(head_dim)
+        d_p = pow2(head_dim)
         constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_P=d_p, HAS_DLSE=True, BLOCK=max(16, min(128, 8192 // d_p)))
         fn, warps, stages = backward._bwd_preprocess, 4, 1
     elif kernel == "table":
-        half_p = _pow2(r // 2)
+        half_p = pow2(r // 2)
         constexprs = dict(HALF=r // 2, HALF_P=half_p, VARLEN=varlen, BLOCK=backward.table_block(half_p))
         fn, warps, stages = backward._rope_table, 4, 1
     else:
         bm, bn, warps, stages = block or (backward._DKDV if kernel == "dkdv" else backward._DQ)[0]
         constexprs = dict(
-            GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=_pow2(head_dim), HALF=r // 2, HALF_P=_pow2(r // 2),
-            PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 0, INTERLEAVED=interleaved,
-            ROTATE=rotate, CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+            GROUP=group, **head_constants(head_dim, r), INTERLEAVED=interleaved, ROTATE=rotate, CAUSAL=causal,
+        VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
             UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
         fn = (backward._bwd_dkdv if kernel == "dkdv" else backward._bwd_dq).fn
@@ -168,10 +163,10 @@ def compile_rope(
     """Compile the standalone apply_rope kernel for ``sm_<arch>`` (block as ``rope.forward`` picks on GPUs)."""
     _require_compiler()
     r = head_dim if rotary_dim is None else rotary_dim
-    half_p = _pow2(r // 2)
+    head = head_constants(head_dim, r)
     constexprs = dict(
-        HALF=r // 2, HALF_P=half_p, PASS=head_dim - r, PASS_P=_pow2(head_dim - r) if head_dim > r else 16,
-        INTERLEAVED=interleaved, BLOCK_S=rope.gpu_block_s(half_p),
+        HALF=head["HALF"], HALF_P=head["HALF_P"], PASS=head["PASS"], PASS_P=head["PASS_P"],
+        INTERLEAVED=interleaved, BLOCK_S=rope.gpu_block_s(head["HALF_P"]),
     )  # fmt: skip
     fn = rope._apply_rope_kernel
     pointers = {"X": dtype, "Out": dtype, "Pos": "i32", "Split": "fp32"}

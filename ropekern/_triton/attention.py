@@ -22,12 +22,12 @@ FlashAttention-2 backward needs besides the inputs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._validation import RopeArgs
+from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, rotary_split
 from .rope_tile import (
     add_seen_nonfinite,
     finite_or_zero,
@@ -41,11 +41,8 @@ from .rope_tile import (
     tile_cos_sin,
 )
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
-_MAX_GRID_YZ = 65535  # CUDA limit of grid dimensions y and z
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), none timed (no GPU in this work). Every config the
 # pruner keeps compiles for sm_80 / sm_90 without register spills (``ptxas -v`` through ``aot.py``;
@@ -74,9 +71,9 @@ MAXNREG = 255
 
 
 def _configs() -> list[triton.Config]:
-    shapes = _INTERPRETER if _INTERPRET else tuple(dict.fromkeys(_AMPERE + _HOPPER))
+    shapes = _INTERPRETER if INTERPRET else tuple(dict.fromkeys(_AMPERE + _HOPPER))
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=None if _INTERPRET else MAXNREG)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=None if INTERPRET else MAXNREG)
         for m, n, w, s in shapes
     ]
 
@@ -439,34 +436,25 @@ def _rope_attn_fwd(
     tl.store(Lse + b64 * stride_lb + head64 * stride_lh + tok64, lse, mask=row_ok)
 
 
-def _pow2(n: int) -> int:
-    """Padded block width: a power of two >= 16 (the smallest tl.dot operand dimension on GPUs)."""
-    return max(16, triton.next_power_of_2(max(n, 1)))
-
-
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
-    split: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    softmax_scale: float,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
+    rope: RopeArgs,
     causal: bool,
-    rotate: bool,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel on validated inputs.
+    """Launch the fused kernel on validated inputs (the arguments of ``ATTENTION_SCHEMA``).
 
     Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, S]`` (last stride 1,
     batch stride may be 0). Varlen: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, positions ``[T]``,
-    ``cu_seqlens_*`` int32 ``[B + 1]``. ``split`` float32 ``[nT, 4, R/2]`` with nT in {1, B}.
+    ``cu_seqlens_*`` int32 ``[B + 1]``. ``rope.split`` float32 ``[nT, 4, R/2]`` with nT in {1, B}.
     Returns ``out`` (contiguous, q's shape and dtype) and LSE float32 ``[B, Hq, Sq]`` / ``[Hq, Tq]``.
     """
     varlen = cu_seqlens_q is not None
@@ -500,9 +488,9 @@ def forward(
     if max_seqlen_k == 0 or k.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    split = split.contiguous()
+    split = rope.split.contiguous()
     stride_tb = split.stride(0) if split.shape[0] > 1 else 0
-    half = rotary_dim // 2
+    rotary_dim, rotate = rotary_split(rope)
     group = hq // hkv
     dummy = q_positions  # stands in for the cu_seqlens pointers of the dense layout (never read)
 
@@ -519,53 +507,24 @@ def forward(
         sl[0], sl[1],
         spos[0], spos[1], stride_tb,
         seqlen_q, seqlen_k,
-        softmax_scale * _LOG2E, attention_factor,
+        softmax_scale * LOG2E, rope.attention_factor,
         triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
-        GROUP=group, HEAD_DIM=d, HEAD_DIM_P=_pow2(d), HALF=half, HALF_P=_pow2(half),
-        PASS=d - rotary_dim, PASS_P=_pow2(d - rotary_dim) if d > rotary_dim else 0,
-        INTERLEAVED=interleaved, ROTATE=rotate, CAUSAL=causal, VARLEN=varlen,
+        GROUP=group, **head_constants(d, rotary_dim),
+        INTERLEAVED=rope.interleaved, ROTATE=rotate, CAUSAL=causal, VARLEN=varlen,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip
     return out, lse
 
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check(call) -> str | None:
-    """None when the kernel supports the validated ``AttentionCall``, else the reason."""
-    if call.q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {call.q.dtype} is not supported (float16, bfloat16, float32)"
-    d = call.q.shape[-1]
+def limits(q: torch.Tensor, k: torch.Tensor, batch: int) -> str | None:
+    """None when the kernel takes these inputs (device not checked), else the reason."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    d = q.shape[-1]
     if d > MAX_HEAD_DIM:
         return f"head dim {d} > {MAX_HEAD_DIM}"
-    hkv = call.k.shape[-2]
-    if hkv > _MAX_GRID_YZ or call.batch > _MAX_GRID_YZ:
-        return f"batch ({call.batch}) and key/value heads ({hkv}) must each be <= {_MAX_GRID_YZ}"
+    hkv = k.shape[-2]
+    if hkv > MAX_GRID_YZ or batch > MAX_GRID_YZ:
+        return f"batch ({batch}) and key/value heads ({hkv}) must each be <= {MAX_GRID_YZ}"
     return None
-
-
-def run(call) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` for a validated ``AttentionCall``, through the registered torch op."""
-    from .ops import attention_fwd
-
-    _, split = call.tables()
-    return attention_fwd(
-        call.q,
-        call.k,
-        call.v,
-        call.q_positions,
-        call.k_positions,
-        split,
-        call.cu_seqlens_q,
-        call.cu_seqlens_k,
-        call.max_seqlen_q,
-        call.max_seqlen_k,
-        call.softmax_scale,
-        call.rope.attention_factor,
-        call.rope.rotary_dim,
-        call.rope.interleaved,
-        call.causal,
-        call.rotate,
-    )

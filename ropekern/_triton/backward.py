@@ -38,18 +38,15 @@ that saw no key (``lse = -inf``) get no gradient.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .attention import SUPPORTED_DTYPES, _dot, _pow2, config_shape
+from .._validation import RopeArgs
+from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dot, config_shape
+from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, pow2, rotary_split
 from .rope_math import rope_cos_sin
 from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pairs
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; none has been timed (no GPU in this session).
 # The dK/dV program keeps dK' and dV (fp32, BLOCK_N x 2D) and the rotated K and V for its whole life,
@@ -85,7 +82,7 @@ _INTERPRETER = ((32, 32, 4, 1),)
 
 
 def _configs(shapes) -> list[triton.Config]:
-    shapes = _INTERPRETER if _INTERPRET else shapes
+    shapes = _INTERPRETER if INTERPRET else shapes
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -735,7 +732,7 @@ def preprocess(
     # Autograd hands e.g. ``out.sum()``'s gradient over as an expanded tensor (every stride 0).
     out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
     d = out.shape[-1]
-    d_p = _pow2(d)
+    d_p = pow2(d)
     if varlen:
         seqlen, hq, batch = out.shape[0], out.shape[1], 1
         so = (0, out.stride(0), out.stride(1))
@@ -783,7 +780,7 @@ def rope_table(
     if not varlen and positions.shape[-1] > 1 and positions.stride(-1) != 1:
         positions = positions.contiguous()
     split = split.contiguous()
-    half_p = _pow2(half)
+    half_p = pow2(half)
     block = table_block(half_p)
     seqlen = max_seqlen if varlen else positions.shape[1]
     _rope_table[(triton.cdiv(seqlen, block), batch)](
@@ -795,6 +792,34 @@ def rope_table(
     return table
 
 
+def run(
+    dout: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    rope: RopeArgs,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the un-rotated inputs (contiguous, input dtype) of a whole call from the
+    forward's ``out`` and ``lse``, the output gradient ``dout`` and optionally the LSE gradient ``dlse``
+    (``BACKWARD_SCHEMA``, rope bundled)."""
+    delta = preprocess(out, dout, lse, dlse, cu_seqlens_q is not None)
+    return backward(
+        dout, q, k, v, lse, delta, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, rope, causal, softmax_scale,
+    )  # fmt: skip
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -804,20 +829,16 @@ def backward(
     delta: torch.Tensor,
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
-    split: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    softmax_scale: float,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
+    rope: RopeArgs,
     causal: bool,
-    rotate: bool,
+    softmax_scale: float,
     grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the dK/dV and dQ kernels on validated inputs (layouts as ``attention.forward``).
+    """Launch the dK/dV and dQ kernels on validated inputs (layouts and arguments as ``attention.forward``).
 
     ``dout`` like q; ``lse`` the forward's LSE and ``delta`` from ``preprocess`` (both float32 in
     the LSE layout; for a block of a longer sequence, the *global* LSE and delta of its queries).
@@ -843,10 +864,10 @@ def backward(
 
     dout = _last_dim_contiguous(dout)
     lse, delta = lse.contiguous(), delta.contiguous()
-    half = rotary_dim // 2
+    rotary_dim, rotate = rotary_split(rope)
     if rotate:
-        cs_q = rope_table(q_positions, split, cu_seqlens_q, max_seqlen_q, attention_factor)
-        cs_k = rope_table(k_positions, split, cu_seqlens_k, max_seqlen_k, attention_factor)
+        cs_q = rope_table(q_positions, rope.split, cu_seqlens_q, max_seqlen_q, rope.attention_factor)
+        cs_k = rope_table(k_positions, rope.split, cu_seqlens_k, max_seqlen_k, rope.attention_factor)
         scs = (0, 0) if varlen else (cs_q.stride(0), cs_k.stride(0))
     else:
         cs_q = cs_k = lse  # never read: rotation compiled out
@@ -861,13 +882,12 @@ def backward(
     cu_q = cu_seqlens_q if varlen else dummy
     cu_k = cu_seqlens_k if varlen else dummy
     meta = dict(
-        GROUP=group, HEAD_DIM=d, HEAD_DIM_P=_pow2(d), HALF=half, HALF_P=_pow2(half), PASS=d - rotary_dim,
-        PASS_P=_pow2(d - rotary_dim) if d > rotary_dim else 0, INTERLEAVED=interleaved, ROTATE=rotate,
+        GROUP=group, **head_constants(d, rotary_dim), INTERLEAVED=rope.interleaved, ROTATE=rotate,
         CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip
     scalars = (
-        seqlen_q, seqlen_k, softmax_scale * _LOG2E, softmax_scale,
+        seqlen_q, seqlen_k, softmax_scale * LOG2E, softmax_scale,
         triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
     )  # fmt: skip
     common = (*strides(q), *strides(k), *strides(v), *strides(dout))
@@ -890,17 +910,12 @@ def backward(
     return dq, dk, dv
 
 
-_MAX_GRID_YZ = 65535
-
-
-def check(q: torch.Tensor, k: torch.Tensor, batch: int) -> str | None:
+def limits(q: torch.Tensor, k: torch.Tensor, batch: int) -> str | None:
     """None when the backward kernels take these inputs (device not checked), else the reason."""
-    from .attention import MAX_HEAD_DIM
-
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if max(q.shape[-2], k.shape[-2], batch) > _MAX_GRID_YZ:
-        return f"batch ({batch}) and heads ({q.shape[-2]}) must each be <= {_MAX_GRID_YZ}"
+    if max(q.shape[-2], k.shape[-2], batch) > MAX_GRID_YZ:
+        return f"batch ({batch}) and heads ({q.shape[-2]}) must each be <= {MAX_GRID_YZ}"
     return None

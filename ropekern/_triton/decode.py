@@ -31,36 +31,30 @@ never TF32). Masked probabilities are *selected* to zero, and slots at or past n
 entries cannot leak. All memory offsets are int64.
 
 Performance: no GPU was available while this was written; the tile sizes below are a reasoned,
-untimed heuristic (see ``_config``) and the kernel has only run under ``TRITON_INTERPRET=1``.
+untimed heuristic (see ``_config``) and the kernel has only run under ``TRITONINTERPRET=1``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._validation import RopeArgs
 from . import _release
+from .host import INTERPRET, LOG2E, head_constants, pow2, rotary_split
 from .rope_math import TWO_PI, angle_turns, load_split
 from .rope_tile import add_seen_nonfinite, finite_or_zero, is_finite
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LN2 = math.log(2.0)
-_LOG2E = 1.0 / _LN2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 # A split should stream at least this many keys: below it the partial write + merge pass costs
 # more than the extra parallelism gains (FlashDecoding uses splits of >= 256 keys for the same reason).
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
-
-
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(1, x)))
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -87,8 +81,8 @@ def _append_kernel(
     stride_vs,
     stride_vh,
     stride_tb,
-    D: tl.constexpr,
-    DP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PAGED: tl.constexpr,
     LOG2_BS: tl.constexpr,
@@ -108,8 +102,8 @@ def _append_kernel(
         k_dst = KC + b64 * stride_kb + t.to(tl.int64) * stride_ks
         v_dst = VC + b64 * stride_vb + t.to(tl.int64) * stride_vs
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, DP)
-    mask = (heads < HKV)[:, None] & (d < D)[None, :]
+    d = tl.arange(0, HEAD_DIM_P)
+    mask = (heads < HKV)[:, None] & (d < HEAD_DIM)[None, :]
     h64 = heads.to(tl.int64)[:, None]
     k = tl.load(KNEW + b64 * stride_nb + s * stride_ns + h64 * stride_nh + d[None, :], mask=mask, other=0.0)
     v = tl.load(VNEW + b64 * stride_vnb + s * stride_vns + h64 * stride_vnh + d[None, :], mask=mask, other=0.0)
@@ -186,12 +180,12 @@ def _decode_kernel(
     stride_lb,
     stride_lh,
     G: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     HALF: tl.constexpr,
-    HP: tl.constexpr,
+    HALF_P: tl.constexpr,
     PASS: tl.constexpr,
-    PP: tl.constexpr,
+    PASS_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -222,7 +216,7 @@ def _decode_kernel(
     row_ok = row_i < SQ
     q_pos = n - SQ + row_i  # query i sits at position n - Sq + i
 
-    pair = tl.arange(0, HP)
+    pair = tl.arange(0, HALF_P)
     pair_ok = pair < HALF
     if INTERLEAVED:
         c1 = 2 * pair
@@ -234,9 +228,9 @@ def _decode_kernel(
     q_mask = row_ok[:, None] & pair_ok[None, :]
     q1 = tl.load(q_row[:, None] + c1[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_row[:, None] + c2[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    pp = tl.arange(0, PP)
-    pass_ok = pp < PASS
     if PASS > 0:
+        pp = tl.arange(0, PASS_P)
+        pass_ok = pp < PASS
         qp = tl.load(q_row[:, None] + (2 * HALF + pp)[None, :], mask=row_ok[:, None] & pass_ok[None, :], other=0.0)
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -264,9 +258,9 @@ def _decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
-    d = tl.arange(0, DP)
-    d_ok = d < D
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    d = tl.arange(0, HEAD_DIM_P)
+    d_ok = d < HEAD_DIM
     for j0 in tl.range(start, loop_end, BLOCK_N, disable_licm=True):  # see the split reload below
         offs_j = j0 + offs_n
         key_ok = offs_j < kv_end
@@ -366,8 +360,8 @@ def _merge_kernel(
     stride_ob,
     stride_oi,
     stride_oh,
-    D: tl.constexpr,
-    DP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
     SP: tl.constexpr,
 ):
     """Program r = (b * HQ + h) * SQ + i combines the splits' partials of one query row by LSE."""
@@ -382,26 +376,28 @@ def _merge_kernel(
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(live, tl.exp(lse_s - m_use), 0.0)
     total = tl.sum(w, 0)
-    d = tl.arange(0, DP)
+    d = tl.arange(0, HEAD_DIM_P)
     part = tl.load(
-        OPART + s[:, None] * stride_ps + r * D + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0
+        OPART + s[:, None] * stride_ps + r * HEAD_DIM + d[None, :],
+        mask=live[:, None] & (d < HEAD_DIM)[None, :],
+        other=0.0,
     )
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(part * w[:, None], 0) / total_safe
-    tl.store(OUT + b * stride_ob + i * stride_oi + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    tl.store(OUT + b * stride_ob + i * stride_oi + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
     tl.store(LSE + r, tl.where(total == 0.0, float("-inf"), m_use + tl.log(total_safe)))
 
 
 # ---------------------------------------------------------------------------------- host side
-def check(call) -> str | None:
-    """None when the kernel supports ``call`` (a ``KVCacheCall``), else the reason."""
-    if call.q.dtype not in _DTYPES:
-        return f"dtype {call.q.dtype} (the triton decode kernel takes float16, bfloat16 or float32)"
-    d = call.q.shape[-1]
+def limits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None) -> str | None:
+    """None when the kernels take these inputs (device not checked), else the reason."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (the triton decode kernel takes float16, bfloat16 or float32)"
+    d = q.shape[-1]
     if d > _MAX_HEAD_DIM:
         return f"head dim {d} > {_MAX_HEAD_DIM} (register budget of the decode kernel)"
-    if call.paged:
-        bs = call.k_cache.shape[1]
+    if block_table is not None:
+        bs = k_cache.shape[1]
         if bs < 16 or bs & (bs - 1):
             return f"paged block size {bs} is not a power of two >= 16"
     return None
@@ -442,36 +438,45 @@ def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]
     worst case): the R(j) offset table alone is 2 x BLOCK_N x R/2 fp32 values, 64 registers per
     thread at BLOCK_N 64, R 128 and 4 warps, so 8 warps are used wherever a tile is that large.
     """
-    if _INTERPRET:
-        return min(64, _pow2(rows)), 16, 1, 1
+    if INTERPRET:
+        return min(64, pow2(rows)), 16, 1, 1
     fp32 = dtype == torch.float32  # fp32 tiles take twice the registers
     # Head dims above 128 in 16 bits: each Triton release's bundled ptxas allocates differently (the
     # accurate angle of every tile start leaves few registers spare). BLOCK_M 16 fits Triton 3.6 and
     # 3.7 (242 registers, no spill; 3.8-3.9: 508-656 B spilled), BLOCK_M 32 fits 3.9 (255, none;
     # 3.8: 20 B; 3.6-3.7: 208-216 B), measured at D 256 bf16, 8 warps, sm_90.
     wide_m = 32 if _release(triton.__version__) >= (3, 8) else 16
-    block_m = min(16 if fp32 else wide_m if dp > 128 else 64, _pow2(rows))
+    block_m = min(16 if fp32 else wide_m if dp > 128 else 64, pow2(rows))
     block_n = 32 if fp32 or dp > 128 else 64
     num_warps = 4 if dp <= 64 and block_m == 16 else 8
     return block_m, block_n, num_warps, 2
 
 
-def append(call) -> None:
-    """Write ``k_new``/``v_new`` into the caches in place at ``cache_seqlens`` (un-rotated)."""
-    if not call.s_new:
+def append(
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+) -> None:
+    """Write ``k_new``/``v_new`` ``[B, S_new, Hkv, D]`` into the caches in place at ``cache_seqlens``
+    (un-rotated); layouts as ``rope_attention_with_kvcache``."""
+    if k_new is None or k_new.shape[1] == 0:
         return
-    b, s_new, hkv, d = call.k_new.shape
-    kc, vc, kn, vn = call.k_cache, call.v_cache, call.k_new, call.v_new
+    b, s_new, hkv, d = k_new.shape
+    kc, vc, kn, vn = k_cache, v_cache, k_new, v_new
+    paged = block_table is not None
     block_h = min(16, triton.next_power_of_2(hkv))
-    table = call.block_table if call.paged else call.cache_seqlens  # unused pointer when dense
-    log2_bs = int(math.log2(kc.shape[1])) if call.paged else 0
+    table = block_table if paged else cache_seqlens  # unused pointer when dense
+    log2_bs = int(math.log2(kc.shape[1])) if paged else 0
     grid = (b * s_new, triton.cdiv(hkv, block_h))
     _append_kernel[grid](
         kn,
         vn,
         kc,
         vc,
-        call.cache_seqlens,
+        cache_seqlens,
         table,
         s_new,
         hkv,
@@ -480,39 +485,73 @@ def append(call) -> None:
         *kc.stride()[:3],
         *vc.stride()[:3],
         table.stride(0),
-        D=d,
-        DP=_pow2(d),
+        HEAD_DIM=d,
+        HEAD_DIM_P=pow2(d),
         BLOCK_H=block_h,
-        PAGED=call.paged,
+        PAGED=paged,
         LOG2_BS=log2_bs,
     )
 
 
-def attend(call, *, num_splits: int | None = None, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the last Sq queries against the (already appended) caches: ``(out, lse)``.
+def run(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    rope: RopeArgs,
+    causal: bool,
+    softmax_scale: float,
+    num_splits: int = 0,
+    *,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the new tokens, then attend (the arguments of ``KVCACHE_SCHEMA``, rope bundled):
+    ``(out [B, Sq, Hq, D] like q, lse float32 [B, Hq, Sq])``. ``num_splits`` 0 lets the heuristic
+    choose; ``block_n`` overrides the key tile (tests reach positions near 2**20 quickly with it)."""
+    append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
+    s_new = 0 if k_new is None else k_new.shape[1]
+    return attend(
+        q, k_cache, v_cache, cache_seqlens, s_new, block_table, rope, causal, softmax_scale,
+        num_splits=num_splits or None, block_n=block_n,
+    )  # fmt: skip
 
-    ``num_splits`` / ``block_n`` override the heuristics (tests force split-K on and off, and large
-    tiles to reach positions near 2**20 quickly under the interpreter).
+
+def attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    s_new: int,
+    block_table: torch.Tensor | None,
+    rope: RopeArgs,
+    causal: bool,
+    softmax_scale: float,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the last Sq queries against the (already appended) caches: ``(out, lse)``;
+    sequence b holds ``cache_seqlens[b] + s_new`` keys.
+
+    ``num_splits`` / ``block_n`` override the heuristics (tests force split-K on and off).
     """
-    q, kc, vc = call.q, call.k_cache, call.v_cache
+    kc, vc = k_cache, v_cache
+    paged = block_table is not None
     b, sq, hq, d = q.shape
     hkv = kc.shape[2]
     g = hq // hkv
-    rope = call.rope
-    half = rope.rotary_dim // 2
-    dp, hp = _pow2(d), _pow2(half)
-    passthrough = d - rope.rotary_dim
-    block_m, cfg_n, num_warps, num_stages = _config(q.dtype, dp, g * sq)
+    rotary_dim, rotate = rotary_split(rope)
+    head = head_constants(d, rotary_dim)
+    block_m, cfg_n, num_warps, num_stages = _config(q.dtype, head["HEAD_DIM_P"], g * sq)
     block_n = block_n or cfg_n
     m_blocks = triton.cdiv(g * sq, block_m)
-    if call.paged:
-        capacity = call.block_table.shape[1] * kc.shape[1]
-    else:
-        capacity = kc.shape[1]
+    capacity = block_table.shape[1] * kc.shape[1] if paged else kc.shape[1]
     if num_splits is None:
         num_splits = num_splits_heuristic(b, hkv, m_blocks, capacity, _num_sms(q.device))
-    _, split = call.tables()
-    split = split.contiguous()
+    split = rope.split.contiguous()
     stride_fb = split.stride(0) if split.shape[0] > 1 else 0
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -526,23 +565,23 @@ def attend(call, *, num_splits: int | None = None, block_n: int | None = None) -
         o_dst, l_dst = out, lse
         o_strides = (0, out.stride(0), out.stride(1), out.stride(2))
         l_strides = (0, lse.stride(0), lse.stride(1))
-    table = call.block_table if call.paged else call.cache_seqlens
-    log2_bs = int(math.log2(kc.shape[1])) if call.paged else 0
+    table = block_table if paged else cache_seqlens
+    log2_bs = int(math.log2(kc.shape[1])) if paged else 0
     grid = (b * hkv, m_blocks, num_splits)
     _decode_kernel[grid](
         q,
         kc,
         vc,
-        call.cache_seqlens,
+        cache_seqlens,
         table,
         split,
         o_dst,
         l_dst,
-        call.s_new,
+        s_new,
         sq,
         hkv,
         num_splits,
-        call.softmax_scale * _LOG2E,
+        softmax_scale * LOG2E,
         rope.attention_factor,
         *q.stride()[:3],
         *kc.stride()[:3],
@@ -552,20 +591,15 @@ def attend(call, *, num_splits: int | None = None, block_n: int | None = None) -
         *o_strides,
         *l_strides,
         G=g,
-        D=d,
-        DP=dp,
-        HALF=half,
-        HP=hp,
-        PASS=passthrough,
-        PP=_pow2(passthrough),
+        **head,
         INTERLEAVED=rope.interleaved,
-        ROTATE=call.rotate,
-        CAUSAL=call.causal,
-        PAGED=call.paged,
+        ROTATE=rotate,
+        CAUSAL=causal,
+        PAGED=paged,
         LOG2_BS=log2_bs,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        DOT_F32=q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16),
+        DOT_F32=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -583,14 +617,8 @@ def attend(call, *, num_splits: int | None = None, block_n: int | None = None) -
             out.stride(0),
             out.stride(1),
             out.stride(2),
-            D=d,
-            DP=dp,
+            HEAD_DIM=d,
+            HEAD_DIM_P=head["HEAD_DIM_P"],
             SP=triton.next_power_of_2(num_splits),
         )
     return out, lse
-
-
-def run(call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the new tokens, then attend: ``(out [B, Sq, Hq, D] like q, lse float32 [B, Hq, Sq])``."""
-    append(call)
-    return attend(call)

@@ -3,10 +3,10 @@
 The kernels are registered for the CUDA dispatch key of the ops that ``csrc/bindings.cpp``
 defines (``fwd``, ``fwd_kvcache``, ``apply_rope``); they exist when ``ropekern._C`` was built as a
 CUDA extension (``setup.py``: nvcc and a CUDA build of torch, or ``ROPEKERN_BUILD_CUDA=1``).
-This module packs a validated call (``ropekern._validation``) into the op arguments and states,
-per call, what the kernels cannot serve so that ``backend="auto"`` falls back to Triton.
+This module states, per call, what the kernels cannot serve so that ``backend="auto"`` falls back
+to Triton; the ops and their arguments are ``backends.native``'s.
 
-Gradients: ``ropekern::fwd`` is made differentiable once for every device when ``ropekern._native``
+Gradients: ``ropekern::fwd`` is made differentiable once for every device when ``backends.native``
 loads the extension (``ropekern._autograd``): the fused Triton backward for CUDA tensors, from the saved
 out and LSE.
 
@@ -17,16 +17,13 @@ head strides that are multiples of 8 elements (cp.async moves 16-byte chunks).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-# One argument packer for both native backends: the CUDA kernels are registered for the same
-# op schemas (csrc/bindings.cpp) as the CPU ones.
-from ._native import attention_args, kvcache_args, rope_args
-from .ops import grad_reason
+from .._validation import AttentionCall, KVCacheCall, RopeCall
+from . import grad_reason
+from .native import NativeBackend
 
-__all__ = ["backend", "CudaBackend", "attention_args", "kvcache_args", "rope_args", "HEAD_DIMS"]
+__all__ = ["backend", "CudaBackend", "HEAD_DIMS"]
 
 HEAD_DIMS = (64, 128, 256)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
@@ -78,10 +75,11 @@ def attention_reason(q: torch.Tensor, head_dim: int, named: dict[str, torch.Tens
     return None
 
 
-class CudaBackend:
-    """Backend object for ``ropekern.ops`` (see the module docstring for what it serves)."""
+class CudaBackend(NativeBackend):
+    """The native ops on CUDA tensors (see the module docstring for what the kernels serve)."""
 
-    name = "cuda"
+    def __init__(self) -> None:
+        super().__init__("cuda")
 
     def unavailable(self) -> str | None:
         try:
@@ -97,7 +95,7 @@ class CudaBackend:
             return "no CUDA device"
         return None
 
-    def check_attention(self, call: Any) -> str | None:
+    def check_attention(self, call: AttentionCall) -> str | None:
         why = _device_reason(call.q)
         if why:
             return why
@@ -106,10 +104,7 @@ class CudaBackend:
             return f"{hq} query heads / {call.batch} sequences exceed the CUDA grid limit of {_GRID_YZ}"
         return attention_reason(call.q, call.q.shape[-1], {"q": call.q, "k": call.k, "v": call.v})
 
-    def attention(self, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.ropekern.fwd(*attention_args(call))
-
-    def check_kvcache(self, call: Any) -> str | None:
+    def check_kvcache(self, call: KVCacheCall) -> str | None:
         why = _device_reason(call.q)
         if why:
             return why
@@ -118,20 +113,13 @@ class CudaBackend:
         named = {"q": call.q, "k_cache": call.k_cache, "v_cache": call.v_cache}
         return attention_reason(call.q, call.q.shape[-1], named) or grad_reason("cuda", "kv-cache", *call.inputs)
 
-    def kvcache(self, call: Any, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``num_splits``: split-K partitions of the cache; 0 lets the launcher choose."""
-        return torch.ops.ropekern.fwd_kvcache(*kvcache_args(call, num_splits))
-
-    def check_rope(self, call: Any) -> str | None:
+    def check_rope(self, call: RopeCall) -> str | None:
         why = _device_reason(call.x)
         if why:
             return why
         if call.x.dtype not in ROPE_DTYPES:
             return f"dtype {call.x.dtype}; apply_rope on CUDA takes float16, bfloat16 or float32"
         return grad_reason("cuda", "rope", call.x)
-
-    def rope(self, call: Any) -> torch.Tensor:
-        return torch.ops.ropekern.apply_rope(*rope_args(call))
 
 
 backend = CudaBackend()

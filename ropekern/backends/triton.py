@@ -1,137 +1,106 @@
-"""torch.library registration of the Triton kernels, so ``torch.compile(fullgraph=True)`` traces
-``rk.rope_attention(..., backend="triton")`` / ``rk.apply_rope(..., backend="triton")`` as single
-opaque ops and ``torch.library.opcheck`` passes.
+"""The ``triton`` backend: the Triton kernels of ``ropekern._triton`` behind the backend protocol.
 
-``attention_fwd`` is differentiable: ``register_autograd`` saves q, k, v, out and the LSE and runs
-``attention_bwd`` (the fused backward, ``ropekern._triton.backward``), itself an op with a fake so
-that AOTAutograd traces the backward graph of a compiled training step.
+The kernels are registered as ``torch.library`` ops (namespace ``ropekern_triton``, clear of the C++
+``ropekern`` schemas) with the argument order of every backend (``ropekern._validation``'s
+``*_SCHEMA``), so ``torch.compile(fullgraph=True)`` traces each as one opaque node and
+``torch.library.opcheck`` passes:
 
-``custom_op`` + ``register_fake`` rather than ``triton_op``: the op stays opaque to Inductor, so
-the same graph runs on CUDA and on CPU tensors under ``TRITON_INTERPRET=1`` (CI), and the
-autotuner keeps its own config cache. The namespace ``ropekern_triton`` keeps clear of the C++
-``TORCH_LIBRARY(ropekern, ...)`` schemas.
+* ``attention_fwd`` (prefill / varlen), differentiable through the one attention autograd formula
+  (``ropekern._autograd``), whose backward here is the fused ``attention_bwd``;
+* ``kvcache``, which appends into the caches in place (declared in its schema) and attends;
+* ``apply_rope``.
+
+``torch.library.define`` + ``impl`` rather than ``triton_op``: the ops stay opaque to Inductor, so
+the same graph runs on CUDA tensors and on CPU tensors under ``TRITON_INTERPRET=1`` (CI), and the
+autotuner keeps its own config cache.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import attention as _attention
-from . import backward as _backward
-from . import rope as _rope
+from .. import _triton
+from .._autograd import fake_grads, register_attention_autograd
+from .._triton import attention as _attention
+from .._triton import backward as _backward
+from .._triton import decode as _decode
+from .._triton import rope as _rope
+from .._triton.host import INTERPRET
+from .._validation import (
+    APPLY_ROPE_SCHEMA,
+    ATTENTION_SCHEMA,
+    BACKWARD_SCHEMA,
+    KVCACHE_SCHEMA,
+    AttentionCall,
+    KVCacheCall,
+    RopeCall,
+)
+from . import BackwardCall, define_op, fake_attention, fake_kvcache, fake_rope, grad_reason
 
-__all__ = ["attention_fwd", "attention_bwd", "apply_rope"]
-
-
-@torch.library.custom_op("ropekern_triton::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    split: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
-    causal: bool,
-    rotate: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused RoPE attention forward; arguments as ``ropekern._triton.attention.forward``."""
-    return _attention.forward(
-        q, k, v, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale, attention_factor, rotary_dim, interleaved, causal, rotate,
-    )  # fmt: skip
+__all__ = ["TritonBackend", "backend"]
 
 
-@attention_fwd.register_fake
-def _attention_fwd_fake(
-    q, k, v, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale, attention_factor, rotary_dim, interleaved, causal, rotate,
-):  # fmt: skip
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if cu_seqlens_q is not None:
-        lse_shape = (q.shape[1], q.shape[0])
-    else:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
-    return out, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+define_op(
+    "ropekern_triton::attention_fwd", ATTENTION_SCHEMA, "(Tensor out, Tensor lse)", _attention.forward, fake_attention
+)
+define_op("ropekern_triton::attention_bwd", BACKWARD_SCHEMA, "(Tensor, Tensor, Tensor)", _backward.run, fake_grads)
+define_op("ropekern_triton::kvcache", KVCACHE_SCHEMA, "(Tensor out, Tensor lse)", _decode.run, fake_kvcache)
+define_op("ropekern_triton::apply_rope", APPLY_ROPE_SCHEMA, "Tensor", _rope.forward, fake_rope)
+register_attention_autograd("ropekern_triton::attention_fwd", prefer="triton")
 
 
-@torch.library.custom_op("ropekern_triton::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    split: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
-    causal: bool,
-    rotate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of the un-rotated inputs (contiguous, input dtype) from the forward's
-    ``out`` and ``lse``, the output gradient ``dout`` and optionally the LSE gradient ``dlse``."""
-    delta = _backward.preprocess(out, dout, lse, dlse, cu_seqlens_q is not None)
-    return _backward.backward(
-        dout, q, k, v, lse, delta, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, softmax_scale, attention_factor, rotary_dim, interleaved, causal, rotate,
-    )  # fmt: skip
+def _device_reason(tensor: torch.Tensor) -> str | None:
+    if tensor.device.type == "cuda":
+        return None
+    if tensor.device.type == "cpu" and INTERPRET:
+        return None
+    return f"tensors on {tensor.device} (triton runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
 
 
-@attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, *rest):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+class TritonBackend:
+    """Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests only; the
+    variable must be set before triton is imported)."""
+
+    name = "triton"
+
+    def unavailable(self) -> str | None:
+        if not (INTERPRET or torch.cuda.is_available()):
+            return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
+        return _triton.version_reason()
+
+    def check_attention(self, call: AttentionCall) -> str | None:
+        return _device_reason(call.q) or _attention.limits(call.q, call.k, call.batch)
+
+    def attention(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.ropekern_triton.attention_fwd(*call.op_args())
+
+    def check_kvcache(self, call: KVCacheCall) -> str | None:
+        why = _device_reason(call.q) or _decode.limits(call.q, call.k_cache, call.block_table)
+        return why or grad_reason(self.name, "kv-cache", *call.inputs)
+
+    def kvcache(self, call: KVCacheCall, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_splits``: split-K partitions of the cache; 0 lets the launcher choose."""
+        return torch.ops.ropekern_triton.kvcache(*call.op_args(num_splits))
+
+    def check_rope(self, call: RopeCall) -> str | None:
+        return _device_reason(call.x) or _rope.limits(call.x)
+
+    def rope(self, call: RopeCall) -> torch.Tensor:
+        return torch.ops.ropekern_triton.apply_rope(*call.op_args())
+
+    def check_backward(self, call: BackwardCall) -> str | None:
+        return _device_reason(call.q) or _backward.limits(call.q, call.k, call.batch)
+
+    def backward(self, call: BackwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if call.delta is None:
+            return torch.ops.ropekern_triton.attention_bwd(*call.op_args())
+        # A block of a longer sequence: the global LSE and delta are given; float32 gradients.
+        return _backward.backward(
+            call.dout, call.q, call.k, call.v, call.lse.to(torch.float32), call.delta.to(torch.float32),
+            call.q_positions.to(torch.int32), call.k_positions.to(torch.int32), call.cu_seqlens_q, call.cu_seqlens_k,
+            call.max_seqlen_q, call.max_seqlen_k, call.rope, call.causal, call.softmax_scale,
+            grad_dtype=torch.float32,
+        )  # fmt: skip
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k = inputs[:8]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k)
-    ctx.scalars = inputs[8:]  # max_seqlen_q/k, softmax_scale, factor, rotary_dim, interleaved, causal, rotate
-
-
-def _attention_backward(ctx, dout, dlse):
-    q, k, v, out, lse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(
-        dout, q, k, v, out, lse, dlse, q_positions, k_positions, split, cu_seqlens_q, cu_seqlens_k, *ctx.scalars
-    )
-    return (dq, dk, dv) + (None,) * 13
-
-
-attention_fwd.register_autograd(_attention_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("ropekern_triton::apply_rope", mutates_args=())
-def apply_rope(
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    split: torch.Tensor,
-    attention_factor: float,
-    rotary_dim: int,
-    interleaved: bool,
-) -> torch.Tensor:
-    """Rotated copy of ``x``; arguments as ``ropekern._triton.rope.forward``."""
-    return _rope.forward(x, positions, split, attention_factor, rotary_dim, interleaved)
-
-
-@apply_rope.register_fake
-def _apply_rope_fake(x, positions, split, attention_factor, rotary_dim, interleaved):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+backend = TritonBackend()

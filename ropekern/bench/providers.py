@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import backends
 from .._validation import attention_call, kvcache_call, rope_call
 from ..scaling import RopeConfig
 from .config import Shape
@@ -133,15 +133,15 @@ def default_backends(device: str) -> list[str]:
     is the interpreter, not a performance path). The torch reference is dropped once a native
     backend exists: it is the oracle, and at 32K it takes minutes per call.
     """
-    order = ops._AUTO_ORDER.get(torch.device(device).type, ("torch",))
-    available = [n for n, ok in ops.available_backends().items() if ok is True and n in order]
+    order = backends.auto_order(torch.device(device).type)
+    available = [n for n, ok in backends.available_backends().items() if ok is True and n in order]
     native = [n for n in available if n != "torch"]
     return native or [n for n in available if n == "torch"]
 
 
 def _backend(name: str) -> Any:
     try:
-        return ops.get_backend(name)
+        return backends.get_backend(name)
     except ValueError as exc:
         raise Skip(str(exc)) from None
 

@@ -42,9 +42,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .. import ops
-from .._autograd import dense_backward, triton_serves
-from .._validation import FLOAT_DTYPES, AttentionCall, attention_call
+from .. import backends
+from .._autograd import backward_backend
+from .._validation import FLOAT_DTYPES, AttentionCall, RopeArgs, attention_call
 from ..scaling import RopeConfig, split_turns
 
 __all__ = ["LAYOUTS", "block_backward", "ring_rope_attention", "shard", "shard_indices", "unshard"]
@@ -195,7 +195,7 @@ def _ring_forward(q, k, v, q_pos, k_pos, seq_lens, setup: _Setup) -> tuple[torch
                 seq_lens=seq_lens,
                 return_lse=True,
             )
-            out_p, lse_p = ops.select_backend("attention", call, q.device, setup.backend).attention(call)
+            out_p, lse_p = backends.select_backend("attention", call, q.device, setup.backend).attention(call)
             _merge(out_acc, lse_acc, out_p, lse_p, qs)
         if works is not None:
             _wait(works)
@@ -228,24 +228,18 @@ def block_backward(
             ``[B, Hq, Sq]`` of the final output O (FlashAttention-2).
         q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
-        backend: the ring's forward backend. The fused Triton backward serves the block when it
-            takes the tensors (CUDA; or CPU under ``TRITON_INTERPRET=1`` when ``"triton"`` was
-            asked for); ``"torch"`` or anything it cannot take runs the PyTorch recompute
-            (``ropekern._autograd.dense_backward``).
+        backend: the ring's forward backend: its ``backward`` runs the block when it serves it (the
+            fused Triton kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``), else the first of the
+            device's ``auto`` order that does (``backends``; ``torch``: the PyTorch recompute).
     Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in float32 (the PyTorch path: fp64 for
     fp32/fp64 inputs); dk/dv are summed over each GQA group.
     """
-    if backend != "torch" and triton_serves(q, k, q.shape[0], allow_interpreter=backend == "triton"):
-        kernels = ops.import_module("ropekern._triton.backward")
-        return kernels.backward(
-            do, q, k, v, lse.to(torch.float32), delta.to(torch.float32), q_pos.to(torch.int32),
-            k_pos.to(torch.int32), split_turns(inv64), None, None, q.shape[1], k.shape[1], softmax_scale,
-            rope.attention_factor, rope.rotary_dim, rope.interleaved, causal, True, grad_dtype=torch.float32,
-        )  # fmt: skip
-    return dense_backward(
-        q, k, v, do, lse, delta, q_pos, k_pos, inv64, rope.rotary_dim, rope.interleaved, rope.attention_factor,
-        softmax_scale, causal,
+    rope_args = RopeArgs(split_turns(inv64), rope.rotary_dim, rope.interleaved, rope.attention_factor)
+    call = backends.BackwardCall(
+        do, q, k, v, None, lse, None, q_pos, k_pos, None, None, q.shape[1], k.shape[1], rope_args, causal,
+        softmax_scale, delta=delta,
     )  # fmt: skip
+    return backward_backend(call, backend).backward(call)
 
 
 def _ring_backward(q, k, v, q_pos, k_pos, seq_lens, out, lse, dout, setup: _Setup):
@@ -378,7 +372,7 @@ def ring_rope_attention(
         template = attention_call(
             q, k, v, rope, causal=False, softmax_scale=softmax_scale, q_positions=q_positions, k_positions=k_positions
         )
-        ops.select_backend("attention", template, device, backend)  # unknown or unusable names fail here
+        backends.select_backend("attention", template, device, backend)  # unknown or unusable names fail here
         if not isinstance(causal, bool):
             raise TypeError(f"`causal` must be a bool, got {causal!r}")
         if q.shape[1] != k.shape[1]:

@@ -1,0 +1,23 @@
+// The schemas of the native ops (torch.ops.ropekern.*), written once: csrc/bindings.cpp defines
+// them for the extension, csrc/tests/test_cuda_schemas.cpp for the check of the CUDA registrations.
+// Shapes and semantics: csrc/bindings.cpp; the argument order is ropekern/_validation.py's.
+#pragma once
+
+#include <torch/library.h>
+
+// RopeParams as op arguments: the order of every op (ropekern._validation.RopeArgs).
+#define ROPEKERN_ROPE_SCHEMA "Tensor freqs, int rotary_dim, bool interleaved, float attention_factor"
+
+namespace ropekern {
+
+inline void define_schemas(torch::Library& m) {
+  m.def("fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, " ROPEKERN_ROPE_SCHEMA
+        ", bool causal, float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def("fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
+        "Tensor? v_new, Tensor? block_table, " ROPEKERN_ROPE_SCHEMA
+        ", bool causal, float softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
+  m.def("apply_rope(Tensor x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> Tensor");
+}
+
+}  // namespace ropekern
