@@ -1,72 +1,42 @@
 """Scaling-type fixtures shared by the backend test files: one RopeConfig (or its keyword
-arguments) per entry of ``ropekern.scaling.ROPE_TYPES``."""
+arguments) per entry of ``ropekern.scaling.ROPE_TYPES``, each its law's canonical example
+(``ropekern.laws.ScalingLaw.example``)."""
 
 from __future__ import annotations
 
 import ropekern as rk
+from ropekern.laws import LAWS
+
+# Where the length-dependent laws switch in rope_kwargs_per_type: staggered (dynamic NTK grows past
+# 24 tokens, LongRoPE switches past 20, YaRN / Llama 3 are tuned to 16) so that the decode tests'
+# short caches cross each switch at a different step.
+_SWITCH = {"dynamic": 24, "longrope": 20}
+
+
+# The tiny transformers models of the HF and context tests (test_hf.py adds the other architectures):
+# initializer_range 0.2 keeps logits far apart, so greedy tokens test the method rather than
+# floating-point ties.
+TINY_MODEL = dict(
+    vocab_size=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+)
+TINY_LLAMA = dict(intermediate_size=128, num_key_value_heads=2)  # with TINY_MODEL: GQA 4 / 2
 
 
 def ropes_per_type(d: int) -> dict[str, rk.RopeConfig]:
     """Head dim ``d``, trained length 32 (tests run sequences on both sides of it)."""
-    half = d // 2
-    return {
-        "default": rk.RopeConfig(d),
-        "linear": rk.RopeConfig(d, scaling={"rope_type": "linear", "factor": 4.0}),
-        "ntk": rk.RopeConfig(d, scaling={"rope_type": "ntk", "factor": 4.0}),
-        "dynamic": rk.RopeConfig(d, scaling={"rope_type": "dynamic", "factor": 3.0}, max_position_embeddings=32),
-        "yarn": rk.RopeConfig(
-            d, base=5e5, scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
-        ),
-        "longrope": rk.RopeConfig(
-            d,
-            scaling={
-                "rope_type": "longrope",
-                "short_factor": [1.0 + 0.01 * i for i in range(half)],
-                "long_factor": [1.0 + 0.5 * i for i in range(half)],
-                "original_max_position_embeddings": 32,
-                "factor": 4.0,
-            },
-        ),
-        "llama3": rk.RopeConfig(
-            d,
-            base=5e5,
-            scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
-        "proportional": rk.RopeConfig(d, scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25}),
-    }
+    return {t: rk.RopeConfig(d, **LAWS[t].example(d, 32)) for t in rk.ROPE_TYPES}
 
 
 def rope_kwargs_per_type(half: int) -> dict[str, dict]:
     """RopeConfig keyword arguments (beside head_dim/base) for ``half = rotary_dim / 2`` pairs;
     the length switches sit at 16-24 tokens, inside the short caches of the decode tests."""
-    return {
-        "default": dict(),
-        "linear": dict(scaling={"rope_type": "linear", "factor": 4.0}),
-        "ntk": dict(scaling={"rope_type": "ntk", "factor": 4.0}),
-        "dynamic": dict(scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=24),
-        "yarn": dict(scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16}),
-        "longrope": dict(
-            scaling={
-                "rope_type": "longrope",
-                "short_factor": [1.0 + 0.1 * i for i in range(half)],
-                "long_factor": [2.0 + i for i in range(half)],
-                "original_max_position_embeddings": 20,
-            }
-        ),
-        "llama3": dict(
-            scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            }
-        ),
-        "proportional": dict(scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5}),
-    }
+    return {t: LAWS[t].example(2 * half, _SWITCH.get(t, 16)) for t in rk.ROPE_TYPES}

@@ -14,12 +14,7 @@ from ropekern.eval import PasskeyTemplate, needle_perplexity, passkey_samples, p
 MAX_POS = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: a second thread only waits (shared 2-core machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def word_tokenizer() -> T.PreTrainedTokenizerFast:

@@ -15,31 +15,16 @@ import transformers as T
 from ropekern.context import nbce_combine, nbce_generate, pcw_generate
 from ropekern.integrations import hf
 
-VOCAB = 128
+from cases import TINY_LLAMA, TINY_MODEL
+
+VOCAB = TINY_MODEL["vocab_size"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits (shared 2-core machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(attn: str = "eager", seed: int = 0, **over):
-    config = T.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        **over,
-    )
+    config = T.LlamaConfig(**{**TINY_MODEL, **TINY_LLAMA, **over})
     config._attn_implementation = attn
     torch.manual_seed(seed)
     return T.AutoModelForCausalLM.from_config(config).eval()

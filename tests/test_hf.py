@@ -32,20 +32,10 @@ from ropekern.context import pcw_generate
 from ropekern.integrations import hf
 from ropekern.testing import error_check
 
-VOCAB, SEQ = 128, 40
-COMMON = dict(
-    vocab_size=VOCAB,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-    tie_word_embeddings=False,
-)
-LLAMA_LIKE = dict(intermediate_size=128, num_key_value_heads=2)
+from cases import TINY_LLAMA, TINY_MODEL
+
+VOCAB, SEQ = TINY_MODEL["vocab_size"], 40
+COMMON, LLAMA_LIKE = TINY_MODEL, TINY_LLAMA
 
 
 def _configs():
@@ -112,14 +102,7 @@ def scaling(kind: str, arch: str) -> tuple[dict | None, int | None]:
 ROPE_TYPES = ["default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: with 2 threads on a shared 2-core machine each matmul waits on the other
-    thread (a 2-layer forward measured 40x slower); one thread keeps the file fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(arch: str, attn: str = "eager", seed: int = 0):

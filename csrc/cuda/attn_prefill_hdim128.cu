@@ -1,11 +1,4 @@
-// Prefill (rope_attention) kernels, head dim 128. One file per head dim so the build parallelises.
+// Prefill (rope_attention) kernels, head dim 128.
 #include "launch_template.h"
 
-namespace ropekern {
-namespace cuda {
-
-template std::string launch_prefill<half_t, 128>(const AttnParams&, cudaStream_t);
-template std::string launch_prefill<bf16_t, 128>(const AttnParams&, cudaStream_t);
-
-}  // namespace cuda
-}  // namespace ropekern
+RK_INSTANTIATE_PREFILL(128)

@@ -1,11 +1,4 @@
-// Prefill (rope_attention) kernels, head dim 64. One file per head dim so the build parallelises.
+// Prefill (rope_attention) kernels, head dim 64.
 #include "launch_template.h"
 
-namespace ropekern {
-namespace cuda {
-
-template std::string launch_prefill<half_t, 64>(const AttnParams&, cudaStream_t);
-template std::string launch_prefill<bf16_t, 64>(const AttnParams&, cudaStream_t);
-
-}  // namespace cuda
-}  // namespace ropekern
+RK_INSTANTIATE_PREFILL(64)

@@ -88,3 +88,23 @@ std::string launch_rope(const RopeApplyParams& p, cudaStream_t stream) {
 
 }  // namespace cuda
 }  // namespace ropekern
+
+// The explicit instantiations of one head dim (one attn_{prefill,cache}_hdim<D>.cu file per head dim,
+// so that the build parallelises): fp16 and bf16, and for the cache kernel without and with split-K
+// (the latter also instantiates the split merge).
+#define RK_INSTANTIATE_PREFILL(D)                                                                      \
+  namespace ropekern {                                                                                 \
+  namespace cuda {                                                                                     \
+  template std::string launch_prefill<half_t, D>(const AttnParams&, cudaStream_t);                    \
+  template std::string launch_prefill<bf16_t, D>(const AttnParams&, cudaStream_t);                    \
+  }                                                                                                    \
+  }
+#define RK_INSTANTIATE_CACHE(D)                                                                        \
+  namespace ropekern {                                                                                 \
+  namespace cuda {                                                                                     \
+  template std::string launch_cache<half_t, D, false>(const CacheParams&, cudaStream_t);              \
+  template std::string launch_cache<half_t, D, true>(const CacheParams&, cudaStream_t);               \
+  template std::string launch_cache<bf16_t, D, false>(const CacheParams&, cudaStream_t);              \
+  template std::string launch_cache<bf16_t, D, true>(const CacheParams&, cudaStream_t);               \
+  }                                                                                                    \
+  }

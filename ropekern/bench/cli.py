@@ -209,11 +209,20 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> int:
     return 1 if errors or not ok else 0
 
 
-def script_main(op: str, description: str, argv: list[str] | None = None, results_root: Path | None = None) -> int:
-    """Entry point of ``benchmarks/bench_<op>.py``: the same options, results saved by default
-    under ``results_root/<device-slug>/`` (the scripts pass their own ``benchmarks/results``)."""
-    parser = argparse.ArgumentParser(description=description)
+_SCRIPT_EPILOG = (
+    "Runs the shared sweep of ropekern.bench for this op and saves JSON, CSV and PNG plots under "
+    "benchmarks/results/<device>/ (--no-save to only print). Same options as `ropekern bench --op <op>`; "
+    "--preset full runs the full grid. Providers that need a GPU (or a library that is not installed) are "
+    "skipped with the reason printed under the table."
+)
+
+
+def script_main(op: str, doc: str, script: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``benchmarks/bench_<op>.py`` (``doc`` its docstring, ``script`` its ``__file__``):
+    the options of ``ropekern bench --op <op>``, results saved by default under
+    ``benchmarks/results/<device-slug>/`` beside the script."""
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[1], epilog=_SCRIPT_EPILOG)
     add_arguments(parser, op=op, save_default=True)
     args = parser.parse_args(argv)
-    args.results_root = results_root
+    args.results_root = Path(script).parent / "results"
     return run(args, None if argv is None else [f"python {sys.argv[0]}", *argv])
