@@ -17,6 +17,7 @@
 
 #include "ropekern/params.h"
 #include "ropekern/rope_math.h"
+#include "schemas.h"
 
 namespace ropekern {
 namespace args {
@@ -60,7 +61,7 @@ inline at::Tensor int32_arg(const at::Tensor& t, const char* name, at::IntArrayR
 
 // The rotary params from the split table `freqs`, float32 [nT, kSplitRows, R/2] with nT in {1, batch}
 // (ropekern.scaling.split_turns). rotary_dim 0 turns rotation off; the table is then not read.
-inline RopeParams rope_params(const at::Tensor& freqs, int64_t rotary_dim, bool interleaved, double attention_factor,
+inline RopeParams rope_params(ROPEKERN_ROPE_PARAMS,
                               int64_t head_dim, int64_t batch, const at::Tensor& ref, const char* who) {
   TORCH_CHECK_VALUE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, who,
                     ": `rotary_dim` must be even and in [0, head_dim=", head_dim, "], got ", rotary_dim);
@@ -167,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& q_pos, const at::Tensor& k_pos,
                                        const std::optional<at::Tensor>& cu_seqlens_q,
                                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                       int64_t max_seqlen_k, const at::Tensor& freqs, int64_t rotary_dim,
-                                       bool interleaved, double attention_factor, bool causal, double softmax_scale) {
+                                       int64_t max_seqlen_k, ROPEKERN_ROPE_PARAMS, bool causal,
+                                       double softmax_scale) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(q, "q");
   AttnCall c;
@@ -197,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     c.q_pos = int32_arg(q_pos, "q_pos", {B, q.size(1)}, q, who);
     c.k_pos = int32_arg(k_pos, "k_pos", {B, k.size(1)}, q, who);
   }
-  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, who);
+  const RopeParams rope = rope_params(ROPEKERN_ROPE_ARGS, D, B, q, who);
   c.q = q;
   c.k = k;
   c.v = v;
@@ -230,8 +231,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                const std::optional<at::Tensor>& k_new,
                                                const std::optional<at::Tensor>& v_new,
-                                               const std::optional<at::Tensor>& block_table, const at::Tensor& freqs,
-                                               int64_t rotary_dim, bool interleaved, double attention_factor,
+                                               const std::optional<at::Tensor>& block_table, ROPEKERN_ROPE_PARAMS,
                                                bool causal, double softmax_scale, int64_t num_splits) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(q, "q");
@@ -292,15 +292,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   set_strides(k_cache, p.kc_batch_stride, p.kc_row_stride, p.kc_head_stride);
   set_strides(v_cache, p.vc_batch_stride, p.vc_row_stride, p.vc_head_stride);
   p.cache_seqlens = c.lens.data_ptr<int32_t>();
-  const RopeParams rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, D, B, q, who);
+  const RopeParams rope = rope_params(ROPEKERN_ROPE_ARGS, D, B, q, who);
   set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, who);
   Device::kvcache(c, dtype, num_splits);
   return {c.out, c.lse};
 }
 
 template <class Device>
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& freqs, int64_t rotary_dim,
-                      bool interleaved, double attention_factor) {
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, ROPEKERN_ROPE_PARAMS) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4, who, ": `x` must be [B, S, H, D] or [T, H, D], got ", x.sizes());
@@ -310,7 +309,7 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const at
   const int64_t B = c.x4.size(0), S = c.x4.size(1);
   c.pos = x.dim() == 4 ? int32_arg(positions, "positions", {B, S}, x, who)
                        : int32_arg(positions, "positions", {S}, x, who).unsqueeze(0);
-  c.rope = rope_params(freqs, rotary_dim, interleaved, attention_factor, x.size(-1), B, x, who);
+  c.rope = rope_params(ROPEKERN_ROPE_ARGS, x.size(-1), B, x, who);
   c.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   c.out4 = x.dim() == 4 ? c.out : c.out.unsqueeze(0);
   if (x.numel() > 0) Device::rope(c, dtype);

@@ -5,8 +5,11 @@
 
 #include <torch/library.h>
 
-// RopeParams as op arguments: the order of every op (ropekern._validation.RopeArgs).
+// RopeParams as op arguments, in the order of every op (ropekern._validation.RopeArgs): in the
+// schemas, as the C++ parameters of the ops (csrc/op_args.h), and as the arguments that pass them on.
 #define ROPEKERN_ROPE_SCHEMA "Tensor freqs, int rotary_dim, bool interleaved, float attention_factor"
+#define ROPEKERN_ROPE_PARAMS const at::Tensor &freqs, int64_t rotary_dim, bool interleaved, double attention_factor
+#define ROPEKERN_ROPE_ARGS freqs, rotary_dim, interleaved, attention_factor
 
 namespace ropekern {
 
