@@ -36,7 +36,7 @@ ropekern bench                                  # forward, ~2 min on an idle 2-c
 ropekern bench --max-seqlen 32768 --plot        # 512..32K, writes JSON/CSV/PNG, prints where
 ropekern bench --op decode                      # also: backward (fwd+bwd), rope (apply_rope alone)
 ropekern bench --rope-type all --json out.json  # every scaling type: the variant spread
-python benchmarks/bench_rope_attention.py --preset full   # the issue-8 grid, saved under benchmarks/results/
+python benchmarks/bench_rope_attention.py --preset full   # the whole grid, saved under benchmarks/results/
 pytest benchmarks/ --benchmark-only             # CI-sized pytest-benchmark suite (timings only, never fails on speed)
 python benchmarks/report.py                     # regenerate this file from benchmarks/results/**.json
 ```

@@ -92,9 +92,9 @@ bench_one() {  # name, seconds, script, args...
 
 benchmarks() {
   "$py" -c "import ropekern._C" 2>/dev/null || build || true
-  # Issue 3 (RoPE tax, fused vs separate, vs eager RoPE + SDPA, every scaling type), issue 7 (SDPA's
-  # flash backend stands in for FlashAttention-2, which the machine does not carry), issue 4
-  # (backward tax, peak memory), issues 5 and 7 (decode GB/s of K/V), apply_rope alone. The limits
+  # The forward (RoPE tax, fused vs separate, vs eager RoPE + SDPA, every scaling type; SDPA's flash
+  # backend stands in for FlashAttention-2, which the machine does not carry), the backward (tax,
+  # peak memory), decode (GB/s of K/V) and apply_rope alone. The limits
   # add up to 540 s, inside the device tool's 600 s per command.
   bench_one fwd "${T_BENCH:-210}" bench_rope_attention.py --preset quick --rope-type all
   bench_one bwd "${T_BENCH:-150}" bench_backward.py --preset quick

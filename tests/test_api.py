@@ -296,8 +296,8 @@ def test_overlap_decision_matches_brute_force():
 def test_no_backward_means_declined_under_grad(monkeypatch):
     """One grad rule for every backend (``backends.grad_reason``): a kernel without a backward (the cpu and
     cuda kv-cache and rope kernels, the triton kv-cache kernel) declines a call whose inputs require
-    grad, so ``auto`` gives an output with a gradient and a named backend raises. The triton kv-cache
-    used to return an output with no gradient at all."""
+    grad, so ``auto`` gives an output with a gradient and a named backend raises, never an output
+    without one."""
     from ropekern._validation import kvcache_call, rope_call
     from ropekern.backends import cuda as _cuda
 

@@ -1,4 +1,4 @@
-"""ropekern.integrations.hf: patched transformers models against the stock ones (issue 9).
+"""ropekern.integrations.hf: patched transformers models against the stock ones.
 
 Models are tiny and randomly initialised (hidden 64, 2 layers, vocab 128, 4 query / 2 kv heads, no
 downloads). ``initializer_range=0.2`` (10x the default) keeps the logits far apart, so greedy and

@@ -1,4 +1,4 @@
-"""The fused RoPE + FlashAttention-2 backward (Triton) and autograd on every backend (issue 4).
+"""The fused RoPE + FlashAttention-2 backward (Triton) and autograd on every backend.
 
 Gradients of ``rk.rope_attention(..., backend="triton")`` are held to the docs/design.md §5 rule with
 factor 3 against fp64 autograd through the reference (the oracle), with autograd through the

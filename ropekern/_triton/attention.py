@@ -1,4 +1,4 @@
-"""Triton fused scaled-RoPE + FlashAttention-2 forward (docs/design.md §2, §4; issue 3).
+"""Triton fused scaled-RoPE + FlashAttention-2 forward (docs/design.md §2, §4).
 
 One kernel serves every rope type, both layouts and both pair conventions. It takes **un-rotated**
 q, k, v: the Q tile is rotated once after it loads, each K tile right after it loads, in fp32
@@ -44,7 +44,7 @@ from .rope_tile import (
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), none timed (no GPU in this work). Every config the
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), none timed on a GPU yet. Every config the
 # pruner keeps compiles for sm_80 / sm_90 without register spills (``ptxas -v`` through ``aot.py``;
 # figures in docs/triton-fwd.md). A program keeps for its whole key loop the fp32 accumulator, the
 # rotated Q tile and the fp32 cos/sin step table of ``rope_tile.step_table`` (2 x BLOCK_N x HALF_P

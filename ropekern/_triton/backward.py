@@ -1,4 +1,4 @@
-"""Triton fused scaled-RoPE + FlashAttention-2 backward (issue 4).
+"""Triton fused scaled-RoPE + FlashAttention-2 backward (docs/design.md §2).
 
 Gradients of ``out = softmax(R(q) R(k)^T * scale) v`` for the **un-rotated** q, k, v, recomputed
 from the forward's natural-log LSE (no ``[Sq, Sk]`` matrix is ever stored). With Q' = R(q),
@@ -48,7 +48,7 @@ from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, pow2, rotary_sp
 from .rope_math import rope_cos_sin
 from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pairs
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; none has been timed (no GPU in this session).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; none has been timed on a GPU yet.
 # The dK/dV program keeps dK' and dV (fp32, BLOCK_N x 2D) and the rotated K and V for its whole life,
 # so it takes few query rows per step; the dQ program keeps dQ', Q and dO. Spills (``ptxas -v``,
 # ``aot.compile_backward``; figures in docs/triton-bwd.md): the chained dots (S -> P -> dS -> dK)

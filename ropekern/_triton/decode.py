@@ -433,7 +433,7 @@ def num_splits_heuristic(batch: int, hkv: int, m_blocks: int, capacity: int, num
 def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``dp`` (padded) and G x Sq ``rows``.
 
-    Not timed (no GPU in this session) but checked statically: every choice compiles for sm_90
+    Not timed on a GPU yet but checked statically: every choice compiles for sm_90
     with ptxas reporting no spills when launched with 16-divisible strides (paged, rotated, the
     worst case): the R(j) offset table alone is 2 x BLOCK_N x R/2 fp32 values, 64 registers per
     thread at BLOCK_N 64, R 128 and 4 warps, so 8 warps are used wherever a tile is that large.

@@ -12,7 +12,7 @@ Rotation is then elementwise (``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin
 in-register permute, and a dot product over the head is the sum of three partial dots, because
 q·k does not depend on the order of the channels. ``HALF_P``/``PASS_P`` are powers of two >= 16
 (every ``tl.dot`` operand dimension must be >= 16 on GPUs); padded columns load as 0, so they add
-nothing to a dot. The attention backward (issue 4) reuses these helpers: the gradient of a rotation
+nothing to a dot. The attention backward (backward.py) reuses these helpers: the gradient of a rotation
 is the rotation by the opposite angle, i.e. ``rotate_pairs(g1, g2, cos, -sin)``; ``step_table`` +
 ``tile_cos_sin`` give the cos/sin of a K tile cheaply when its positions are consecutive.
 """

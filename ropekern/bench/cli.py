@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser, op: str | None = None, save_d
         choices=("quick", "full"),
         default="quick",
         help="default grid: quick (~2 min on a 2-core CPU with only the torch reference) or full "
-        "(issue-8 grid: 1K..32K, +64K/128K on GPU, both masks, D 64/128, MHA+GQA, every rope type)",
+        "(1K..32K, +64K/128K on GPU, both masks, D 64/128, MHA+GQA, every rope type)",
     )
     g.add_argument("--seqlens", help="comma-separated lengths, e.g. 512,1k,2k,4096 (decode: KV cache lengths)")
     g.add_argument(

@@ -4,7 +4,7 @@ A sweep is the product of seqlens x head configurations x head dims x masks (``S
 timed for every provider; fused ropekern providers are additionally timed for every requested
 rope type (the "variant spread"). Presets give each op a default grid per device: ``quick`` is
 what ``ropekern bench`` runs by default (about two minutes on an idle 2-core CPU with only the
-torch reference), ``full`` is the issue-8 grid (1K..32K, +64K/128K on GPU, both masks, head dims
+torch reference), ``full`` is the whole grid (1K..32K, +64K/128K on GPU, both masks, head dims
 64/128, MHA and GQA, every rope type).
 """
 
