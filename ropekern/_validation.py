@@ -39,6 +39,12 @@ class RopeArgs(NamedTuple):
     attention_factor: float
 
     @classmethod
+    def of(cls, rope: RopeConfig, split: torch.Tensor, rotate: bool = True) -> RopeArgs:
+        """``rope``'s arguments with its kernel table ``split``; ``rotate=False`` runs without rotation."""
+        rotary_dim = rope.rotary_dim if rotate else 0
+        return cls(split.contiguous(), rotary_dim, bool(rope.interleaved), float(rope.attention_factor))
+
+    @classmethod
     def take(cls, args: tuple | list) -> tuple[RopeArgs, tuple]:
         """``(RopeArgs, the arguments after them)`` from op arguments that start with them."""
         n = len(cls._fields)
@@ -91,9 +97,7 @@ class _Rotary:
         return self.rope.tables(self.seq_lens, self._device())
 
     def rope_args(self) -> RopeArgs:
-        _, split = self.tables()
-        rotary_dim = self.rope.rotary_dim if self.rotate else 0
-        return RopeArgs(split.contiguous(), rotary_dim, bool(self.rope.interleaved), float(self.rope.attention_factor))
+        return RopeArgs.of(self.rope, self.tables()[1], self.rotate)
 
 
 @dataclass

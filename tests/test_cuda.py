@@ -19,7 +19,7 @@ import torch
 
 import ropekern as rk
 from ropekern import backends, reference
-from ropekern._validation import attention_call, kvcache_call, rope_call
+from ropekern._validation import RopeArgs, attention_call, kvcache_call, rope_call
 from ropekern.backends import cuda as _cuda
 from ropekern.scaling import angle_turns_fp32
 from ropekern.testing import (
@@ -52,20 +52,19 @@ def _longrope(head_dim: int) -> dict:
 # What each op schema computes, in fp32 with the kernels' angle: the packing tests run the packed
 # arguments through these, so a wrong table, position, stride or flag in the packing shows up as
 # an error against the fp64 oracle.
-def _rotate(x, pos, table, rotary_dim, interleaved, factor):
+def _rotate(x, pos, rope, b):
+    """x ``[S, H, D]`` at positions ``pos`` rotated as the kernels do, with sequence b's table."""
     x = x.to(torch.float32)
-    if rotary_dim == 0:
+    if rope.rotary_dim == 0:
         return x
+    table = rope.split[b if rope.split.shape[0] > 1 else 0]
     angle = angle_turns_fp32(pos, table) * torch.tensor(2 * math.pi, dtype=torch.float32)
-    cos, sin = torch.cos(angle) * factor, torch.sin(angle) * factor
-    return reference.rotate(x, cos[:, None, :], sin[:, None, :], rotary_dim, interleaved)
+    cos, sin = torch.cos(angle) * rope.attention_factor, torch.sin(angle) * rope.attention_factor
+    return reference.rotate(x, cos[:, None, :], sin[:, None, :], rope.rotary_dim, rope.interleaved)
 
 
-def _table(freqs, b):
-    return freqs[b if freqs.shape[0] > 1 else 0]
-
-
-def emulate_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, freqs, rotary_dim, interleaved, factor, causal, scale):
+def emulate_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, *rest):
+    rope, (causal, scale) = RopeArgs.take(rest)
     if cu_q is None:
         slices = [(b, b, b) for b in range(q.shape[0])]
     else:
@@ -74,8 +73,8 @@ def emulate_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, freqs, rotary_d
         slices = [(b, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
     outs, lses = [], []
     for b, qs, ks in slices:
-        rq = _rotate(q[qs], q_pos[qs], _table(freqs, b), rotary_dim, interleaved, factor)
-        rk_ = _rotate(k[ks], k_pos[ks], _table(freqs, b), rotary_dim, interleaved, factor)
+        rq = _rotate(q[qs], q_pos[qs], rope, b)
+        rk_ = _rotate(k[ks], k_pos[ks], rope, b)
         out, lse = reference._attend(rq, rk_, v[ks].float(), scale, causal, rk_.shape[0] - rq.shape[0])
         outs.append(out.to(q.dtype))
         lses.append(lse)
@@ -91,22 +90,8 @@ def _cache_index(cache, block_table, b, idx):
     return (block_table[b].long()[idx // bs], idx % bs)
 
 
-def emulate_fwd_kvcache(
-    q,
-    k_cache,
-    v_cache,
-    cache_seqlens,
-    k_new,
-    v_new,
-    block_table,
-    freqs,
-    rotary_dim,
-    interleaved,
-    factor,
-    causal,
-    scale,
-    num_splits,
-):
+def emulate_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, *rest):
+    rope, (causal, scale, num_splits) = RopeArgs.take(rest)
     assert num_splits >= 0
     s_new = 0 if k_new is None else k_new.shape[1]
     sq = q.shape[1]
@@ -118,21 +103,19 @@ def emulate_fwd_kvcache(
             v_cache[_cache_index(v_cache, block_table, b, idx)] = v_new[b]
         n = n0 + s_new
         idx = torch.arange(n)
-        keys = _rotate(
-            k_cache[_cache_index(k_cache, block_table, b, idx)], idx, _table(freqs, b), rotary_dim, interleaved, factor
-        )
+        keys = _rotate(k_cache[_cache_index(k_cache, block_table, b, idx)], idx, rope, b)
         vals = v_cache[_cache_index(v_cache, block_table, b, idx)].float()
-        rq = _rotate(q[b], torch.arange(n - sq, n), _table(freqs, b), rotary_dim, interleaved, factor)
+        rq = _rotate(q[b], torch.arange(n - sq, n), rope, b)
         out, lse = reference._attend(rq, keys, vals, scale, causal, n - sq)
         outs.append(out.to(q.dtype))
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
 
 
-def emulate_apply_rope(x, positions, freqs, rotary_dim, interleaved, factor):
+def emulate_apply_rope(x, positions, *rest):
+    rope, _ = RopeArgs.take(rest)
     x4, pos2 = (x, positions) if x.dim() == 4 else (x[None], positions[None])
-    rows = [_rotate(x4[b], pos2[b], _table(freqs, b), rotary_dim, interleaved, factor) for b in range(x4.shape[0])]
-    out = torch.stack(rows).to(x.dtype)
+    out = torch.stack([_rotate(x4[b], pos2[b], rope, b) for b in range(x4.shape[0])]).to(x.dtype)
     return out if x.dim() == 4 else out[0]
 
 

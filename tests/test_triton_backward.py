@@ -20,7 +20,7 @@ import torch
 
 import ropekern as rk
 from ropekern import _autograd, reference
-from ropekern._validation import ATTENTION_SCHEMA, attention_call
+from ropekern._validation import ATTENTION_SCHEMA, RopeArgs, attention_call
 from ropekern.backends import fake_attention, get_backend
 from ropekern.distributed import block_backward
 from ropekern.testing import baseline_attention, error_check, random_qkv
@@ -442,10 +442,9 @@ _LIB = torch.library.Library("ropekern_bwdtest", "DEF")
 _LIB.define(f"fwd({ATTENTION_SCHEMA}) -> (Tensor out, Tensor lse)")
 
 
-def _standin_fwd(
-    q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, freqs, rotary_dim, interleaved, factor, causal, scale
-):
-    inv64 = _autograd.inv_freq_from_split(freqs)
+def _standin_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, *rest):
+    rope, (causal, scale) = RopeArgs.take(rest)
+    inv64 = _autograd.inv_freq_from_split(rope.split)
     outs, lses = [], []
     slices = (
         [(b, b, b) for b in range(q.shape[0])]
@@ -457,10 +456,10 @@ def _standin_fwd(
         table = inv64[b if inv64.shape[0] > 1 else 0]
 
         def rot(x, pos, table=table):
-            if not rotary_dim:
+            if not rope.rotary_dim:
                 return x.to(cd)
-            c, s_ = reference.cos_sin(pos, table, factor, cd)
-            return reference.rotate(x.to(cd), c[:, None], s_[:, None], rotary_dim, interleaved)
+            c, s_ = reference.cos_sin(pos, table, rope.attention_factor, cd)
+            return reference.rotate(x.to(cd), c[:, None], s_[:, None], rope.rotary_dim, rope.interleaved)
 
         qr, kr = rot(q[qs], q_pos[qs]), rot(k[ks], k_pos[ks])
         o, l_ = reference._attend(qr, kr, v[ks].to(cd), scale, causal, kr.shape[0] - qr.shape[0])

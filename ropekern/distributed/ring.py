@@ -234,7 +234,7 @@ def block_backward(
     Returns: ``(dq, dk, dv)`` of the un-rotated inputs, in float32 (the PyTorch path: fp64 for
     fp32/fp64 inputs); dk/dv are summed over each GQA group.
     """
-    rope_args = RopeArgs(split_turns(inv64), rope.rotary_dim, rope.interleaved, rope.attention_factor)
+    rope_args = RopeArgs.of(rope, split_turns(inv64))
     call = backends.BackwardCall(
         do, q, k, v, None, lse, None, q_pos, k_pos, None, None, q.shape[1], k.shape[1], rope_args, causal,
         softmax_scale, delta=delta,
