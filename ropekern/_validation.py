@@ -354,8 +354,13 @@ def _positions(name: str, pos: Any, shape: tuple[int, ...], device: torch.device
         raise TypeError(f"`{name}` must be an integer torch.Tensor, got {type(pos).__name__}")
     if pos.dtype not in INT_DTYPES:
         raise TypeError(f"`{name}` must be an integer tensor (int32/int64), got {pos.dtype}")
+    # Hugging Face passes one row of position ids for the whole batch ([1, S]): it is every row's.
+    shared = len(shape) == 2 and pos.dim() == 2 and pos.shape[0] == 1 and pos.shape[1] == shape[1]
+    if shared:
+        pos = pos.expand(shape)
     if tuple(pos.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(pos.shape)}")
+        also = f" or {(1, shape[1])}" if len(shape) == 2 else ""
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}{also}, got {tuple(pos.shape)}")
     if pos.device != device:
         raise ValueError(f"`{name}` is on {pos.device} but the inputs are on {device}")
     if _checking() and pos.numel():

@@ -26,7 +26,8 @@ def apply_rope(
     Args:
         x: ``[B, S, H, D]`` or packed ``[T, H, D]``; fp16/bf16/fp32/fp64, contiguous last dim.
         rope: the ``RopeConfig`` (``rope.head_dim == D``).
-        positions: int ``[B, S]`` (or ``[T]``), >= 0; default ``arange(S)`` per row.
+        positions: int ``[B, S]`` (``[1, S]``: the same for every row; ``[T]`` for ``[T, H, D]``),
+            >= 0; default ``arange(S)`` per row.
         seq_len: scaling length for length-dependent types (dynamic NTK, LongRoPE); default
             ``max(positions[b]) + 1`` per row (``[T]`` input: one row).
         backend: ``"auto"`` or a name from ``available_backends()``.
@@ -64,9 +65,11 @@ def rope_attention(
         rope: the ``RopeConfig``; ``rope.head_dim == D``.
         causal: bottom-right aligned mask, query i sees key j iff ``j <= i + Sk - Sq``.
         softmax_scale: default ``D ** -0.5``.
-        q_positions, k_positions: int ``[B, Sq]``/``[B, Sk]`` (varlen ``[Tq]``/``[Tk]``), >= 0;
-            defaults ``Sk - Sq + i`` and ``j`` (restarting per varlen sequence). Repeats and
-            jumps are allowed (they are data, not indices).
+        q_positions, k_positions: int ``[B, Sq]``/``[B, Sk]`` (``[1, S]``: the same for every row;
+            varlen ``[Tq]``/``[Tk]``), >= 0; defaults ``max(Sk - Sq + i, 0)`` and ``j`` (restarting per
+            varlen sequence): the queries are the last Sq tokens of the keys' sequence, and when
+            Sq > Sk the first ``Sq - Sk`` queries (which see no key under ``causal``) sit at position 0
+            rather than at negative ones. Repeats and jumps are allowed (they are data, not indices).
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` cumulative lengths for the varlen layout.
         max_seqlen_q, max_seqlen_k: longest sequence (computed from ``cu_seqlens`` if omitted).
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Sq]`` (varlen ``[Hq, Tq]``).
