@@ -12,12 +12,9 @@ import pytest
 import torch
 
 import ropekern as rk
-from ropekern import reference
 from ropekern._validation import attention_call
 from ropekern.backends import get_backend
 from ropekern.testing import baseline_attention, error_check, oracle_attention, random_qkv
-
-from cases import ropes_per_type
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -75,33 +72,6 @@ def test_head_dims(d, dtype):
     check(q, k, v, rk.RopeConfig(d), causal=True)
 
 
-@pytest.mark.parametrize("hq,hkv", [(3, 3), (4, 2), (6, 2), (8, 1)])
-def test_gqa(hq, hkv):
-    """Group folded into the tile's M dimension: G = 1, 2, 3 (groups straddle tiles), 8 (MQA)."""
-    q, k, v, _ = qkv(2, 19, 37, hq, hkv, 32, BF16)
-    check(q, k, v, rk.RopeConfig(32), causal=True)
-
-
-def test_every_rope_type_is_covered():
-    assert set(ropes_per_type(64)) == set(rk.scaling.ROPE_TYPES)
-
-
-@pytest.mark.parametrize("rope_type", list(ropes_per_type(64)))
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_rope_types(rope_type, dtype):
-    """Every scaling law through the host tables. Sequence 0 stays below the trained length (32),
-    sequence 1 goes past it, so length-dependent types get a different table per sequence."""
-    rope = ropes_per_type(64)[rope_type]
-    q, k, v, _ = qkv(2, 9, 24, 2, 1, 64, dtype)
-    k_pos = torch.stack([torch.arange(24), torch.arange(24) + 40]).to(DEVICE)
-    q_pos = k_pos[:, -9:]
-    if rope.is_length_dependent:
-        call = attention_call(q, k, v, rope, q_positions=q_pos, k_positions=k_pos)
-        inv, _ = call.tables()
-        assert inv.shape[0] == 2 and not torch.equal(inv[0], inv[1])
-    check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
-
-
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("d,rotary_dim", [(64, 64), (64, 32), (80, 16), (128, 96)])
 def test_partial_and_interleaved(d, rotary_dim, interleaved):
@@ -112,34 +82,6 @@ def test_partial_and_interleaved(d, rotary_dim, interleaved):
 
 
 # ---------------------------------------------------------------------------------- positions
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_explicit_positions_repeats_and_jumps(dtype):
-    """Parallel context windows (repeated positions) and a prefix-reuse jump."""
-    q, k, v, _ = qkv(2, 12, 40, 2, 2, 64, dtype)
-    windows = torch.cat([torch.arange(20), torch.arange(20)])  # two windows sharing positions
-    jump = torch.cat([torch.arange(10), torch.arange(30) + 5000])
-    k_pos = torch.stack([windows, jump]).to(DEVICE)
-    q_pos = torch.stack([torch.arange(20, 32), torch.arange(5030, 5042)]).to(DEVICE)
-    check(q, k, v, rk.RopeConfig(64, rotary_dim=48), q_positions=q_pos, k_positions=k_pos)
-    check(q, k, v, rk.RopeConfig(64, interleaved=True), causal=True, q_positions=q_pos, k_positions=k_pos)
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_positions_near_2_pow_20(dtype):
-    """Accurate angles: at position ~2**20 fp32 angles are off by ~0.06 rad; the kernel's are not."""
-    q, k, v, _ = qkv(1, 16, 40, 2, 1, 64, dtype)
-    base = 2**20 - 20
-    k_pos = (torch.arange(40) + base)[None].to(DEVICE)
-    q_pos = k_pos[:, -16:]
-    rope = rk.RopeConfig(64, base=10000.0)
-    out, _ = check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
-    if dtype == F32:
-        o, _ = oracle_attention(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
-        bo, _ = baseline_attention(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
-        err, base_err = (out.double() - o).abs().max().item(), (bo.double() - o).abs().max().item()
-        assert err < 2e-5 < base_err, (err, base_err)
-
-
 def test_position_zero_is_identity_bitwise():
     """All positions 0 (attention factor 1): cos = 1, sin = 0 exactly, so the fused kernel must
     equal the same kernel with rotation compiled out, bit for bit."""
@@ -155,26 +97,6 @@ def test_position_zero_is_identity_bitwise():
 
 
 # ---------------------------------------------------------------------------------- varlen
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("causal", [False, True])
-def test_varlen(causal, dtype):
-    """Packed sequences, including an empty query sequence, an empty key sequence and Sq > Sk."""
-    lens = ([1, 17, 0, 40, 9], [5, 17, 6, 40, 0])
-    q, k, v, extra = qkv(5, 0, 0, 2, 1, 64, dtype, varlen=lens)
-    out, lse = check(q, k, v, rk.RopeConfig(64), causal=causal, **extra)
-    assert (out[-9:] == 0).all() and torch.isneginf(lse[:, -9:]).all()  # no keys at all
-
-
-def test_varlen_length_dependent_positions():
-    """Per-sequence dynamic-NTK tables with explicit (jumping) positions in the packed layout."""
-    lens = ([7, 13], [20, 30])
-    q, k, v, extra = qkv(2, 0, 0, 2, 1, 64, BF16, varlen=lens)
-    rope = ropes_per_type(64)["dynamic"]
-    k_pos = torch.cat([torch.arange(20), torch.arange(30) + 100]).to(DEVICE)
-    q_pos = torch.cat([torch.arange(13, 20), torch.arange(117, 130)]).to(DEVICE)
-    check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos, **extra)
-
-
 def test_varlen_nan_in_other_sequences_does_not_leak():
     """Ragged tiles of sequence 0 overlap sequence 1's tokens; those are masked, never multiplied."""
     lens = ([9, 20], [21, 30])
@@ -187,19 +109,7 @@ def test_varlen_nan_in_other_sequences_does_not_leak():
     assert error_check(out[None, :9], o, bo).ok and error_check(lse[None, :, :9], l_, bl, BF16).ok
 
 
-# ---------------------------------------------------------------------------------- layouts
-def test_strided_views_of_packed_qkv_with_nan_padding():
-    """q, k, v as strided views of one packed buffer whose padding columns (D = 80 of a 96-wide
-    row; the kernel pads the head to 128) and padding keys beyond Sk hold NaN."""
-    b, s, hq, hkv, d = 2, 37, 4, 2, 80
-    buf = torch.full((b, s + 7, hq + 2 * hkv, 96), float("nan"), dtype=BF16, device=DEVICE)
-    buf[:, :s, :, :d] = torch.randn(b, s, hq + 2 * hkv, d).to(buf)
-    q, k, v = buf[:, :s, :hq, :d], buf[:, :s, hq : hq + hkv, :d], buf[:, :s, hq + hkv :, :d]
-    assert not q.is_contiguous() and k.stride(1) == (hq + 2 * hkv) * 96
-    check(q, k, v, rk.RopeConfig(d, rotary_dim=64), causal=True)
-    check(q[:, :20], k, v, rk.RopeConfig(d, interleaved=True), causal=False)
-
-
+# ---------------------------------------------------------------------------------- exactness, refusals
 def test_batch_invariance_and_determinism():
     """Each sequence's result does not depend on its batch neighbours; reruns are bitwise equal."""
     q, k, v, _ = qkv(3, 25, 33, 4, 2, 64, BF16)
@@ -216,28 +126,6 @@ def test_inputs_not_modified():
     copies = [t.clone() for t in (q, k, v)]
     run_triton(q, k, v, rk.RopeConfig(64, interleaved=True), causal=True)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
-
-
-def test_rotation_off_matches_plain_attention():
-    """``call.rotate = False`` (benchmarks' RoPE-tax baseline) is plain attention, no RoPE at all."""
-    q, k, v, _ = qkv(2, 30, 41, 4, 2, 64, F32)
-    rope = rk.RopeConfig(64, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
-    call = attention_call(q, k, v, rope, causal=True)
-    call.rotate = False
-    out, lse = get_backend("triton").attention(call)
-    call64 = attention_call(q.double(), k.double(), v.double(), rope, causal=True)
-    call64.rotate = False
-    o, l_ = reference.attention(call64)
-    bo, bl = reference.attention(call)
-    assert error_check(out, o, bo).ok and error_check(lse, l_, bl).ok
-
-
-def test_empty_inputs():
-    rope = rk.RopeConfig(32)
-    for b, sq, sk in [(0, 5, 5), (2, 0, 5), (2, 5, 0)]:
-        q, k, v, _ = qkv(b, sq, sk, 2, 1, 32, BF16)
-        out, lse = run_triton(q, k, v, rope, causal=True)
-        assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all()
 
 
 def test_unsupported_calls_name_the_reason():
