@@ -91,15 +91,20 @@ inline void set_strides(const at::Tensor& t, int64_t& batch, int64_t& row, int64
   head = t.stride(r + 1);
 }
 
+// A tensor's data pointer and its batch, row and head strides (set_strides) into a params struct.
+template <class Ptr>
+void set_view(const at::Tensor& t, Ptr& ptr, int64_t& batch, int64_t& row, int64_t& head) {
+  ptr = static_cast<Ptr>(t.data_ptr());
+  set_strides(t, batch, row, head);
+}
+
 // The fields every attention op's params share (AttnParams, DecodeParams): q, out and lse, with
 // lse [B, H, S] (dense) or [H, T] (varlen).
 template <class P>
 void set_q_out_lse(P& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
-  p.q = q.data_ptr();
-  p.out = out.data_ptr();
+  set_view(q, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  set_view(out, p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   p.lse = lse.data_ptr<float>();
-  set_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-  set_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   p.lse_batch_stride = lse.dim() == 3 ? lse.stride(0) : 0;
   p.lse_head_stride = lse.stride(lse.dim() - 2);
 }
@@ -207,10 +212,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                    : at::empty({B, Hq, q.size(1)}, q.options().dtype(at::kFloat));
   AttnParams& p = c.p;
   set_q_out_lse(p, q, c.out, c.lse);
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  set_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-  set_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  set_view(k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  set_view(v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   p.q_pos = c.q_pos.data_ptr<int32_t>();
   p.k_pos = c.k_pos.data_ptr<int32_t>();
   if (c.varlen) {
@@ -257,11 +260,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
     TORCH_CHECK_VALUE(v_new->sizes() == k_new->sizes(), who, ": `k_new` and `v_new` shapes differ");
     c.k_new = k_new;
     c.v_new = v_new;
-    p.k_new = k_new->data_ptr();
-    p.v_new = v_new->data_ptr();
     p.s_new = to_int(k_new->size(1), "S_new", who);
-    set_strides(*k_new, p.kn_batch_stride, p.kn_row_stride, p.kn_head_stride);
-    set_strides(*v_new, p.vn_batch_stride, p.vn_row_stride, p.vn_head_stride);
+    set_view(*k_new, p.k_new, p.kn_batch_stride, p.kn_row_stride, p.kn_head_stride);
+    set_view(*v_new, p.v_new, p.vn_batch_stride, p.vn_row_stride, p.vn_head_stride);
   }
   c.lens = int32_arg(cache_seqlens, "cache_seqlens", {B}, q, who);
   c.paged = block_table.has_value();
@@ -287,10 +288,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   c.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   c.lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   set_q_out_lse(p, q, c.out, c.lse);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  set_strides(k_cache, p.kc_batch_stride, p.kc_row_stride, p.kc_head_stride);
-  set_strides(v_cache, p.vc_batch_stride, p.vc_row_stride, p.vc_head_stride);
+  set_view(k_cache, p.k_cache, p.kc_batch_stride, p.kc_row_stride, p.kc_head_stride);
+  set_view(v_cache, p.v_cache, p.vc_batch_stride, p.vc_row_stride, p.vc_head_stride);
   p.cache_seqlens = c.lens.data_ptr<int32_t>();
   const RopeParams rope = rope_params(ROPEKERN_ROPE_ARGS, D, B, q, who);
   set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, who);
@@ -318,3 +317,11 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, ROPEKERN
 
 }  // namespace args
 }  // namespace ropekern
+
+// Registers the three op templates for one dispatch key (CPU, CUDA) with their device part.
+#define ROPEKERN_REGISTER_OPS(KEY, Device)                                     \
+  TORCH_LIBRARY_IMPL(ropekern, KEY, m) {                                       \
+    m.impl("fwd", &::ropekern::args::fwd<Device>);                             \
+    m.impl("fwd_kvcache", &::ropekern::args::fwd_kvcache<Device>);             \
+    m.impl("apply_rope", &::ropekern::args::apply_rope<Device>);               \
+  }

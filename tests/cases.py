@@ -16,18 +16,9 @@ _SWITCH = {"dynamic": 24, "longrope": 20}
 # The tiny transformers models of the HF and context tests (test_hf.py adds the other architectures):
 # initializer_range 0.2 keeps logits far apart, so greedy tokens test the method rather than
 # floating-point ties.
-TINY_MODEL = dict(
-    vocab_size=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-    tie_word_embeddings=False,
-)
+TINY_MODEL = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+TINY_MODEL |= dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+TINY_MODEL |= dict(initializer_range=0.2)
 TINY_LLAMA = dict(intermediate_size=128, num_key_value_heads=2)  # with TINY_MODEL: GQA 4 / 2
 
 

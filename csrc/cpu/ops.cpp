@@ -173,10 +173,8 @@ struct CpuDevice {
     if (k.stride(kr) != D || v.stride(kr) != D) {
       c.k = k.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1);
       c.v = v.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1);
-      p.k = c.k.data_ptr();
-      p.v = c.v.data_ptr();
-      args::set_strides(c.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-      args::set_strides(c.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+      args::set_view(c.k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+      args::set_view(c.v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
     }
     TiledPlan plan;
     plan.p = p;
@@ -257,10 +255,8 @@ struct CpuDevice {
     AttnParams& a = plan.p;
     plan.dtype = dtype;
     args::set_q_out_lse(a, q, c.out, c.lse);
-    a.k = p.k_cache;
-    a.v = p.v_cache;
-    args::set_strides(c.k_cache, a.k_batch_stride, a.k_row_stride, a.k_head_stride);
-    args::set_strides(c.v_cache, a.v_batch_stride, a.v_row_stride, a.v_head_stride);
+    args::set_view(c.k_cache, a.k, a.k_batch_stride, a.k_row_stride, a.k_head_stride);
+    args::set_view(c.v_cache, a.v, a.v_batch_stride, a.v_row_stride, a.v_head_stride);
     args::set_shape(a, B, Sq, Hq, Hkv, D, p.softmax_scale, p.causal, p.rope, kWho);
     a.seqlen_k = static_cast<int>(n_max);
     plan.cache_lens = lens_t.data_ptr<int32_t>();
@@ -307,11 +303,9 @@ struct CpuDevice {
   static void rope(args::RopeCall& c, DType dtype) {
     const Kernels& kern = kernels();
     RopeJob job;
-    job.x = c.x4.data_ptr();
-    job.out = c.out4.data_ptr();
     job.dtype = dtype;
-    args::set_strides(c.x4, job.x_batch_stride, job.x_row_stride, job.x_head_stride);
-    args::set_strides(c.out4, job.o_batch_stride, job.o_row_stride, job.o_head_stride);
+    args::set_view(c.x4, job.x, job.x_batch_stride, job.x_row_stride, job.x_head_stride);
+    args::set_view(c.out4, job.out, job.o_batch_stride, job.o_row_stride, job.o_head_stride);
     job.positions = c.pos.data_ptr<int32_t>();
     job.batch = static_cast<int>(c.x4.size(0));
     job.seqlen = static_cast<int>(c.x4.size(1));
@@ -331,11 +325,7 @@ struct CpuDevice {
 
 const char* active_isa() { return kernels().name; }
 
-TORCH_LIBRARY_IMPL(ropekern, CPU, m) {
-  m.impl("fwd", &args::fwd<CpuDevice>);
-  m.impl("fwd_kvcache", &args::fwd_kvcache<CpuDevice>);
-  m.impl("apply_rope", &args::apply_rope<CpuDevice>);
-}
+ROPEKERN_REGISTER_OPS(CPU, CpuDevice)
 
 }  // namespace cpu
 }  // namespace ropekern

@@ -76,10 +76,8 @@ struct CudaDevice {
   static void rope(args::RopeCall& c, DType dtype) {
     const c10::cuda::CUDAGuard guard(c.x4.device());
     RopeApplyParams p;
-    p.x = c.x4.data_ptr();
-    p.out = c.out4.data_ptr();
-    args::set_strides(c.x4, p.x_batch_stride, p.x_row_stride, p.x_head_stride);
-    args::set_strides(c.out4, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+    args::set_view(c.x4, p.x, p.x_batch_stride, p.x_row_stride, p.x_head_stride);
+    args::set_view(c.out4, p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
     p.positions = c.pos.data_ptr<int32_t>();
     p.pos_batch_stride = c.pos.stride(0);
     p.batch = args::to_int(c.x4.size(0), "batch", kWho);
@@ -93,11 +91,7 @@ struct CudaDevice {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ropekern, CUDA, m) {
-  m.impl("fwd", &args::fwd<CudaDevice>);
-  m.impl("fwd_kvcache", &args::fwd_kvcache<CudaDevice>);
-  m.impl("apply_rope", &args::apply_rope<CudaDevice>);
-}
+ROPEKERN_REGISTER_OPS(CUDA, CudaDevice)
 
 }  // namespace cuda
 }  // namespace ropekern

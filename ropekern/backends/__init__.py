@@ -28,7 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .._validation import AttentionCall, KVCacheCall, RopeArgs, RopeCall, bundle_rope, rope_position
+from .._validation import (
+    ATTENTION_SCHEMA,
+    AttentionCall,
+    KVCacheCall,
+    RopeArgs,
+    RopeCall,
+    bundle_rope,
+    rope_position,
+)
 
 __all__ = [
     "Backend",
@@ -82,13 +90,10 @@ class BackwardCall:
 
     @classmethod
     def from_op_args(cls, dout, out, lse, dlse, *inputs) -> BackwardCall:
-        """From a backward op's arguments (``_autograd.BACKWARD_SCHEMA``)."""
-        q, k, v, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *rest = inputs
-        rope, (causal, softmax_scale) = RopeArgs.take(rest)
-        return cls(
-            dout, q, k, v, out, lse, dlse, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-            max_seqlen_k, rope, causal, softmax_scale,
-        )  # fmt: skip
+        """From a backward op's arguments (``BACKWARD_SCHEMA``): the output gradients and results,
+        then the forward's arguments (``ATTENTION_SCHEMA``)."""
+        q, k, v, *fwd = bundle_rope(inputs, rope_position(ATTENTION_SCHEMA))
+        return cls(dout, q, k, v, out, lse, dlse, *fwd)
 
     def op_args(self) -> tuple:
         """The arguments of a backward op (``_autograd.BACKWARD_SCHEMA``)."""

@@ -222,12 +222,8 @@ def block_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (query block, key block) pair from the global softmax statistics.
 
-    Args:
-        q: un-rotated ``[B, Sq, Hq, D]``; k, v: un-rotated ``[B, Sk, Hkv, D]``; do: ``[B, Sq, Hq, D]``.
-        lse: the *global* (all key blocks) log-sum-exp ``[B, Hq, Sq]``; delta: ``rowsum(dO * O)``
-            ``[B, Hq, Sq]`` of the final output O (FlashAttention-2).
-        q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; inv64: float64 ``[nT, R/2]``, nT in {1, B}.
-        causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
+    Args: as ``ropekern._autograd.dense_backward`` (the global ``lse`` and ``delta`` = rowsum(dO * O)
+    of the final output), with the rope as its config and float64 frequencies ``inv64 [nT, R/2]``, and
         backend: the ring's forward backend: its ``backward`` runs the block when it serves it (the
             fused Triton kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``), else the first of the
             device's ``auto`` order that does (``backends``; ``torch``: the PyTorch recompute).

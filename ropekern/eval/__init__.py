@@ -9,28 +9,8 @@
 with ``.logits``), e.g. ``lambda ids: model(ids.to("cuda")).logits`` for a transformers model.
 """
 
-from .passkey import (
-    PasskeySample,
-    PasskeyScore,
-    PasskeyTemplate,
-    passkey_accuracy,
-    passkey_sample,
-    passkey_samples,
-    passkey_scores,
-    score_passkey,
-)
-from .perplexity import answer_nll, needle_perplexity, sliding_window_perplexity
+from . import passkey, perplexity
+from .passkey import *  # noqa: F403  (the names of passkey.__all__)
+from .perplexity import *  # noqa: F403  (the names of perplexity.__all__)
 
-__all__ = [
-    "PasskeyTemplate",
-    "PasskeySample",
-    "PasskeyScore",
-    "passkey_sample",
-    "passkey_samples",
-    "score_passkey",
-    "passkey_scores",
-    "passkey_accuracy",
-    "answer_nll",
-    "needle_perplexity",
-    "sliding_window_perplexity",
-]
+__all__ = [*passkey.__all__, *perplexity.__all__]
