@@ -41,7 +41,6 @@ from .._validation import (
 __all__ = [
     "Backend",
     "BackwardCall",
-    "BACKEND_NAMES",
     "define_op",
     "auto_order",
     "available_backends",
@@ -164,7 +163,6 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
 }
 _OPS = ("attention", "kvcache", "rope", "backward")
-BACKEND_NAMES = tuple(_REGISTRY)
 
 
 @torch.compiler.assume_constant_result
