@@ -640,6 +640,23 @@ def kvcache_call(
     )
 
 
+def rope_inplace_calls(q: Any, k: Any, rope: Any, positions: Any = None, seq_len: Any = None) -> list[RopeCall]:
+    """Validate ``apply_rope_`` arguments (see ``ropekern.apply_rope_``): one call per tensor."""
+    calls = [rope_call(q, rope, positions, seq_len)]
+    if k is not None:
+        calls.append(rope_call(k, rope, positions, seq_len))
+        if k.shape[:-2] != q.shape[:-2]:
+            raise ValueError(
+                f"`k` must have the leading dimensions of `q` {tuple(q.shape[:-2])}, got {tuple(k.shape[:-2])}"
+            )
+        if _elements_may_meet(q, k):
+            raise ValueError("`q` and `k` share memory: rotating one in place would change the other")
+    for name, call in zip(("q", "k"), calls):
+        if torch.is_grad_enabled() and call.x.requires_grad:
+            raise ValueError(f"`{name}` requires grad: an in-place rotation hides it from autograd; use apply_rope")
+    return calls
+
+
 def rope_call(x: Any, rope: Any, positions: Any = None, seq_len: Any = None) -> RopeCall:
     """Validate ``apply_rope`` arguments (see ``ropekern.apply_rope``)."""
     x = _tensor("x", x, (3, 4))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validation import attention_call, kvcache_call, rope_call
+from ._validation import attention_call, kvcache_call, rope_call, rope_inplace_calls
 from .scaling import RopeConfig
 
-__all__ = ["apply_rope", "rope_attention", "rope_attention_with_kvcache", "available_backends"]
+__all__ = ["apply_rope", "apply_rope_", "rope_attention", "rope_attention_with_kvcache", "available_backends"]
 
 available_backends = backends.available_backends
 
@@ -37,6 +37,35 @@ def apply_rope(
     if x.numel() == 0:
         return x.clone()
     return backends.select_backend("rope", call, x.device, backend).rope(call)
+
+
+def apply_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    rope: RopeConfig,
+    positions: torch.Tensor | None = None,
+    *,
+    seq_len: int | None = None,
+    backend: str = "auto",
+) -> None:
+    """Rotate ``q`` and ``k`` in place (vLLM's ``rotary_embedding``, flash-attn's in-place rotary of
+    a packed qkv buffer).
+
+    Args:
+        q: ``[B, S, Hq, D]`` or packed ``[T, Hq, D]``; any strides with a contiguous last dim, so
+            views into one packed ``[B, S, 3, H, D]`` (or ``[T, 3, H, D]``) buffer work.
+        k: like ``q`` with its own number of heads, or None to rotate ``q`` alone; must not share
+            memory with ``q``.
+        rope, positions, seq_len, backend: as ``apply_rope``; one set of positions for both.
+    Each is rotated by the backend's ``apply_rope`` and copied back, so the values are
+    ``apply_rope``'s bit for bit, at the cost of one more pass over q and k. Tensors that require
+    grad are refused (``ValueError``): an in-place rotation would hide them from autograd.
+    """
+    calls = rope_inplace_calls(q, k, rope, positions, seq_len)
+    rotated = [backends.select_backend("rope", c, c.x.device, backend).rope(c) if c.x.numel() else c.x for c in calls]
+    with torch.no_grad():
+        for call, out in zip(calls, rotated):
+            call.x.copy_(out)
 
 
 def rope_attention(

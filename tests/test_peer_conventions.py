@@ -4,6 +4,10 @@
   broadcasts them): ropekern takes them as every row's positions, on every backend, and matches
   ``apply_rotary_pos_emb`` (``q * cos + rotate_half(q) * sin`` with ``cos = cos(position_ids *
   inv_freq)`` duplicated over the two halves) computed in float64.
+* vLLM's ``rotary_embedding(positions, query, key, ...)`` and flash-attn's in-place rotary rotate q and
+  k in place inside one packed qkv buffer: ``rk.apply_rope_`` does, on every backend, matching the
+  neox-style formula of vLLM's ``forward_native`` (``cos_sin_cache[positions]``, then ``x1 * cos - x2
+  * sin``, ``x2 * cos + x1 * sin`` on the two halves) and leaving v and the pass-through channels alone.
 * The default query positions when Sq > Sk: ``max(Sk - Sq + i, 0)`` (documented in ``rope_attention``).
 """
 
@@ -67,3 +71,56 @@ def test_default_query_positions_when_sq_exceeds_sk(backend):
     default = rk.rope_attention(q, k, v, rope, causal=False, backend=backend)
     explicit = (torch.arange(7) + 4 - 7).clamp_min(0)[None]
     assert torch.equal(default, rk.rope_attention(q, k, v, rope, causal=False, q_positions=explicit, backend=backend))
+
+
+def _vllm_neox(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, dtype=F64):
+    """vLLM's ``RotaryEmbedding.forward_native`` (is_neox_style): a cos/sin cache indexed by position,
+    the first ``rotary_dim`` channels rotated as two halves, the rest passed through. ``x [T, H, D]``."""
+    t = torch.arange(int(positions.max()) + 1, dtype=dtype)
+    freqs = torch.outer(t, inv_freq.to(dtype))
+    cos, sin = freqs.cos()[positions][:, None, :], freqs.sin()[positions][:, None, :]
+    rot, rest = x.to(dtype)[..., :rotary_dim], x.to(dtype)[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vllm_inplace_rotation_of_a_packed_qkv_buffer(backend, dtype):
+    rope = rk.RopeConfig(64, rotary_dim=32, base=10000.0)  # partial rotary: 32 channels pass through
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(13, 3, 4, 64, generator=gen).to(dtype)  # [T, 3, H, D], q/k/v interleaved per token
+    positions = torch.tensor([0, 1, 2, 3, 7, 7, 8, 100, 101, 5000, 5001, 5002, 3], dtype=torch.int64)
+    before = qkv.clone()
+    rk.apply_rope_(qkv[:, 0], qkv[:, 1], rope, positions, backend=backend)
+    assert torch.equal(qkv[:, 2], before[:, 2])  # v untouched
+    assert torch.equal(qkv[..., 32:], before[..., 32:])  # pass-through channels bit-exact
+    for i in (0, 1):
+        assert torch.equal(qkv[:, i], rk.apply_rope(before[:, i], rope, positions, backend=backend))
+        oracle = _vllm_neox(before[:, i], positions, rope.inv_freq64(), 32)
+        baseline = _vllm_neox(before[:, i], positions, rope.inv_freq64(), 32, torch.float32).to(dtype)
+        assert error_check(qkv[:, i], oracle, baseline, dtype, factor=3.0).ok
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_inplace_batched_views_and_q_alone(backend):
+    rope = rk.RopeConfig(32, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(2, 9, 3, 2, 32, generator=gen)  # [B, S, 3, H, D]
+    before = qkv.clone()
+    rk.apply_rope_(qkv[:, :, 0], None, rope, torch.arange(20, 29)[None], backend=backend)
+    expected = rk.apply_rope(before[:, :, 0], rope, torch.arange(20, 29)[None], backend=backend)
+    assert torch.equal(qkv[:, :, 0], expected) and torch.equal(qkv[:, :, 1:], before[:, :, 1:])
+
+
+def test_inplace_refusals():
+    rope = rk.RopeConfig(32)
+    q, k = torch.randn(2, 5, 2, 32), torch.randn(2, 5, 1, 32)
+    with pytest.raises(ValueError, match="`q` and `k` share memory"):
+        rk.apply_rope_(q, q[:, :, :1], rope)
+    with pytest.raises(ValueError, match="`k` must have the leading dimensions of `q`"):
+        rk.apply_rope_(q, k[:, :4], rope)
+    with pytest.raises(ValueError, match="`q` requires grad"):
+        rk.apply_rope_(q.requires_grad_(), k, rope)
+    with torch.no_grad():  # no graph is recorded: allowed
+        rk.apply_rope_(q, k, rope)
