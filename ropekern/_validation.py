@@ -254,11 +254,12 @@ def _same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], what: str) 
 def _elements_may_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors may share an element of memory (False only when provably disjoint).
 
-    Metadata only. Disjoint storages or byte ranges are disjoint; views with one shape and one set
-    of strides laid out without self-overlap (each stride beyond the span of the smaller ones, as in
-    ``kv[:, :, 0]`` / ``kv[:, :, 1]`` of an interleaved ``[.., 2, H, D]`` buffer) meet exactly when
-    their offset is a sum of strides times index differences, decided digit by digit from the
-    largest stride; anything else is assumed to meet."""
+    Metadata only. Disjoint storages or byte ranges are disjoint; views with one set of strides laid
+    out without self-overlap (each stride beyond the span of the smaller ones at the larger of the two
+    extents, as in ``kv[:, :, 0]`` / ``kv[:, :, 1]`` of an interleaved ``[.., 2, H, D]`` buffer, or the
+    q and k heads of a packed ``[T, (Hq + 2 Hkv) D]`` one) meet exactly when their offset is a sum of
+    strides times index differences ``i - j`` (``0 <= i < a``'s extent, ``0 <= j < b``'s), decided digit
+    by digit from the largest stride; anything else is assumed to meet."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -272,21 +273,21 @@ def _elements_may_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a1 <= b0 or b1 <= a0:
         return False
     delta, size = b.data_ptr() - a.data_ptr(), a.element_size()
-    if a.shape != b.shape or a.stride() != b.stride() or b.element_size() != size or delta % size:
+    if a.dim() != b.dim() or a.stride() != b.stride() or b.element_size() != size or delta % size:
         return True
-    dims = sorted((st, n) for st, n in zip(a.stride(), a.shape) if n > 1)
+    dims = sorted((st, na, nb) for st, na, nb in zip(a.stride(), a.shape, b.shape) if max(na, nb) > 1)
     reach = 0  # the largest offset the smaller strides span
-    for st, n in dims:
+    for st, na, nb in dims:
         if st <= reach:
             return True  # self-overlapping layout: not decided here
-        reach += (n - 1) * st
+        reach += (max(na, nb) - 1) * st
 
     def representable(rest: int, k: int) -> bool:
         if k < 0:
             return rest == 0
-        st, n = dims[k]
+        st, na, nb = dims[k]
         c = rest // st
-        return any(abs(x) <= n - 1 and representable(rest - x * st, k - 1) for x in (c, c + 1))
+        return any(1 - nb <= x <= na - 1 and representable(rest - x * st, k - 1) for x in (c, c + 1))
 
     return representable(delta // size, len(dims) - 1)
 

@@ -113,6 +113,19 @@ def test_inplace_batched_views_and_q_alone(backend):
     assert torch.equal(qkv[:, :, 0], expected) and torch.equal(qkv[:, :, 1:], before[:, :, 1:])
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_inplace_gqa_heads_of_one_packed_projection(backend):
+    """vLLM's layout: q, k and v heads side by side in one ``[T, (Hq + 2 Hkv) D]`` projection output;
+    q (4 heads) and k (2 heads) are disjoint views of it with the same strides."""
+    rope = rk.RopeConfig(32)
+    qkv = torch.randn(7, (4 + 2 * 2) * 32, generator=torch.Generator().manual_seed(7))
+    q, k = qkv[:, : 4 * 32].view(7, 4, 32), qkv[:, 4 * 32 : 6 * 32].view(7, 2, 32)
+    before = qkv.clone()
+    rk.apply_rope_(q, k, rope, torch.arange(7) + 3, backend=backend)
+    assert torch.equal(q, rk.apply_rope(before[:, : 4 * 32].view(7, 4, 32), rope, torch.arange(7) + 3, backend=backend))
+    assert torch.equal(qkv[:, 6 * 32 :], before[:, 6 * 32 :])  # v untouched
+
+
 def test_inplace_refusals():
     rope = rk.RopeConfig(32)
     q, k = torch.randn(2, 5, 2, 32), torch.randn(2, 5, 1, 32)
