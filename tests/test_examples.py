@@ -132,3 +132,15 @@ def test_parallel_context_windows_and_nbce(tmp_path):
     assert context_windows.main(argv) == 0
     assert "| NBCE (min-entropy) |" in (tmp_path / "cw" / "table.md").read_text()
     assert (tmp_path / "cw" / "context_windows.png").stat().st_size > 0
+
+
+def test_readme_real_model_table_is_the_example_output():
+    """The README's real-model table is ``examples/real_model.py``'s ``table.md``, not typed; its rows
+    are ropekern's, with transformers' beside them where it has the law (and they agree)."""
+    table = (ROOT / "examples" / "results" / "real_model" / "table.md").read_text().strip()
+    assert table in (ROOT / "README.md").read_text()
+    rows = json.loads((ROOT / "examples" / "results" / "real_model" / "results.json").read_text())["rows"]
+    ours = {(r["law"], r["factor"], r["length"]): r for r in rows if r["impl"] == "ropekern"}
+    for r in (r for r in rows if r["impl"] == "transformers"):
+        mine = ours[(r["law"], r["factor"], r["length"])]["buckets"]
+        assert all(abs(a - b) <= 1e-4 * b for a, b in zip(mine, r["buckets"]))
