@@ -641,19 +641,65 @@ def kvcache_call(
     )
 
 
-def rope_inplace_calls(q: Any, k: Any, rope: Any, positions: Any = None, seq_len: Any = None) -> list[RopeCall]:
-    """Validate ``apply_rope_`` arguments (see ``ropekern.apply_rope_``): one call per tensor."""
-    calls = [rope_call(q, rope, positions, seq_len)]
+def _offsets(offsets: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """Per-sequence position offsets: int64 ``[batch]``, >= 0."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in INT_DTYPES:
+        raise TypeError(f"`offsets` must be an integer torch.Tensor, got {getattr(offsets, 'dtype', type(offsets))}")
+    if tuple(offsets.shape) != (batch,):
+        raise ValueError(f"`offsets` must have shape ({batch},), one per sequence, got {tuple(offsets.shape)}")
+    if offsets.device != device:
+        raise ValueError(f"`offsets` is on {offsets.device} but the inputs are on {device}")
+    if _checking() and offsets.numel() and int(offsets.min()) < 0:
+        raise ValueError(f"`offsets` must be >= 0, got a minimum of {int(offsets.min())}")
+    return offsets.to(torch.int64)
+
+
+def rope_calls(
+    x: Any, rope: Any, positions: Any = None, seq_len: Any = None, cu_seqlens: Any = None, offsets: Any = None
+) -> list[tuple[slice | None, RopeCall]]:
+    """Validate ``apply_rope`` arguments (see ``ropekern.apply_rope``): ``(rows, call)`` pairs, where
+    ``rows`` is None (the call covers ``x``) or the token slice of one varlen sequence. A varlen call
+    of a length-dependent law runs one call per sequence, each with its own table."""
+    if cu_seqlens is None and offsets is None:
+        return [(None, rope_call(x, rope, positions, seq_len))]
+    x = _tensor("x", x, (3, 4))
+    if offsets is not None and positions is not None:
+        raise ValueError("give `positions` or `offsets`, not both (offsets shift the default positions)")
+    if cu_seqlens is None:  # dense: row b at offsets[b] + i
+        if positions is None:
+            off = _offsets(offsets, 1 if x.dim() == 3 else x.shape[0], x.device)
+            positions = off[:, None] + torch.arange(x.shape[-3], device=x.device)
+            positions = positions[0] if x.dim() == 3 else positions
+        return [(None, rope_call(x, rope, positions, seq_len))]
+    if x.dim() != 3:
+        raise ValueError(f"`cu_seqlens` goes with a packed x [T, H, D], got x of shape {tuple(x.shape)}")
+    cu = _cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device)
+    if positions is None:
+        off = None if offsets is None else _offsets(offsets, cu.numel() - 1, x.device)
+        positions = _varlen_default_positions(cu, x.shape[0], off)
+    rope = _rope(rope, x.shape[-1])
+    if seq_len is not None or not rope.is_length_dependent or cu.numel() <= 2:
+        return [(None, rope_call(x, rope, positions, seq_len))]
+    positions = _positions("positions", positions, (x.shape[0],), x.device)
+    bounds = cu.tolist()
+    return [(slice(a, b), rope_call(x[a:b], rope, positions[a:b], None)) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def rope_inplace_calls(
+    q: Any, k: Any, rope: Any, positions: Any = None, seq_len: Any = None, cu_seqlens: Any = None, offsets: Any = None
+) -> list[RopeCall]:
+    """Validate ``apply_rope_`` arguments (see ``ropekern.apply_rope_``): the calls rotating q, then k."""
+    calls = [c for _, c in rope_calls(q, rope, positions, seq_len, cu_seqlens, offsets)]
     if k is not None:
-        calls.append(rope_call(k, rope, positions, seq_len))
+        calls += [c for _, c in rope_calls(k, rope, positions, seq_len, cu_seqlens, offsets)]
         if k.shape[:-2] != q.shape[:-2]:
             raise ValueError(
                 f"`k` must have the leading dimensions of `q` {tuple(q.shape[:-2])}, got {tuple(k.shape[:-2])}"
             )
         if _elements_may_meet(q, k):
             raise ValueError("`q` and `k` share memory: rotating one in place would change the other")
-    for name, call in zip(("q", "k"), calls):
-        if torch.is_grad_enabled() and call.x.requires_grad:
+    for name, x in (("q", q), ("k", k)):
+        if x is not None and torch.is_grad_enabled() and x.requires_grad:
             raise ValueError(f"`{name}` requires grad: an in-place rotation hides it from autograd; use apply_rope")
     return calls
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validation import attention_call, kvcache_call, rope_call, rope_inplace_calls
+from ._validation import attention_call, kvcache_call, rope_calls, rope_inplace_calls
 from .scaling import RopeConfig
 
 __all__ = ["apply_rope", "apply_rope_", "rope_attention", "rope_attention_with_kvcache", "available_backends"]
@@ -18,6 +18,8 @@ def apply_rope(
     rope: RopeConfig,
     positions: torch.Tensor | None = None,
     *,
+    cu_seqlens: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
     seq_len: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -27,16 +29,26 @@ def apply_rope(
         x: ``[B, S, H, D]`` or packed ``[T, H, D]``; fp16/bf16/fp32/fp64, contiguous last dim.
         rope: the ``RopeConfig`` (``rope.head_dim == D``).
         positions: int ``[B, S]`` (``[1, S]``: the same for every row; ``[T]`` for ``[T, H, D]``),
-            >= 0; default ``arange(S)`` per row.
+            >= 0; default ``arange(S)`` per row, or per sequence of ``cu_seqlens``, plus ``offsets``.
+        cu_seqlens: int ``[N + 1]`` cumulative lengths of the N sequences packed in ``x [T, H, D]``:
+            default positions restart at each, and length-dependent types scale each by its own length.
+        offsets: int ``[B]`` (or ``[N]`` with ``cu_seqlens``), >= 0: each row / sequence starts at this
+            position (flash-attn's ``seqlen_offsets``); not with ``positions``.
         seq_len: scaling length for length-dependent types (dynamic NTK, LongRoPE); default
-            ``max(positions[b]) + 1`` per row (``[T]`` input: one row).
+            ``max(positions[b]) + 1`` per row / sequence (``[T]`` input without ``cu_seqlens``: one).
         backend: ``"auto"`` or a name from ``available_backends()``.
     Returns: a tensor like ``x``; channels ``>= rope.rotary_dim`` are copied bit-exact.
     """
-    call = rope_call(x, rope, positions, seq_len)
+    calls = rope_calls(x, rope, positions, seq_len, cu_seqlens, offsets)
     if x.numel() == 0:
         return x.clone()
-    return backends.select_backend("rope", call, x.device, backend).rope(call)
+    if len(calls) == 1 and calls[0][0] is None:
+        call = calls[0][1]
+        return backends.select_backend("rope", call, x.device, backend).rope(call)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for rows, call in calls:
+        out[rows] = backends.select_backend("rope", call, x.device, backend).rope(call)
+    return out
 
 
 def apply_rope_(
@@ -45,6 +57,8 @@ def apply_rope_(
     rope: RopeConfig,
     positions: torch.Tensor | None = None,
     *,
+    cu_seqlens: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
     seq_len: int | None = None,
     backend: str = "auto",
 ) -> None:
@@ -56,12 +70,13 @@ def apply_rope_(
             views into one packed ``[B, S, 3, H, D]`` (or ``[T, 3, H, D]``) buffer work.
         k: like ``q`` with its own number of heads, or None to rotate ``q`` alone; must not share
             memory with ``q``.
-        rope, positions, seq_len, backend: as ``apply_rope``; one set of positions for both.
+        rope, positions, cu_seqlens, offsets, seq_len, backend: as ``apply_rope``; one set of positions
+            for both.
     Each is rotated by the backend's ``apply_rope`` and copied back, so the values are
     ``apply_rope``'s bit for bit, at the cost of one more pass over q and k. Tensors that require
     grad are refused (``ValueError``): an in-place rotation would hide them from autograd.
     """
-    calls = rope_inplace_calls(q, k, rope, positions, seq_len)
+    calls = rope_inplace_calls(q, k, rope, positions, seq_len, cu_seqlens, offsets)
     rotated = [backends.select_backend("rope", c, c.x.device, backend).rope(c) if c.x.numel() else c.x for c in calls]
     with torch.no_grad():
         for call, out in zip(calls, rotated):

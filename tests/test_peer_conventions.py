@@ -8,6 +8,9 @@
   k in place inside one packed qkv buffer: ``rk.apply_rope_`` does, on every backend, matching the
   neox-style formula of vLLM's ``forward_native`` (``cos_sin_cache[positions]``, then ``x1 * cos - x2
   * sin``, ``x2 * cos + x1 * sin`` on the two halves) and leaving v and the pass-through channels alone.
+* flash-attn's ``apply_rotary_emb(x, cos, sin, seqlen_offsets, cu_seqlens)``: sequences packed in
+  ``[T, H, D]``, each starting at its own offset; ``rk.apply_rope(x, rope, cu_seqlens=, offsets=)``, and
+  a length-dependent law scales each sequence by its own length.
 * The default query positions when Sq > Sk: ``max(Sk - Sq + i, 0)`` (documented in ``rope_attention``).
 """
 
@@ -137,3 +140,73 @@ def test_inplace_refusals():
         rk.apply_rope_(q.requires_grad_(), k, rope)
     with torch.no_grad():  # no graph is recorded: allowed
         rk.apply_rope_(q, k, rope)
+
+
+def _flash_varlen_positions(cu: list[int], offsets: list[int]) -> torch.Tensor:
+    """flash-attn's varlen rotary: token i of sequence b reads row ``seqlen_offsets[b] + i`` of cos/sin."""
+    return torch.cat([torch.arange(b - a) + o for a, b, o in zip(cu, cu[1:], offsets)])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_flash_attn_varlen_offsets(backend):
+    rope = rk.RopeConfig(32, base=10000.0, interleaved=True)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(13, 2, 32, generator=gen)
+    cu, offsets = [0, 3, 8, 13], [0, 5, 100]
+    out = rk.apply_rope(x, rope, cu_seqlens=torch.tensor(cu, dtype=torch.int32), offsets=torch.tensor(offsets),
+                        backend=backend)  # fmt: skip
+    positions = _flash_varlen_positions(cu, offsets)
+    assert torch.equal(out, rk.apply_rope(x, rope, positions, backend=backend))
+    # the peer's formula (GPT-J pairs, as flash-attn's interleaved=True), fp64 and fp32
+    angles = positions.to(F64)[:, None] * rope.inv_freq64()
+    pairs = x.to(F64).view(13, 2, 16, 2)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    oracle = torch.stack((pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin), -1)
+    angles32 = positions.float()[:, None] * rope.inv_freq64().float()
+    p32, c32, s32 = x.view(13, 2, 16, 2), angles32.cos()[:, None], angles32.sin()[:, None]
+    baseline = torch.stack((p32[..., 0] * c32 - p32[..., 1] * s32, p32[..., 1] * c32 + p32[..., 0] * s32), -1)
+    assert error_check(out, oracle.view(13, 2, 32), baseline.view(13, 2, 32), torch.float32, factor=3.0).ok
+
+    qkv = torch.randn(13, 3, 2, 32, generator=gen)
+    before = qkv.clone()
+    rk.apply_rope_(qkv[:, 0], qkv[:, 1], rope, cu_seqlens=torch.tensor(cu), offsets=torch.tensor(offsets),
+                   backend=backend)  # fmt: skip
+    assert torch.equal(qkv[:, 0], rk.apply_rope(before[:, 0], rope, positions, backend=backend))
+    assert torch.equal(qkv[:, 2], before[:, 2])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_varlen_length_dependent_law_scales_each_sequence(backend):
+    """Dynamic NTK over packed sequences: each by its own length, as separate calls would be."""
+    rope = rk.RopeConfig(32, scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16)
+    x = torch.randn(60, 2, 32, generator=torch.Generator().manual_seed(9))
+    cu = [0, 10, 10, 60]  # a short sequence, an empty one, one past the trained 16
+    out = rk.apply_rope(x, rope, cu_seqlens=torch.tensor(cu), backend=backend)
+    for a, b in zip(cu, cu[1:]):
+        assert torch.equal(out[a:b], rk.apply_rope(x[a:b], rope, backend=backend))
+    one_table = rk.apply_rope(x, rope, _flash_varlen_positions(cu, [0, 0, 0]), backend=backend)
+    assert not torch.equal(out[:10], one_table[:10])  # one table for all would scale the short one too
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_dense_offsets(backend):
+    rope = rk.RopeConfig(16)
+    x = torch.randn(3, 5, 1, 16, generator=torch.Generator().manual_seed(10))
+    out = rk.apply_rope(x, rope, offsets=torch.tensor([0, 7, 2**20]), backend=backend)
+    expected = rk.apply_rope(x, rope, torch.tensor([0, 7, 2**20])[:, None] + torch.arange(5), backend=backend)
+    assert torch.equal(out, expected)
+
+
+def test_varlen_argument_errors():
+    rope, x = rk.RopeConfig(16), torch.randn(6, 1, 16)
+    cu = torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match="`cu_seqlens` goes with a packed x"):
+        rk.apply_rope(x[None], rope, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="`positions` or `offsets`, not both"):
+        rk.apply_rope(x, rope, torch.arange(6), offsets=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"`offsets` must have shape \(2,\)"):
+        rk.apply_rope(x, rope, cu_seqlens=cu, offsets=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="`offsets` must be >= 0"):
+        rk.apply_rope(x, rope, cu_seqlens=cu, offsets=torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="`cu_seqlens` must end at the token count 6"):
+        rk.apply_rope(x, rope, cu_seqlens=torch.tensor([0, 2, 5]))
