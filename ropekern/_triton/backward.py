@@ -720,12 +720,11 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def preprocess(
-    out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, varlen: bool
-) -> torch.Tensor:
+def preprocess(out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
     """``delta = rowsum(dO * O) - dlse``, float32 in the LSE layout (``[B, Hq, Sq]`` / ``[Hq, Tq]``).
 
-    ``out``/``dout`` like q (any strides, contiguous last dim); ``dlse`` like ``lse`` or None."""
+    ``out``/``dout`` like q, dense ``[B, S, Hq, D]`` or varlen ``[T, Hq, D]`` (any strides, contiguous
+    last dim); ``dlse`` like ``lse`` or None."""
     delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     if delta.numel() == 0:
         return delta
@@ -733,7 +732,7 @@ def preprocess(
     out, dout = _last_dim_contiguous(out), _last_dim_contiguous(dout)
     d = out.shape[-1]
     d_p = pow2(d)
-    if varlen:
+    if out.dim() == 3:  # varlen
         seqlen, hq, batch = out.shape[0], out.shape[1], 1
         so = (0, out.stride(0), out.stride(1))
         sd = (0, dout.stride(0), dout.stride(1))
@@ -792,41 +791,20 @@ def rope_table(
     return table
 
 
-def run(
-    dout: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    rope: RopeArgs,
-    causal: bool,
-    softmax_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run(dout, out, lse, dlse, *fwd) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of the un-rotated inputs (contiguous, input dtype) of a whole call from the
-    forward's ``out`` and ``lse``, the output gradient ``dout`` and optionally the LSE gradient ``dlse``
-    (``BACKWARD_SCHEMA``, rope bundled)."""
-    delta = preprocess(out, dout, lse, dlse, cu_seqlens_q is not None)
-    return backward(
-        dout, q, k, v, lse, delta, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, rope, causal, softmax_scale,
-    )  # fmt: skip
+    forward's ``out`` and ``lse``, the output gradient ``dout`` and optionally the LSE gradient ``dlse``;
+    ``fwd``: the forward's arguments, as ``backward`` takes them (``BACKWARD_SCHEMA``, rope bundled)."""
+    return backward(dout, lse, preprocess(out, dout, lse, dlse), *fwd)
 
 
 def backward(
     dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,

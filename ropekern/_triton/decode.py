@@ -512,32 +512,7 @@ def run(
     ``(out [B, Sq, Hq, D] like q, lse float32 [B, Hq, Sq])``. ``num_splits`` 0 lets the heuristic
     choose; ``block_n`` overrides the key tile (tests reach positions near 2**20 quickly with it)."""
     append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
-    s_new = 0 if k_new is None else k_new.shape[1]
-    return attend(
-        q, k_cache, v_cache, cache_seqlens, s_new, block_table, rope, causal, softmax_scale,
-        num_splits=num_splits or None, block_n=block_n,
-    )  # fmt: skip
-
-
-def attend(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    s_new: int,
-    block_table: torch.Tensor | None,
-    rope: RopeArgs,
-    causal: bool,
-    softmax_scale: float,
-    *,
-    num_splits: int | None = None,
-    block_n: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the last Sq queries against the (already appended) caches: ``(out, lse)``;
-    sequence b holds ``cache_seqlens[b] + s_new`` keys.
-
-    ``num_splits`` / ``block_n`` override the heuristics (tests force split-K on and off).
-    """
+    s_new = 0 if k_new is None else k_new.shape[1]  # sequence b now holds cache_seqlens[b] + s_new keys
     kc, vc = k_cache, v_cache
     paged = block_table is not None
     b, sq, hq, d = q.shape
@@ -549,7 +524,7 @@ def attend(
     block_n = block_n or cfg_n
     m_blocks = triton.cdiv(g * sq, block_m)
     capacity = block_table.shape[1] * kc.shape[1] if paged else kc.shape[1]
-    if num_splits is None:
+    if not num_splits:
         num_splits = num_splits_heuristic(b, hkv, m_blocks, capacity, _num_sms(q.device))
     split = rope.split.contiguous()
     stride_fb = split.stride(0) if split.shape[0] > 1 else 0

@@ -96,7 +96,7 @@ class TritonBackend:
             return torch.ops.ropekern_triton.attention_bwd(*call.op_args())
         # A block of a longer sequence: the global LSE and delta are given; float32 gradients.
         return _backward.backward(
-            call.dout, call.q, call.k, call.v, call.lse.to(torch.float32), call.delta.to(torch.float32),
+            call.dout, call.lse.to(torch.float32), call.delta.to(torch.float32), call.q, call.k, call.v,
             call.q_positions.to(torch.int32), call.k_positions.to(torch.int32), call.cu_seqlens_q, call.cu_seqlens_k,
             call.max_seqlen_q, call.max_seqlen_k, call.rope, call.causal, call.softmax_scale,
             grad_dtype=torch.float32,
