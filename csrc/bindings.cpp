@@ -12,6 +12,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "cpu/ops.h"
 #include "schemas.h"
 
@@ -19,18 +21,35 @@ TORCH_LIBRARY(ropekern, m) { ropekern::define_schemas(m); }
 
 namespace {
 
-PyObject* cpu_isa(PyObject*, PyObject*) {
+// A bad ROPEKERN_CPU_ISA raises ValueError, a unit this CPU cannot run RuntimeError (as torch maps
+// the c10 errors of the ops), with the message only, not the C++ backtrace.
+template <class F>
+PyObject* isa_string(const F& f) {
   try {
-    return PyUnicode_FromString(ropekern::cpu::active_isa());
+    return PyUnicode_FromString(std::string(f()).c_str());
+  } catch (const c10::ValueError& exc) {
+    PyErr_SetString(PyExc_ValueError, exc.what_without_backtrace());
+  } catch (const c10::Error& exc) {
+    PyErr_SetString(PyExc_RuntimeError, exc.what_without_backtrace());
   } catch (const std::exception& exc) {
-    PyErr_SetString(PyExc_ValueError, exc.what());
-    return nullptr;
+    PyErr_SetString(PyExc_RuntimeError, exc.what());
   }
+  return nullptr;
+}
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return isa_string([] { return ropekern::cpu::active_isa(); });
+}
+
+PyObject* cpu_isa_reason(PyObject*, PyObject*) {
+  return isa_string([] { return ropekern::cpu::isa_reason(); });
 }
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
-     "Kernel unit the CPU ops use now: 'avx2' or 'generic' (environment variable ROPEKERN_CPU_ISA overrides)."},
+     "Kernel unit the CPU ops use now: 'avx512', 'avx2' or 'generic' (environment variable ROPEKERN_CPU_ISA "
+     "overrides)."},
+    {"cpu_isa_reason", cpu_isa_reason, METH_NOARGS, "Why cpu_isa() is that unit: the CPU's and OS's support, or the override."},
     {nullptr, nullptr, 0, nullptr},
 };
 

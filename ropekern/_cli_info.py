@@ -77,4 +77,15 @@ def run(args) -> int:
     print("backends:")
     for name, status in ropekern.available_backends().items():
         print(f"  {name:<8} {'available' if status is True else 'missing: ' + status}")
+    print(f"cpu unit     {_cpu_unit()}")
     return 0
+
+
+def _cpu_unit() -> str:
+    """The native CPU kernel unit in use and why, or why there is none."""
+    try:
+        from ropekern.backends import native
+
+        return f"{native.cpu_isa()} ({native.cpu_isa_reason()})"
+    except Exception as exc:  # report, never fail
+        return f"none ({type(exc).__name__}: {exc})"

@@ -1,7 +1,7 @@
 """The native CPU backend (csrc/cpu, ropekern/backends/native.py) against the fp64 reference.
 
 Every comparison uses the error-ratio rule of docs/design.md §5 (``ropekern.testing.error_check``); the
-core sweeps run on both kernel units (AVX2 and generic, switched by ROPEKERN_CPU_ISA).
+core sweeps run on every kernel unit the machine runs (AVX-512, AVX2, generic; forced by ROPEKERN_CPU_ISA).
 """
 
 import math
@@ -46,7 +46,7 @@ def _isa_available(isa: str) -> bool:
             os.environ["ROPEKERN_CPU_ISA"] = old
 
 
-ISAS = [isa for isa in ("avx2", "generic") if _isa_available(isa)]
+ISAS = [isa for isa in ("avx512", "avx2", "generic") if _isa_available(isa)]
 
 
 @pytest.fixture(params=ISAS)
@@ -460,6 +460,20 @@ def test_auto_picks_cpu_for_cpu_tensors():
     with torch.no_grad():
         assert backends.select_backend("rope", rope_call(qg, rope), q.device, "auto") is native.cpu_backend
     assert rk.available_backends()["cpu"] is True
+
+
+def test_isa_choice_and_reason(monkeypatch):
+    """auto takes the widest unit the CPU and OS run, says why, and each forced unit runs as named."""
+    monkeypatch.delenv("ROPEKERN_CPU_ISA", raising=False)
+    assert native.cpu_isa() == ISAS[0]
+    assert native.cpu_isa_reason().startswith("auto: ")
+    for isa in ISAS:
+        monkeypatch.setenv("ROPEKERN_CPU_ISA", isa)
+        assert native.cpu_isa() == isa
+        assert native.cpu_isa_reason() == f"forced by ROPEKERN_CPU_ISA={isa}"
+    monkeypatch.setenv("ROPEKERN_CPU_ISA", "avx9000")
+    with pytest.raises(ValueError, match="must be auto, avx512, avx2 or generic, got avx9000"):
+        native.cpu_isa_reason()
 
 
 def test_bad_inputs():

@@ -1,6 +1,6 @@
 // Interface between the torch glue (ops.cpp) and the CPU kernel units, which are compiled once per
-// instruction set (kernels_avx2.cpp with AVX2/FMA/F16C, kernels_generic.cpp for any CPU) and
-// chosen at run time. Torch-free: raw pointers, the shared POD params of params.h, and a few
+// instruction set (kernels_avx512.cpp with AVX-512F/BW/VL, kernels_avx2.cpp with AVX2/FMA/F16C,
+// kernels_generic.cpp for any CPU) and chosen at run time. Torch-free: raw pointers, the shared POD params of params.h, and a few
 // CPU-only plan fields (precomputed rotary tables, block sizes, split-K buffers).
 //
 // Work is cut into independent items (ops.cpp hands them to threads through at::parallel_for and
@@ -30,7 +30,7 @@ constexpr int kDecodeChunk = 16;
 // R/2 pair angles, times attention_factor, as [cos: cs_pad][sin: cs_pad] with cs_pad = R/2 rounded
 // up to 8 (512 bytes a row for R = 128: as much as a bf16 K row, so the row is read, not
 // recomputed, by every tile that needs it). The kernels apply it to either pair layout.
-// (static: internal linkage, so the AVX2 and generic units never share a compiled copy)
+// (static: internal linkage, so the units never share a compiled copy)
 static inline int cs_pad_of(int rotary_dim) { return (rotary_dim / 2 + 7) / 8 * 8; }
 static inline int head_dim_pad_of(int head_dim) { return (head_dim + 15) / 16 * 16; }
 
@@ -91,6 +91,7 @@ struct RopeJob {
 
 struct Kernels {
   const char* name;
+  int micro_rows;  // rows of the unit's matrix micro-kernel: tiled items hold a multiple of them
   void (*cos_sin_rows)(const CosSinJob& job, int64_t begin, int64_t end);
   int64_t (*tiled_scratch_floats)(const TiledPlan& plan);
   void (*tiled_item)(const TiledPlan& plan, int64_t item, float* scratch);
@@ -103,7 +104,9 @@ struct Kernels {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define ROPEKERN_HAVE_AVX2_UNIT 1
+#define ROPEKERN_HAVE_AVX512_UNIT 1
 extern const Kernels kAvx2Kernels;
+extern const Kernels kAvx512Kernels;
 #endif
 extern const Kernels kGenericKernels;
 

@@ -17,8 +17,18 @@ namespace cpu {
 namespace RK_ISA {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kMR = 6;   // micro-kernel rows: 6 x 16 accumulators = 12 of the 16 ymm registers
-constexpr int kNR = 16;  // micro-kernel columns (two vectors)
+// Micro-kernel tiles: kMR rows x kNW wide vectors (kNR = 16 kNW columns). The accumulators must
+// outnumber the FMA latency x pipes (4 x 2 = 8 in flight) and fit the register file beside the
+// operands, and the loads (kNW + kMR per kNW kMR FMAs) must stay below the FMAs:
+// 6 rows x 2 ymm = 12 of the 16 ymm registers (AVX2, generic); 8 rows x 2 zmm = 16 of 32 zmm.
+#if RK_VEC_AVX512
+constexpr int kMR = 8;
+constexpr int kNW = 2;
+#else
+constexpr int kMR = 6;
+constexpr int kNW = 1;
+#endif
+constexpr int kNR = kNW * kWide;
 
 RK_INLINE int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 RK_INLINE int round8(int n) { return (n + 7) / 8 * 8; }
@@ -248,162 +258,133 @@ RK_INLINE void scale_row(float* x, int n, float scale) {
 RK_INLINE void zero_floats(float* x, int64_t n) { memset(x, 0, static_cast<size_t>(n) * sizeof(float)); }
 
 // ---------------------------------------------------------------- micro-kernels
-// C[MR x 16] = A[MR x Dp] . B[Dp x 16]: MR rows of A (lda apart) against 16 columns of B (ldb per
-// channel). In the tiled kernel A is the rotated K block and B the transposed Q tile, so C is
-// S^T (keys x query rows): K needs no transpose and the softmax runs down columns, eight query
-// rows per vector.
+// C[MR x NW*16] = A[MR x Dp] . B[Dp x NW*16]: MR rows of A (lda apart) against NW wide vectors of
+// columns of B (ldb per channel). In the tiled kernel A is the rotated K block and B the
+// transposed Q tile, so C is S^T (keys x query rows): K needs no transpose and the softmax runs
+// down columns, a vector of query rows at a time.
 // Each score sums its channels in chunks of kDotChunk, the chunk sums added in C: one FMA chain
 // over all 256 channels of a D = 256 head made the fp32 output error 1.5x the eager baseline's
 // (BLAS dots are blocked) and broke the 2x rule of docs/design.md §5 in 1 case of 25; the extra C
 // load/add/store per chunk is 12 of every 12 * 64 vector ops and runs beside the FMAs.
 constexpr int kDotChunk = 64;
-template <int MR>
+template <int MR, int NW>
 RK_INLINE void outer_tile(const float* a, int lda, const float* b, int ldb, int Dp, float* c, int ldc) {
   for (int d0 = 0; d0 < Dp; d0 += kDotChunk) {
     const int d1 = imin(Dp, d0 + kDotChunk);
-    V acc[MR][2];
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vzero();
+    W acc[MR][NW];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+      for (int w = 0; w < NW; ++w) acc[r][w] = wzero();
     for (int d = d0; d < d1; ++d) {
-      const V b0 = vload(b + static_cast<int64_t>(d) * ldb), b1 = vload(b + static_cast<int64_t>(d) * ldb + kLanes);
-#pragma GCC unroll 6
+      W bd[NW];
+      for (int w = 0; w < NW; ++w) bd[w] = wload(b + static_cast<int64_t>(d) * ldb + w * kWide);
+#pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
-        const V ab = vbcast(a + r * lda + d);
-        acc[r][0] = vfma(ab, b0, acc[r][0]);
-        acc[r][1] = vfma(ab, b1, acc[r][1]);
+        const W ar = wbcast(a + r * lda + d);
+        for (int w = 0; w < NW; ++w) acc[r][w] = wfma(ar, bd[w], acc[r][w]);
       }
     }
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      float* cr = c + static_cast<int64_t>(r) * ldc;
-      if (d0 == 0) {
-        vstore(cr, acc[r][0]);
-        vstore(cr + kLanes, acc[r][1]);
-      } else {
-        vstore(cr, vload(cr) + acc[r][0]);
-        vstore(cr + kLanes, vload(cr + kLanes) + acc[r][1]);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+      for (int w = 0; w < NW; ++w) {
+        float* cr = c + static_cast<int64_t>(r) * ldc + w * kWide;
+        wstore(cr, d0 == 0 ? acc[r][w] : wload(cr) + acc[r][w]);
       }
-    }
   }
 }
 
-// O[MR x 16] = O * alpha[r] + P . V[n x 16], where P[r][j] = p[r * ldr + j * ldj] (row-major P
-// in decode, P^T in the tiled kernel).
-template <int MR>
-RK_INLINE void pv_tile(const float* p, int64_t ldr, int64_t ldj, const float* v, int64_t ldv, int n, float* o,
-                       int ldo, const float* alpha) {
-  V acc[MR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    const V a = vset1(alpha[r]);
-    acc[r][0] = vload(o + r * ldo) * a;
-    acc[r][1] = vload(o + r * ldo + kLanes) * a;
-  }
+// O[MR x NW*16] = O * alpha[r] + P . V[n x NW*16], where P[r][j] = p[r * ldr + j * ldj] (row-major
+// P in decode, P^T in the tiled kernel). `vrow(j, w)` loads wide vector w of V row j's columns.
+template <int MR, int NW, class VRow>
+RK_INLINE void pv_tile(const float* p, int64_t ldr, int64_t ldj, const VRow& vrow, int n, float* o, int ldo,
+                       const float* alpha) {
+  W acc[MR][NW];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    for (int w = 0; w < NW; ++w) acc[r][w] = wload(o + r * ldo + w * kWide) * wbcast(alpha + r);
   for (int j = 0; j < n; ++j) {
-    const V v0 = vload(v + j * ldv), v1 = vload(v + j * ldv + kLanes);
+    W vj[NW];
+    for (int w = 0; w < NW; ++w) vj[w] = vrow(j, w);
     const float* pj = p + j * ldj;
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V pb = vbcast(pj + r * ldr);
-      acc[r][0] = vfma(pb, v0, acc[r][0]);
-      acc[r][1] = vfma(pb, v1, acc[r][1]);
+      const W pr = wbcast(pj + r * ldr);
+      for (int w = 0; w < NW; ++w) acc[r][w] = wfma(pr, vj[w], acc[r][w]);
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    vstore(o + r * ldo, acc[r][0]);
-    vstore(o + r * ldo + kLanes, acc[r][1]);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    for (int w = 0; w < NW; ++w) wstore(o + r * ldo + w * kWide, acc[r][w]);
+}
+
+// Calls f(Rows<m>{}) for m = rows (1 <= rows <= MR): the micro-kernels' row count is a
+// compile-time constant, so their accumulators live in registers.
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
+template <int MR, class F>
+RK_INLINE void with_rows(int rows, const F& f) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return with_rows<MR - 1>(rows, f);
   }
+  f(Rows<MR>{});
 }
 
 // The block-level helpers below are ordinary functions (one copy per unit, shared by the three
 // dtypes): their work per call dwarfs a call, and inlining them everywhere only bloats the build.
 
-// C[rows x ncols] = A . B over 16-column tiles (outer: the B tile stays in L1) and 6-row strips.
+// C[rows x ncols] = A . B over kNR-column tiles (outer: the B tile stays in L1) and kMR-row strips;
+// ncols is a multiple of 16, and a last 16-column remainder of kNR runs one wide vector wide.
 static void outer_block(const float* a, int rows, int Dp, const float* b, int ldb, int ncols, float* c, int ldc) {
   for (int n0 = 0; n0 < ncols; n0 += kNR) {
+    const bool full = n0 + kNR <= ncols;
     for (int r0 = 0; r0 < rows; r0 += kMR) {
       const float* ar = a + static_cast<int64_t>(r0) * Dp;
       float* cr = c + static_cast<int64_t>(r0) * ldc + n0;
-      switch (imin(kMR, rows - r0)) {
-        case 6: outer_tile<6>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
-        case 5: outer_tile<5>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
-        case 4: outer_tile<4>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
-        case 3: outer_tile<3>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
-        case 2: outer_tile<2>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
-        default: outer_tile<1>(ar, Dp, b + n0, ldb, Dp, cr, ldc); break;
-      }
+      with_rows<kMR>(imin(kMR, rows - r0), [&](auto m) {
+        if (full)
+          outer_tile<decltype(m)::value, kNW>(ar, Dp, b + n0, ldb, Dp, cr, ldc);
+        else
+          outer_tile<decltype(m)::value, 1>(ar, Dp, b + n0, ldb, Dp, cr, ldc);
+      });
     }
   }
 }
 
-// O[M x Dp] = O * alpha + P . V[n x Dp] (P indexed as in pv_tile, V rows ldv apart).
-static void pv_block(const float* p, int64_t ldr, int64_t ldj, int M, const float* v, int64_t ldv, int Dp, int n,
-                     float* o, const float* alpha) {
+// O[M x Dp] = O * alpha + P . V[n x Dp], P indexed as in pv_tile and `vrow(j, c)` loading the wide
+// vector of V row j at column c; the tiles cover kNR columns, a 16-column remainder one vector.
+template <class VRowAt>
+RK_INLINE void pv_strips(const float* p, int64_t ldr, int64_t ldj, int M, const VRowAt& vrow_at, int Dp, int n,
+                         float* o, const float* alpha) {
   for (int r0 = 0; r0 < M; r0 += kMR) {
     const float* pr = p + r0 * ldr;
     float* orow = o + static_cast<int64_t>(r0) * Dp;
     for (int c0 = 0; c0 < Dp; c0 += kNR) {
-      switch (imin(kMR, M - r0)) {
-        case 6: pv_tile<6>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
-        case 5: pv_tile<5>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
-        case 4: pv_tile<4>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
-        case 3: pv_tile<3>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
-        case 2: pv_tile<2>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
-        default: pv_tile<1>(pr, ldr, ldj, v + c0, ldv, n, orow + c0, Dp, alpha + r0); break;
-      }
+      const auto vrow = [&vrow_at, c0](int j, int w) { return vrow_at(j, c0 + w * kWide); };
+      with_rows<kMR>(imin(kMR, M - r0), [&](auto m) {
+        if (c0 + kNR <= Dp)
+          pv_tile<decltype(m)::value, kNW>(pr, ldr, ldj, vrow, n, orow + c0, Dp, alpha + r0);
+        else
+          pv_tile<decltype(m)::value, 1>(pr, ldr, ldj, vrow, n, orow + c0, Dp, alpha + r0);
+      });
     }
   }
 }
 
-// pv_tile reading V straight from the cache rows vh + voff[j] in their own dtype (decode):
-// converting V into a scratch copy first cost a store and a reload per element.
-template <class DT, int MR>
-RK_INLINE void pv_tile_direct(const float* p, int64_t ldr, int64_t ldj, const typename DT::T* vh,
-                              const int64_t* voff, int n, float* o, int ldo, const float* alpha) {
-  V acc[MR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    const V a = vset1(alpha[r]);
-    acc[r][0] = vload(o + r * ldo) * a;
-    acc[r][1] = vload(o + r * ldo + kLanes) * a;
-  }
-  for (int j = 0; j < n; ++j) {
-    const typename DT::T* vr = vh + voff[j];
-    const V v0 = DT::load8(vr), v1 = DT::load8(vr + kLanes);
-    const float* pj = p + j * ldj;
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const V pb = vbcast(pj + r * ldr);
-      acc[r][0] = vfma(pb, v0, acc[r][0]);
-      acc[r][1] = vfma(pb, v1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    vstore(o + r * ldo, acc[r][0]);
-    vstore(o + r * ldo + kLanes, acc[r][1]);
-  }
+// pv_strips over fp32 V rows ldv apart.
+static void pv_block(const float* p, int64_t ldr, int64_t ldj, int M, const float* v, int64_t ldv, int Dp, int n,
+                     float* o, const float* alpha) {
+  pv_strips(p, ldr, ldj, M, [v, ldv](int j, int c) { return wload(v + j * ldv + c); }, Dp, n, o, alpha);
 }
 
-// pv_block over V rows vh + voff[j] (D = Dp, a multiple of 16: no padding column is read).
+// pv_strips over V rows vh + voff[j] read straight from the cache in their own dtype (decode; D =
+// Dp, a multiple of 16: no padding column is read): converting V into a scratch copy first cost a
+// store and a reload per element.
 template <class DT>
 static void pv_block_direct(const float* p, int64_t ldr, int64_t ldj, int M, const typename DT::T* vh,
                             const int64_t* voff, int Dp, int n, float* o, const float* alpha) {
-  for (int r0 = 0; r0 < M; r0 += kMR) {
-    const float* pr = p + r0 * ldr;
-    float* orow = o + static_cast<int64_t>(r0) * Dp;
-    for (int c0 = 0; c0 < Dp; c0 += kNR) {
-      switch (imin(kMR, M - r0)) {
-        case 6: pv_tile_direct<DT, 6>(pr, ldr, ldj, vh + c0, voff, n, orow + c0, Dp, alpha + r0); break;
-        case 5: pv_tile_direct<DT, 5>(pr, ldr, ldj, vh + c0, voff, n, orow + c0, Dp, alpha + r0); break;
-        case 4: pv_tile_direct<DT, 4>(pr, ldr, ldj, vh + c0, voff, n, orow + c0, Dp, alpha + r0); break;
-        case 3: pv_tile_direct<DT, 3>(pr, ldr, ldj, vh + c0, voff, n, orow + c0, Dp, alpha + r0); break;
-        case 2: pv_tile_direct<DT, 2>(pr, ldr, ldj, vh + c0, voff, n, orow + c0, Dp, alpha + r0); break;
-        default: pv_tile_direct<DT, 1>(pr, ldr, ldj, vh + c0, voff, n, orow + c0, Dp, alpha + r0); break;
-      }
-    }
-  }
+  pv_strips(p, ldr, ldj, M, [vh, voff](int j, int c) { return DT::load16(vh + voff[j] + c); }, Dp, n, o, alpha);
 }
 
 // Online softmax (base-2 scores). The running max m is raised only when a block's max exceeds it
@@ -414,66 +395,69 @@ static void pv_block_direct(const float* p, int64_t ldr, int64_t ldj, int M, con
 constexpr float kLazyMax = 8.0f;
 
 // One online-softmax step over S^T [nb keys][ld] (raw q.k of one key block for Mp query rows),
-// eight query rows per vector, so nothing is horizontal or scalar per row. `lim` (as floats) holds the
-// number of visible keys of each row for a block that masks some (causal diagonal), or is null
-// when every row sees all nb keys. m, l, alpha are per row (Mp, a multiple of 8).
+// one vector VT of query rows at a time (V: 8, W: 16), so nothing is horizontal or scalar per row.
+// `lim` (as floats) holds the number of visible keys of each row for a block that masks some
+// (causal diagonal), or is null when every row sees all nb keys. m, l, alpha are per row (Mp, a
+// multiple of VT's lanes).
 // `scale2` (softmax_scale * log2 e) multiplies each finished score once, here, rather than the
 // rotated Q row before the dot: pre-scaling Q adds one rounding per channel to every score, and
 // in fp32 that took the output error to 2.7x the eager fp32 baseline's in the worst of 200 random
 // small cases (emulated; 1.8x scaling here), breaking the 2x rule of docs/design.md §5 at small positions.
+template <class VT>
 static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float scale2, float* m, float* l,
                          float* alpha) {
-  const V neg_inf = vset1(-kInf), lazy = vset1(kLazyMax), zero = vzero(), one = vset1(1.0f);
-  const V sc = vset1(scale2);
-  for (int c = 0; c < Mp; c += kLanes) {
+  using L = Lanes<VT>;
+  const VT neg_inf = L::set1(-kInf), lazy = L::set1(kLazyMax), zero = L::set1(0.0f), one = L::set1(1.0f);
+  const VT sc = L::set1(scale2);
+  for (int c = 0; c < Mp; c += L::n) {
     float* col = st + c;
-    V mx = neg_inf;
+    VT mx = neg_inf;
     if (lim) {
-      const V lv = vload(lim + c);
+      const VT lv = L::load(lim + c);
       for (int n = 0; n < nb; ++n) {
-        const V x = vselect_lt(vset1(static_cast<float>(n)), lv, vload(col + n * ld) * sc, neg_inf);
-        vstore(col + n * ld, x);
+        const VT x = vselect_lt(L::set1(static_cast<float>(n)), lv, L::load(col + n * ld) * sc, neg_inf);
+        L::store(col + n * ld, x);
         mx = vmax(mx, x);
       }
     } else {
       for (int n = 0; n < nb; ++n) {
-        const V x = vload(col + n * ld) * sc;
-        vstore(col + n * ld, x);
+        const VT x = L::load(col + n * ld) * sc;
+        L::store(col + n * ld, x);
         mx = vmax(mx, x);
       }
     }
     // Raise the running max only where it was -inf or the block exceeds it by kLazyMax.
-    const V mo = vload(m + c);
+    const VT mo = L::load(m + c);
     const auto raise = vor_mask(vcmp_eq(mo, neg_inf), vcmp_gt(mx, mo + lazy));
-    const V mn = vselect(raise, mx, mo);
+    const VT mn = vselect(raise, mx, mo);
     // mo = -inf: alpha 0 (the accumulator is still 0); vexp2 flushes -inf to 0 without NaN.
-    const V a = vselect(raise, vselect(vcmp_eq(mo, neg_inf), zero, vexp2(mo - mn)), one);
-    V sum0 = zero, sum1 = zero;
+    const VT a = vselect(raise, vselect(vcmp_eq(mo, neg_inf), zero, vexp2(mo - mn)), one);
+    VT sum0 = zero, sum1 = zero;
     int n = 0;
     if (lim) {
       for (; n < nb; ++n) {
-        const V x = vload(col + n * ld);
-        const V pj = vzero_where_neginf(x, vexp2(x - mn));
-        vstore(col + n * ld, pj);
+        const VT x = L::load(col + n * ld);
+        const VT pj = vzero_where_neginf(x, vexp2(x - mn));
+        L::store(col + n * ld, pj);
         sum0 = sum0 + pj;
       }
     } else {
       for (; n + 1 < nb; n += 2) {
-        const V p0 = vexp2(vload(col + n * ld) - mn), p1 = vexp2(vload(col + (n + 1) * ld) - mn);
-        vstore(col + n * ld, p0);
-        vstore(col + (n + 1) * ld, p1);
+        const VT p0 = vexp2(L::load(col + n * ld) - mn), p1 = vexp2(L::load(col + (n + 1) * ld) - mn);
+        L::store(col + n * ld, p0);
+        L::store(col + (n + 1) * ld, p1);
         sum0 = sum0 + p0;
         sum1 = sum1 + p1;
       }
       if (n < nb) {
-        const V p0 = vexp2(vload(col + n * ld) - mn);
-        vstore(col + n * ld, p0);
+        const VT p0 = vexp2(L::load(col + n * ld) - mn);
+        L::store(col + n * ld, p0);
         sum0 = sum0 + p0;
       }
     }
-    vstore(m + c, mn);
-    vstore(l + c, vfma(vload(l + c), a, sum0 + sum1));
-    vstore(alpha + c, a);
+    L::store(m + c, mn);
+    L::store(l + c, vfma(L::load(l + c), a, sum0 + sum1));
+    L::store(alpha + c, a);
   }
 }
 
@@ -673,7 +657,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
     const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
     if (!diagonal) {
       outer_block(Ks, nb, Dp, Qt, Mp, Mp, St, Mp);
-      softmax_cols(St, Mp, Mp, nb, nullptr, scale2, m, l, alpha);
+      softmax_cols<W>(St, Mp, Mp, nb, nullptr, scale2, m, l, alpha);
       pv_block(St, 1, Mp, M, Vs, Dp, Dp, nb, O, alpha);
       continue;
     }
@@ -682,9 +666,9 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
     for (int r = 0; r < Mp; ++r) lim[r] = static_cast<float>(r < M ? visible(r) : 0);
     for (int c0 = 0; c0 < Mp; c0 += kNR) {
       const int keys = c0 < M ? visible(imin(c0 + kNR, M) - 1) : 0;
-      if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, kNR, St + c0, Mp);
+      if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, imin(kNR, Mp - c0), St + c0, Mp);
     }
-    softmax_cols(St, Mp, Mp, nb, lim, scale2, m, l, alpha);
+    softmax_cols<W>(St, Mp, Mp, nb, lim, scale2, m, l, alpha);
     // A strip of rows runs to the keys its last row sees, multiplying the other rows' zero
     // probabilities of keys they cannot see by those keys' V: a NaN or an infinity there would
     // reach them (0 * NaN = NaN). When the V rows some row cannot see, [visible(0), nb), hold one,
@@ -902,7 +886,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     if (masked)
       for (int r = 0; r < rows8; ++r)
         lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, (n - Sq + r % Sq) - c0 + 1))) : nc;
-    softmax_cols(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha);
+    softmax_cols<V>(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha);
     for (int hkv = 0; hkv < Hkv; ++hkv) {
       const int hr0 = hkv * group_rows;
       const T* vh = vc + hkv * p.vc_head_stride;
@@ -1056,6 +1040,7 @@ void rope_rows(const RopeJob& job, int64_t begin, int64_t end, float* scratch) {
 extern const Kernels RK_KERNELS_SYMBOL;
 const Kernels RK_KERNELS_SYMBOL = {
     RK_ISA_NAME,
+    RK_ISA::kMR,
     &RK_ISA::cos_sin_rows,
     &RK_ISA::tiled_scratch_floats,
     &RK_ISA::tiled_item,

@@ -1,6 +1,6 @@
 // The CPU implementations of the ropekern ops (schemas in csrc/bindings.cpp): op_args.h checks the
 // arguments and fills the params; here the checks that read data on the host (cu_seqlens, cache
-// bounds, block tables), the rotary tables, the choice of kernel unit (AVX2 or generic, by cpuid),
+// bounds, block tables), the rotary tables, the choice of kernel unit (AVX-512, AVX2 or generic, by cpuid),
 // and threading through at::parallel_for.
 #include "ops.h"
 
@@ -19,6 +19,10 @@
 
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "../op_args.h"
 #include "kernels.h"
 
@@ -36,17 +40,49 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// ROPEKERN_CPU_ISA = auto (default) | avx2 | generic; read on every call so tests can switch.
+#if defined(ROPEKERN_HAVE_AVX512_UNIT) && (defined(__GNUC__) || defined(__clang__))
+// XCR0 bits 1, 2 (SSE, AVX state) and 5, 6, 7 (opmask, upper halves of zmm0-15, zmm16-31): the
+// OS saves the AVX-512 registers across context switches. cpuid alone does not say so (a kernel
+// or hypervisor can leave them off), and using zmm then faults.
+__attribute__((target("xsave"))) bool os_saves_zmm() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+  if (!(ecx & (1u << 27))) return false;  // OSXSAVE: xgetbv is usable
+  const unsigned long long xcr0 = _xgetbv(0);
+  return (xcr0 & 0xE6) == 0xE6;
+}
+#endif
+
+bool cpu_has_avx512() {
+#if defined(ROPEKERN_HAVE_AVX512_UNIT) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && os_saves_zmm();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ROPEKERN_CPU_ISA = auto (default) | avx512 | avx2 | generic; read on every call so tests can
+// switch. auto takes the widest unit this CPU and OS run.
 const Kernels& kernels() {
   const char* env = std::getenv("ROPEKERN_CPU_ISA");
   const std::string want = env ? env : "auto";
   if (want == "generic") return kGenericKernels;
 #if defined(ROPEKERN_HAVE_AVX2_UNIT)
+  if (want == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(),
+                "ROPEKERN_CPU_ISA=avx512 but this CPU lacks AVX-512F/BW/VL/DQ or the OS does not save the zmm "
+                "registers (XCR0)");
+    return kAvx512Kernels;
+  }
   if (want == "avx2") {
     TORCH_CHECK(cpu_has_avx2(), "ROPEKERN_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
     return kAvx2Kernels;
   }
-  TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto, avx2 or generic, got ", want);
+  TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto, avx512, avx2 or generic, got ",
+                    want);
+  if (cpu_has_avx512()) return kAvx512Kernels;
   if (cpu_has_avx2()) return kAvx2Kernels;
 #else
   TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto or generic here, got ", want);
@@ -106,17 +142,17 @@ at::Tensor cos_sin_table(const Kernels& kern, const RopeParams& rope, const int3
   return table;
 }
 
-// Query rows per tiled item: G * block_m ~ kTileRows and a multiple of the 6-row micro-kernel.
-int choose_block_m(int G) {
+// Query rows per tiled item: G * block_m ~ kTileRows and a multiple of the unit's micro-kernel rows.
+int choose_block_m(int G, int micro_rows) {
   int bm = std::max(1, (kTileRows + G - 1) / G);
-  while ((bm * G) % 6) ++bm;
+  while ((bm * G) % micro_rows) ++bm;
   return bm;
 }
 
 // `flops`: the call's attention FLOPs (an upper bound is fine), for the thread count.
 void run_tiled(const Kernels& kern, TiledPlan& plan, int64_t max_seqlen_q, double flops) {
   const int G = plan.p.num_heads / plan.p.num_heads_k;
-  plan.block_m = choose_block_m(G);
+  plan.block_m = choose_block_m(G, kern.micro_rows);
   plan.num_q_blocks = (max_seqlen_q + plan.block_m - 1) / plan.block_m;
   const int64_t items = static_cast<int64_t>(plan.p.batch) * plan.p.num_heads_k * plan.num_q_blocks;
   run_items(items, kern.tiled_scratch_floats(plan), flops, kMinFlopsPerThread,
@@ -324,6 +360,24 @@ struct CpuDevice {
 }  // namespace
 
 const char* active_isa() { return kernels().name; }
+
+std::string isa_reason() {
+  const char* env = std::getenv("ROPEKERN_CPU_ISA");
+  const std::string want = env ? env : "auto";
+  const std::string name = kernels().name;  // raises on a bad or unsupported ROPEKERN_CPU_ISA
+  if (want != "auto" && !want.empty()) return "forced by ROPEKERN_CPU_ISA=" + want;
+#if defined(ROPEKERN_HAVE_AVX2_UNIT) && (defined(__GNUC__) || defined(__clang__))
+  if (name == "avx512") return "auto: cpuid reports AVX-512F/BW/VL/DQ and the OS saves the zmm registers (XCR0)";
+  std::string why = "auto: ";
+  if (!cpu_has_avx2()) return why + "no AVX2/FMA/F16C in cpuid";
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
+    return why + "AVX2/FMA/F16C in cpuid, AVX-512F/BW/VL/DQ not";
+  return why + "cpuid reports AVX-512 but the OS does not save the zmm registers (XCR0), so AVX2";
+#else
+  return "auto: the only unit built for this architecture";
+#endif
+}
 
 ROPEKERN_REGISTER_OPS(CPU, CpuDevice)
 

@@ -1,8 +1,13 @@
-// Eight-lane fp32 vectors for the CPU kernels, in two flavours selected by the including unit:
-//   RK_VEC_AVX2=1  AVX2 + FMA + F16C intrinsics (kernels_avx2.cpp, chosen at run time by cpuid);
-//   otherwise      plain arrays with loops that any compiler vectorises for its baseline ISA
-//                  (SSE2 on x86-64, NEON on aarch64) (kernels_generic.cpp).
-// Everything lives in namespace ropekern::cpu::RK_ISA and is force-inlined, so the two units never
+// Eight-lane fp32 vectors (V) for the CPU kernels, and sixteen-lane ones (W) for their matrix
+// micro-kernels, in three flavours selected by the including unit:
+//   RK_VEC_AVX512=1  AVX-512F/BW/VL (+ the AVX2 set below): W is one zmm register
+//                    (kernels_avx512.cpp; with RK_SIMDE the same source through SIMDe's portable
+//                    AVX-512, so machines without it still test it);
+//   RK_VEC_AVX2=1    AVX2 + FMA + F16C intrinsics: V is one ymm register, W two
+//                    (kernels_avx2.cpp and, for V, kernels_avx512.cpp);
+//   otherwise        plain arrays with loops that any compiler vectorises for its baseline ISA
+//                    (SSE2 on x86-64, NEON on aarch64) (kernels_generic.cpp).
+// Everything lives in namespace ropekern::cpu::RK_ISA and is force-inlined, so the units never
 // share an out-of-line function: a generic caller can never land in AVX2 code on an older CPU.
 // No C++ standard library here for the same reason (its inline templates are shared by name).
 #pragma once
@@ -10,8 +15,17 @@
 #include <stdint.h>
 #include <string.h>
 
+#if RK_VEC_AVX512 && !RK_VEC_AVX2
+#error "the AVX-512 flavour builds on the AVX2 one: define RK_VEC_AVX2=1 too"
+#endif
+
 #if RK_VEC_AVX2
+#if RK_SIMDE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#else
 #include <immintrin.h>
+#endif
 #endif
 
 #ifndef RK_ISA
@@ -41,6 +55,12 @@ RK_INLINE int imin(int a, int b) { return a < b ? a : b; }
 RK_INLINE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 RK_INLINE int64_t lmax_(int64_t a, int64_t b) { return a > b ? a : b; }
 RK_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
+
+// 2^f for f in [-0.5, 0.5] (vexp2): polynomial coefficients, highest degree first.
+constexpr int kExp2Terms = 7;
+constexpr float kExp2Poly[kExp2Terms] = {1.5370710752904415e-04f, 1.339985290542245e-03f, 9.618373587727547e-03f,
+                                         5.550329014658928e-02f,  2.4022647738456726e-01f, 6.931471824645996e-01f,
+                                         1.0f};
 
 // ---------------------------------------------------------------- scalar dtype conversions
 // bf16 and fp16 are carried as raw uint16_t bits. Rounding is to nearest even, as in c10.
@@ -162,13 +182,8 @@ RK_INLINE V vexp2(V x) {
   __m256 xc = _mm256_max_ps(x.v, _mm256_set1_ps(-127.0f));
   const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(xc, n);  // [-0.5, 0.5]
-  __m256 p = _mm256_set1_ps(1.5370710752904415e-04f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339985290542245e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618373587727547e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329014658928e-02f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022647738456726e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471824645996e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < kExp2Terms; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   // 2^n by building the exponent field; n = -127 gives the bit pattern of +0, so the result is 0.
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
@@ -289,13 +304,8 @@ RK_INLINE V vexp2(V x) {
     const float xc = x.v[i_] > -127.0f ? x.v[i_] : -127.0f;
     const float n = __builtin_nearbyintf(xc);
     const float f = xc - n;
-    float p = 1.5370710752904415e-04f;
-    p = p * f + 1.339985290542245e-03f;
-    p = p * f + 9.618373587727547e-03f;
-    p = p * f + 5.550329014658928e-02f;
-    p = p * f + 2.4022647738456726e-01f;
-    p = p * f + 6.931471824645996e-01f;
-    p = p * f + 1.0f;
+    float p = kExp2Poly[0];
+    for (int k = 1; k < kExp2Terms; ++k) p = p * f + kExp2Poly[k];
     r.v[i_] = p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
   }
   return r;
@@ -383,11 +393,118 @@ RK_INLINE void vsincos_turns(V t, V* s_out, V* c_out) {
   *c_out = cos_v;
 }
 
+// ---------------------------------------------------------------- the wide vector
+// W: kWide = 16 fp32 lanes, the column unit (kNR) of the matrix micro-kernels. One zmm register
+// in the AVX-512 unit; elsewhere two V, so the AVX2 micro-kernels compile to the two-ymm code
+// they always were.
+constexpr int kWide = 16;
+#if RK_VEC_AVX512
+struct W {
+  __m512 v;
+};
+RK_INLINE W wzero() { return {_mm512_setzero_ps()}; }
+RK_INLINE W wload(const float* p) { return {_mm512_loadu_ps(p)}; }
+RK_INLINE void wstore(float* p, W a) { _mm512_storeu_ps(p, a.v); }
+RK_INLINE W wbcast(const float* p) { return {_mm512_set1_ps(*p)}; }
+RK_INLINE W wfma(W a, W b, W c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+RK_INLINE W operator+(W a, W b) { return {_mm512_add_ps(a.v, b.v)}; }
+RK_INLINE W operator*(W a, W b) { return {_mm512_mul_ps(a.v, b.v)}; }
+RK_INLINE W wload_bf16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+RK_INLINE W wload_f16(const uint16_t* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+// The V operations the online softmax uses, on sixteen lanes (same names, overloaded on W).
+RK_INLINE W wset1(float x) { return {_mm512_set1_ps(x)}; }
+RK_INLINE W operator-(W a, W b) { return {_mm512_sub_ps(a.v, b.v)}; }
+RK_INLINE W vfma(W a, W b, W c) { return wfma(a, b, c); }
+RK_INLINE W vmax(W a, W b) { return {_mm512_max_ps(a.v, b.v)}; }
+struct WMask {
+  __mmask16 m;
+};
+RK_INLINE WMask vcmp_eq(W a, W b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ)}; }
+RK_INLINE WMask vcmp_gt(W a, W b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+RK_INLINE WMask vor_mask(WMask a, WMask b) { return {static_cast<__mmask16>(a.m | b.m)}; }
+RK_INLINE W vselect(WMask mask, W yes, W no) { return {_mm512_mask_blend_ps(mask.m, no.v, yes.v)}; }
+RK_INLINE W vselect_lt(W a, W b, W yes, W no) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), no.v, yes.v)};
+}
+RK_INLINE W vzero_where_neginf(W a, W b) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-kInf), _CMP_NEQ_UQ), b.v)};
+}
+// vexp2 on sixteen lanes, operation for operation.
+RK_INLINE W vexp2(W x) {
+  const __m512 xc = _mm512_max_ps(x.v, _mm512_set1_ps(-127.0f));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < kExp2Terms; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return {_mm512_mul_ps(p, _mm512_castsi512_ps(e))};
+}
+#else
+struct W {
+  V lo, hi;
+};
+RK_INLINE W wzero() { return {vzero(), vzero()}; }
+RK_INLINE W wload(const float* p) { return {vload(p), vload(p + kLanes)}; }
+RK_INLINE void wstore(float* p, W a) {
+  vstore(p, a.lo);
+  vstore(p + kLanes, a.hi);
+}
+RK_INLINE W wbcast(const float* p) {
+  const V b = vbcast(p);
+  return {b, b};
+}
+RK_INLINE W wfma(W a, W b, W c) { return {vfma(a.lo, b.lo, c.lo), vfma(a.hi, b.hi, c.hi)}; }
+RK_INLINE W operator+(W a, W b) { return {a.lo + b.lo, a.hi + b.hi}; }
+RK_INLINE W operator*(W a, W b) { return {a.lo * b.lo, a.hi * b.hi}; }
+RK_INLINE W wload_bf16(const uint16_t* p) { return {vload_bf16(p), vload_bf16(p + kLanes)}; }
+RK_INLINE W wload_f16(const uint16_t* p) { return {vload_f16(p), vload_f16(p + kLanes)}; }
+RK_INLINE W wset1(float x) { return {vset1(x), vset1(x)}; }
+RK_INLINE W operator-(W a, W b) { return {a.lo - b.lo, a.hi - b.hi}; }
+RK_INLINE W vfma(W a, W b, W c) { return wfma(a, b, c); }
+RK_INLINE W vmax(W a, W b) { return {vmax(a.lo, b.lo), vmax(a.hi, b.hi)}; }
+struct WMask {
+  decltype(vcmp_eq(V{}, V{})) lo, hi;
+};
+RK_INLINE WMask vcmp_eq(W a, W b) { return {vcmp_eq(a.lo, b.lo), vcmp_eq(a.hi, b.hi)}; }
+RK_INLINE WMask vcmp_gt(W a, W b) { return {vcmp_gt(a.lo, b.lo), vcmp_gt(a.hi, b.hi)}; }
+RK_INLINE WMask vor_mask(WMask a, WMask b) { return {vor_mask(a.lo, b.lo), vor_mask(a.hi, b.hi)}; }
+RK_INLINE W vselect(WMask mask, W yes, W no) { return {vselect(mask.lo, yes.lo, no.lo), vselect(mask.hi, yes.hi, no.hi)}; }
+RK_INLINE W vselect_lt(W a, W b, W yes, W no) {
+  return {vselect_lt(a.lo, b.lo, yes.lo, no.lo), vselect_lt(a.hi, b.hi, yes.hi, no.hi)};
+}
+RK_INLINE W vzero_where_neginf(W a, W b) { return {vzero_where_neginf(a.lo, b.lo), vzero_where_neginf(a.hi, b.hi)}; }
+RK_INLINE W vexp2(W x) { return {vexp2(x.lo), vexp2(x.hi)}; }
+#endif
+
+// Load, store and broadcast by vector type, for code written once for V and W (softmax_cols).
+template <class VT>
+struct Lanes;
+template <>
+struct Lanes<V> {
+  static constexpr int n = kLanes;
+  static RK_INLINE V set1(float x) { return vset1(x); }
+  static RK_INLINE V load(const float* p) { return vload(p); }
+  static RK_INLINE void store(float* p, V a) { vstore(p, a); }
+};
+template <>
+struct Lanes<W> {
+  static constexpr int n = kWide;
+  static RK_INLINE W set1(float x) { return wset1(x); }
+  static RK_INLINE W load(const float* p) { return wload(p); }
+  static RK_INLINE void store(float* p, W a) { wstore(p, a); }
+};
+
 // ---------------------------------------------------------------- element types
 // Tag types: how one input element is loaded into / stored from fp32.
 struct F32 {
   using T = float;
   static RK_INLINE V load8(const T* p) { return vload(p); }
+  static RK_INLINE W load16(const T* p) { return wload(p); }
   static RK_INLINE void store8(T* p, V a) { vstore(p, a); }
   static RK_INLINE float to_float(T x) { return x; }
   static RK_INLINE T from_float(float x) { return x; }
@@ -395,6 +512,7 @@ struct F32 {
 struct BF16 {
   using T = uint16_t;
   static RK_INLINE V load8(const T* p) { return vload_bf16(p); }
+  static RK_INLINE W load16(const T* p) { return wload_bf16(p); }
   static RK_INLINE void store8(T* p, V a) { vstore_bf16(p, a); }
   static RK_INLINE float to_float(T x) { return bf16_to_float(x); }
   static RK_INLINE T from_float(float x) { return float_to_bf16(x); }
@@ -402,6 +520,7 @@ struct BF16 {
 struct F16 {
   using T = uint16_t;
   static RK_INLINE V load8(const T* p) { return vload_f16(p); }
+  static RK_INLINE W load16(const T* p) { return wload_f16(p); }
   static RK_INLINE void store8(T* p, V a) { vstore_f16(p, a); }
   static RK_INLINE float to_float(T x) { return f16_to_float(x); }
   static RK_INLINE T from_float(float x) { return float_to_f16(x); }

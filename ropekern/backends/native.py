@@ -23,7 +23,7 @@ import torch
 from .._validation import AttentionCall, KVCacheCall, RopeCall
 from . import BackwardCall, fake_attention, fake_kvcache, fake_rope, grad_reason
 
-__all__ = ["NativeBackend", "cpu_backend", "cpu_isa"]
+__all__ = ["NativeBackend", "cpu_backend", "cpu_isa", "cpu_isa_reason"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -85,11 +85,21 @@ cpu_backend = NativeBackend("cpu")
 
 
 def cpu_isa() -> str:
-    """The CPU kernel unit in use: ``"avx2"`` (AVX2 + FMA + F16C, chosen by cpuid) or ``"generic"``;
-    the environment variable ``ROPEKERN_CPU_ISA=generic`` forces the portable one."""
+    """The CPU kernel unit in use: ``"avx512"`` (AVX-512F/BW/VL/DQ, with the OS saving the zmm
+    registers), ``"avx2"`` (AVX2 + FMA + F16C) or ``"generic"`` (any CPU, vectorised by the
+    compiler), the widest the machine runs; ``ROPEKERN_CPU_ISA=avx512|avx2|generic`` forces one
+    (read on every call; a unit the CPU cannot run raises ``RuntimeError``, an unknown name
+    ``ValueError``)."""
     if _LOAD_ERROR:
         raise RuntimeError(_LOAD_ERROR)
     return _C.cpu_isa()
+
+
+def cpu_isa_reason() -> str:
+    """Why :func:`cpu_isa` is that unit: what cpuid and the OS report, or the override."""
+    if _LOAD_ERROR:
+        raise RuntimeError(_LOAD_ERROR)
+    return _C.cpu_isa_reason()
 
 
 if _LOAD_ERROR is None:

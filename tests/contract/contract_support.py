@@ -46,8 +46,42 @@ def param_id(value) -> str | None:
 
 def contract_backends() -> tuple[str, ...]:
     """Every backend in the registry, read when the tests are collected: a backend registered in
-    ``backends._REGISTRY`` gets the whole contract without a line here."""
-    return tuple(backends._REGISTRY)
+    ``backends._REGISTRY`` gets the whole contract without a line here. The native CPU backend runs
+    once per kernel unit this machine runs (``cpu-avx512``, ``cpu-avx2``, ``cpu-generic``: the
+    unit forced by ROPEKERN_CPU_ISA)."""
+    names: list[str] = []
+    for name in backends._REGISTRY:
+        units = cpu_units() if name == "cpu" else ()
+        names += [f"{name}-{unit}" for unit in units] or [name]
+    return tuple(names)
+
+
+def cpu_units() -> tuple[str, ...]:
+    """The CPU kernel units this machine runs, widest first (none without the native extension)."""
+    import os
+
+    try:
+        from ropekern.backends import native
+
+        native.cpu_isa()
+    except (ImportError, RuntimeError, ValueError):
+        return ()
+    units = []
+    old = os.environ.get("ROPEKERN_CPU_ISA")
+    try:
+        for unit in ("avx512", "avx2", "generic"):
+            os.environ["ROPEKERN_CPU_ISA"] = unit
+            try:
+                if native.cpu_isa() == unit:
+                    units.append(unit)
+            except (RuntimeError, ValueError):
+                pass
+    finally:
+        if old is None:
+            os.environ.pop("ROPEKERN_CPU_ISA", None)
+        else:
+            os.environ["ROPEKERN_CPU_ISA"] = old
+    return tuple(units)
 
 
 def law_rope(rope_type: str, head_dim: int = D, length: int = TRAINED, **kwargs) -> rk.RopeConfig:
