@@ -46,7 +46,7 @@ def _isa_available(isa: str) -> bool:
             os.environ["ROPEKERN_CPU_ISA"] = old
 
 
-ISAS = [isa for isa in ("avx512", "avx2", "generic") if _isa_available(isa)]
+ISAS = [isa for isa in ("amx", "avx512", "avx2", "generic") if _isa_available(isa)]
 
 
 @pytest.fixture(params=ISAS)
@@ -133,6 +133,27 @@ def test_attention_sweep(isa, case):
     rope = make_rope(kind, d, r, il)
     q, k, v, _ = random_qkv(b, sq, sk, hq, hkv, d, dtype, seed=sq * 7 + sk)
     check_attention(q, k, v, rope, causal=causal)
+
+
+@pytest.mark.skipif("amx" not in ISAS, reason="this CPU or OS runs no AMX-BF16 tiles")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_amx_tiles_hold_the_rule(monkeypatch, d, causal):
+    """bf16 inputs with D a multiple of 32 take the tile products (Q, K and P rounded to bf16): the
+    result differs from the avx512 unit's (so the tiles ran) and holds the rule; with D = 80 the
+    unit falls back to the avx512 code, bit for bit."""
+    rope = make_rope("yarn", d)
+    q, k, v, _ = random_qkv(1, 333, 333, 8, 2, d, BF16, seed=d)
+    monkeypatch.setenv("ROPEKERN_CPU_ISA", "amx")
+    check_attention(q, k, v, rope, causal=causal)
+    tiles = rk.rope_attention(q, k, v, rope, causal=causal, backend="cpu")
+    monkeypatch.setenv("ROPEKERN_CPU_ISA", "avx512")
+    assert not torch.equal(tiles, rk.rope_attention(q, k, v, rope, causal=causal, backend="cpu"))
+    q, k, v, _ = random_qkv(1, 100, 100, 4, 2, 80, BF16, seed=80)
+    rope = make_rope("default", 80)
+    vector = rk.rope_attention(q, k, v, rope, causal=causal, backend="cpu")
+    monkeypatch.setenv("ROPEKERN_CPU_ISA", "amx")
+    assert torch.equal(vector, rk.rope_attention(q, k, v, rope, causal=causal, backend="cpu"))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -472,7 +493,7 @@ def test_isa_choice_and_reason(monkeypatch):
         assert native.cpu_isa() == isa
         assert native.cpu_isa_reason() == f"forced by ROPEKERN_CPU_ISA={isa}"
     monkeypatch.setenv("ROPEKERN_CPU_ISA", "avx9000")
-    with pytest.raises(ValueError, match="must be auto, avx512, avx2 or generic, got avx9000"):
+    with pytest.raises(ValueError, match="must be auto, amx, avx512, avx2 or generic, got avx9000"):
         native.cpu_isa_reason()
 
 

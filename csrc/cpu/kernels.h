@@ -1,6 +1,7 @@
 // Interface between the torch glue (ops.cpp) and the CPU kernel units, which are compiled once per
-// instruction set (kernels_avx512.cpp with AVX-512F/BW/VL, kernels_avx2.cpp with AVX2/FMA/F16C,
-// kernels_generic.cpp for any CPU) and chosen at run time. Torch-free: raw pointers, the shared POD params of params.h, and a few
+// instruction set (kernels_amx.cpp with AVX-512 and the AMX-BF16 tiles, kernels_avx512.cpp with
+// AVX-512F/BW/VL, kernels_avx2.cpp with AVX2/FMA/F16C, kernels_generic.cpp for any CPU) and chosen
+// at run time. Torch-free: raw pointers, the shared POD params of params.h, and a few
 // CPU-only plan fields (precomputed rotary tables, block sizes, split-K buffers).
 //
 // Work is cut into independent items (ops.cpp hands them to threads through at::parallel_for and
@@ -107,6 +108,7 @@ struct Kernels {
 #define ROPEKERN_HAVE_AVX512_UNIT 1
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
+extern const Kernels kAmxKernels;
 #endif
 extern const Kernels kGenericKernels;
 

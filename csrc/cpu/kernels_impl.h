@@ -499,17 +499,157 @@ void cos_sin_rows(const CosSinJob& job, int64_t begin, int64_t end) {
   }
 }
 
+// ---------------------------------------------------------------- AMX (bf16 tiles)
+// The AMX unit (kernels_amx.cpp) computes the tiled kernel's two products for bf16 inputs on the
+// tile unit: rotated Q and K rounded to bf16 once, the probabilities rounded to bf16 for P.V (as
+// GPU FlashAttention does), fp32 accumulation; the softmax and everything else as in the other
+// units. All eight tiles are 16 rows x 64 bytes: C 16 x 16 fp32, A 16 x 32 bf16, B 16 pairs x 16
+// columns of bf16 pairs (the layout tdpbf16ps multiplies: B[k][n] = (b[2k][n], b[2k+1][n])).
+#if RK_AMX
+constexpr bool kAmx = true;
+constexpr int kColAlign = 32;  // query columns per item padded for 2 x 16-column tiles
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+RK_INLINE void amx_begin() {
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+RK_INLINE void amx_end() { _tile_release(); }
+
+// C [M][N] (fp32, ldc floats a row) = (accumulate ? C : 0) + A [M][K] (bf16 rows, lda apart) .
+// B [K/2][N] (bf16 pairs of rows 2k, 2k + 1 of the right-hand matrix, ldb pairs apart); M, N and
+// K multiples of 32: 2 x 2 C tiles per two A and two B tile loads.
+static void amx_gemm(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc, int M,
+                     int N, int K, bool accumulate) {
+  for (int m0 = 0; m0 < M; m0 += 32)
+    for (int n0 = 0; n0 < N; n0 += 32) {
+      float* c0 = c + m0 * ldc + n0;
+      if (accumulate) {
+        _tile_loadd(0, c0, ldc * 4);
+        _tile_loadd(1, c0 + 16, ldc * 4);
+        _tile_loadd(2, c0 + 16 * ldc, ldc * 4);
+        _tile_loadd(3, c0 + 16 * ldc + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int k0 = 0; k0 < K; k0 += 32) {
+        _tile_loadd(4, a + m0 * lda + k0, lda * 2);
+        _tile_loadd(5, a + (m0 + 16) * lda + k0, lda * 2);
+        _tile_loadd(6, b + (k0 / 2) * ldb + n0, ldb * 4);
+        _tile_loadd(7, b + (k0 / 2) * ldb + n0 + 16, ldb * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0, ldc * 4);
+      _tile_stored(1, c0 + 16, ldc * 4);
+      _tile_stored(2, c0 + 16 * ldc, ldc * 4);
+      _tile_stored(3, c0 + 16 * ldc + 16, ldc * 4);
+    }
+}
+
+// St [nbk][Mp] (fp32, S^T) = Kb [nbk][Dk] (bf16 key rows) . Qp [Dk/2][Mp] (bf16 pairs of the
+// transposed Q tile).
+RK_INLINE void amx_scores(const uint16_t* kb, int nbk, int Dk, const uint32_t* qp, int Mp, float* st) {
+  amx_gemm(kb, Dk, qp, Mp, st, Mp, nbk, Mp, Dk, false);
+}
+
+// O [Mp][Dp] (fp32) += Pb [Mp][nbk] (bf16 probability rows) . Vp [nbk/2][Dp] (bf16 pairs of
+// consecutive V rows).
+RK_INLINE void amx_pv(const uint16_t* pb, int Mp, int nbk, const uint32_t* vp, int Dp, float* o) {
+  amx_gemm(pb, nbk, vp, Dp, o, Dp, Mp, Dp, nbk, true);
+}
+#else
+constexpr bool kAmx = false;
+constexpr int kColAlign = 16;
+RK_INLINE void amx_begin() {}
+RK_INLINE void amx_end() {}
+RK_INLINE void amx_scores(const uint16_t*, int, int, const uint32_t*, int, float*) {}
+RK_INLINE void amx_pv(const uint16_t*, int, int, const uint32_t*, int, float*) {}
+#endif
+
+// Rows [r0, r0 + 8) of an fp32 matrix (ld floats apart) rounded to bf16 and transposed as 32-bit
+// pairs: out[k][r0 + t] = (x[t][2k], x[t][2k + 1]) for k < n2 (n2 a multiple of 8), out rows ldo
+// pairs apart. The AMX B operand of Q (pairs of channels) from Q rows.
+RK_INLINE void bf16_pairs_transposed(const float* x, int64_t ld, int n2, uint32_t* tmp, uint32_t* out, int64_t ldo,
+                                     int r0) {
+  for (int t = 0; t < 8; ++t)
+    for (int d = 0; d < 2 * n2; d += kLanes)
+      vstore_bf16(reinterpret_cast<uint16_t*>(tmp + static_cast<int64_t>(t) * n2) + d, vload(x + t * ld + d));
+  for (int k0 = 0; k0 < n2; k0 += 8) {
+    V r8[8];
+    for (int t = 0; t < 8; ++t) r8[t] = vload(reinterpret_cast<const float*>(tmp + static_cast<int64_t>(t) * n2 + k0));
+    transpose8(r8);
+    for (int u = 0; u < 8; ++u) vstore(reinterpret_cast<float*>(out + (k0 + u) * ldo + r0), r8[u]);
+  }
+}
+
+// AMX operands of one K/V block (fp32 rows of nb keys, Dp floats apart; rows nb .. nbk - 1 are
+// zeroed, so the padded tiles add nothing): the K rows in bf16, and the bf16 pairs of V rows
+// (2j, 2j + 1) (exact: V came in as bf16).
+static void amx_k_operand(float* Ks, int nb, int nbk, int Dp, uint16_t* Kb) {
+  zero_floats(Ks + static_cast<int64_t>(nb) * Dp, static_cast<int64_t>(nbk - nb) * Dp);
+  for (int64_t e = 0; e < static_cast<int64_t>(nbk) * Dp; e += kLanes) vstore_bf16(Kb + e, vload(Ks + e));
+}
+static void amx_v_operand(float* Vs, int nb, int nbk, int Dp, uint32_t* Vp) {
+  zero_floats(Vs + static_cast<int64_t>(nb) * Dp, static_cast<int64_t>(nbk - nb) * Dp);
+  for (int j2 = 0; j2 < nbk / 2; ++j2) {
+    const float* a = Vs + static_cast<int64_t>(2 * j2) * Dp;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(Vp + static_cast<int64_t>(j2) * Dp);
+    for (int c = 0; c < Dp; c += kLanes) {
+      V lo, hi;
+      vzip(vload(a + c), vload(a + Dp + c), &lo, &hi);
+      vstore_bf16(dst + 2 * c, lo);
+      vstore_bf16(dst + 2 * c + kLanes, hi);
+    }
+  }
+}
+
+// O = O * alpha + P . V on the tile unit: the probabilities St [nb][Mp] (fp32, from softmax_cols)
+// to query rows Pb [Mp][nbk] in bf16 (keys past nb zero), O's rows rescaled where alpha != 1 (the
+// lazy running max leaves most at exactly 1), then amx_pv.
+static void amx_pv_step(const float* St, int Mp, int nb, int nbk, const float* alpha, uint16_t* Pb, const uint32_t* Vp,
+                        int Dp, float* O) {
+  for (int c0 = 0; c0 < Mp; c0 += 8)
+    for (int j0 = 0; j0 < nbk; j0 += 8) {
+      V r8[8];
+      for (int t = 0; t < 8; ++t) r8[t] = j0 + t < nb ? vload(St + static_cast<int64_t>(j0 + t) * Mp + c0) : vzero();
+      transpose8(r8);
+      for (int u = 0; u < 8; ++u) vstore_bf16(Pb + static_cast<int64_t>(c0 + u) * nbk + j0, r8[u]);
+    }
+  for (int r = 0; r < Mp; ++r)
+    if (alpha[r] != 1.0f) scale_row(O + static_cast<int64_t>(r) * Dp, Dp, alpha[r]);
+  amx_pv(Pb, Mp, nbk, Vp, Dp, O);
+}
+
 // ---------------------------------------------------------------- tiled forward
 // Query rows of an item, padded to whole 16-column tiles of the transposed Q.
+RK_INLINE int round_cols(int n) { return (n + kColAlign - 1) / kColAlign * kColAlign; }
 RK_INLINE int tile_cols(const TiledPlan& plan) {
-  return round16(plan.block_m * (plan.p.num_heads / plan.p.num_heads_k));
+  return round_cols(plan.block_m * (plan.p.num_heads / plan.p.num_heads_k));
 }
 
 int64_t tiled_scratch_floats(const TiledPlan& plan) {
   const int Dp = head_dim_pad_of(plan.p.head_dim);
   const int64_t Mp = tile_cols(plan);
+  const int64_t amx = kAmx ? 2 * align16(kBlockN * Dp / 2) + align16(Mp * Dp / 2) + align16(Mp * kBlockN / 2) +
+                                  align16(4 * Dp)
+                            : 0;
   return 2 * align16(Mp * Dp) + align16(Mp * kBlockN) + 2 * align16(static_cast<int64_t>(kBlockN) * Dp) +
-         align16(8 * Dp) + 4 * align16(Mp);
+         align16(8 * Dp) + 4 * align16(Mp) + amx;
 }
 
 // Where key j of one sequence and KV head lives: packed/dense rows, or a paged cache's blocks.
@@ -599,7 +739,9 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   const float scale2 = p.softmax_scale * kLog2e;
   if (j_end > 0) kv.prefetch(0, lmin(kBlockN, j_end), k_cs, cs_stride);
 
-  const int Mp = round16(M);
+  const int Mp = round_cols(M);
+  // The AMX unit's tile products for bf16 inputs with D a multiple of 32 (other inputs: as elsewhere).
+  const bool amx = kAmx && DT::is_bf16 && D % 32 == 0;
   Bump bump{scratch};
   float* Qt = bump.take(static_cast<int64_t>(Dp) * Mp);  // Q tile transposed: [Dp][Mp]
   float* O = bump.take(static_cast<int64_t>(Mp) * Dp);
@@ -611,6 +753,19 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   float* l = bump.take(Mp);
   float* alpha = bump.take(Mp);
   float* lim = bump.take(Mp);
+  uint16_t* Kb = nullptr;  // AMX: rotated K rows in bf16 [kBlockN][Dp]
+  uint32_t* Vp = nullptr;  // AMX: bf16 pairs of V rows (2j, 2j + 1) [kBlockN / 2][Dp]
+  uint32_t* Qp = nullptr;  // AMX: bf16 pairs of the transposed Q tile [Dp / 2][Mp]
+  uint16_t* Pb = nullptr;  // AMX: probabilities in bf16, query rows [Mp][kBlockN]
+  uint32_t* tmp = nullptr;
+  if (amx) {
+    Kb = reinterpret_cast<uint16_t*>(bump.take(kBlockN * Dp / 2));
+    Vp = reinterpret_cast<uint32_t*>(bump.take(kBlockN * Dp / 2));
+    Qp = reinterpret_cast<uint32_t*>(bump.take(static_cast<int64_t>(Mp) * Dp / 2));
+    Pb = reinterpret_cast<uint16_t*>(bump.take(static_cast<int64_t>(Mp) * kBlockN / 2));
+    tmp = reinterpret_cast<uint32_t*>(bump.take(4 * Dp));
+    amx_begin();
+  }
 
   // Q tile: rows r = (i - i0) * G + g, rotated once (the base-2 softmax scale is applied to the
   // finished scores, see softmax_cols) and transposed eight rows at a time (rows past M are zeros).
@@ -626,6 +781,10 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       const int h = hkv * G + r % G;
       load_rotate_row<DT>(q + i * p.q_row_stride + h * p.q_head_stride, R ? q_cs + i * cs_stride : nullptr, R, cp, il,
                           D, Dp, row);
+    }
+    if (amx) {
+      bf16_pairs_transposed(Q8, Dp, Dp / 2, tmp, Qp, Mp, r0);
+      continue;
     }
     for (int d = 0; d < Dp; d += 8) {
       V r8[8];
@@ -650,12 +809,23 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       load_row<DT>(kv.vrow(j), D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
     }
     if (j0 + kBlockN < j_end) kv.prefetch(j0 + kBlockN, lmin(j0 + 2 * kBlockN, j_end), k_cs, cs_stride);
+    const int nbk = (nb + 31) / 32 * 32;  // AMX: keys padded to whole tiles with zero rows
+    if (amx) {
+      amx_k_operand(Ks, nb, nbk, Dp, Kb);
+      amx_v_operand(Vs, nb, nbk, Dp, Vp);
+    }
 
     // Causal: rows whose last visible key falls inside this block get a per-row key count, and
     // the block is computed only as far as some row of a 16-column score tile / 6-row P.V strip
     // sees (the rest is masked by the count): the triangle costs 9% of the work at 1K, 2% at 4K.
     const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
     if (!diagonal) {
+      if (amx) {
+        amx_scores(Kb, nbk, Dp, Qp, Mp, St);
+        softmax_cols<W>(St, Mp, Mp, nb, nullptr, scale2, m, l, alpha);
+        amx_pv_step(St, Mp, nb, nbk, alpha, Pb, Vp, Dp, O);
+        continue;
+      }
       outer_block(Ks, nb, Dp, Qt, Mp, Mp, St, Mp);
       softmax_cols<W>(St, Mp, Mp, nb, nullptr, scale2, m, l, alpha);
       pv_block(St, 1, Mp, M, Vs, Dp, Dp, nb, O, alpha);
@@ -664,9 +834,13 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
     auto visible = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, i0 + r / G + off - j0 + 1))); };
     // Padding rows (r >= M) see nothing: their columns stay -inf/0 instead of reading stale scores.
     for (int r = 0; r < Mp; ++r) lim[r] = static_cast<float>(r < M ? visible(r) : 0);
-    for (int c0 = 0; c0 < Mp; c0 += kNR) {
-      const int keys = c0 < M ? visible(imin(c0 + kNR, M) - 1) : 0;
-      if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, imin(kNR, Mp - c0), St + c0, Mp);
+    if (amx) {
+      amx_scores(Kb, nbk, Dp, Qp, Mp, St);
+    } else {
+      for (int c0 = 0; c0 < Mp; c0 += kNR) {
+        const int keys = c0 < M ? visible(imin(c0 + kNR, M) - 1) : 0;
+        if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, imin(kNR, Mp - c0), St + c0, Mp);
+      }
     }
     softmax_cols<W>(St, Mp, Mp, nb, lim, scale2, m, l, alpha);
     // A strip of rows runs to the keys its last row sees, multiplying the other rows' zero
@@ -676,6 +850,28 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
     const int seen_by_all = M ? visible(0) : nb;
     const bool one_by_one = !all_finite(Vs + static_cast<int64_t>(seen_by_all) * Dp,
                                         static_cast<int64_t>(nb - seen_by_all) * Dp);
+    if (amx) {
+      // The tiles multiply every probability, masked zeros included: the non-finite V entries of
+      // keys some row cannot see go through them as 0 (the row that cannot see them gets what it
+      // would with a 0 there) and are added afterwards, in fp32, to the rows that see them.
+      float* hidden = Vs + static_cast<int64_t>(seen_by_all) * Dp;
+      if (one_by_one) {
+        for (int64_t e = 0; e < static_cast<int64_t>(nb - seen_by_all) * Dp; ++e)
+          if (!(hidden[e] - hidden[e] == 0.0f)) hidden[e] = 0.0f;
+        amx_v_operand(Vs, nb, nbk, Dp, Vp);
+      }
+      amx_pv_step(St, Mp, nb, nbk, alpha, Pb, Vp, Dp, O);
+      for (int jj = seen_by_all; one_by_one && jj < nb; ++jj) {
+        const T* vr = kv.vrow(j0 + jj);
+        for (int c = 0; c < D; ++c) {
+          const float x = DT::to_float(vr[c]);
+          if (x - x == 0.0f) continue;
+          for (int r = 0; r < M; ++r)
+            if (visible(r) > jj) O[static_cast<int64_t>(r) * Dp + c] += St[static_cast<int64_t>(jj) * Mp + r] * x;
+        }
+      }
+      continue;
+    }
     for (int r0 = 0; r0 < M; r0 += kMR) {
       const int rows = imin(kMR, M - r0);
       if (!one_by_one) {
@@ -687,6 +883,8 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
         pv_block(St + r, 1, Mp, 1, Vs, Dp, Dp, visible(r), O + static_cast<int64_t>(r) * Dp, alpha + r);
     }
   }
+
+  if (amx) amx_end();
 
   for (int r = 0; r < M; ++r) {
     const int64_t i = i0 + r / G;

@@ -1,6 +1,6 @@
 // The CPU implementations of the ropekern ops (schemas in csrc/bindings.cpp): op_args.h checks the
 // arguments and fills the params; here the checks that read data on the host (cu_seqlens, cache
-// bounds, block tables), the rotary tables, the choice of kernel unit (AVX-512, AVX2 or generic, by cpuid),
+// bounds, block tables), the rotary tables, the choice of kernel unit (AMX, AVX-512, AVX2 or generic, by cpuid),
 // and threading through at::parallel_for.
 #include "ops.h"
 
@@ -19,71 +19,43 @@
 
 #include <torch/library.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
 
 #include "../op_args.h"
+#include "cpu_features.h"
 #include "kernels.h"
 
 namespace ropekern {
 namespace cpu {
 namespace {
 
-bool cpu_has_avx2() {
-#if defined(ROPEKERN_HAVE_AVX2_UNIT) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-#if defined(ROPEKERN_HAVE_AVX512_UNIT) && (defined(__GNUC__) || defined(__clang__))
-// XCR0 bits 1, 2 (SSE, AVX state) and 5, 6, 7 (opmask, upper halves of zmm0-15, zmm16-31): the
-// OS saves the AVX-512 registers across context switches. cpuid alone does not say so (a kernel
-// or hypervisor can leave them off), and using zmm then faults.
-__attribute__((target("xsave"))) bool os_saves_zmm() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
-  if (!(ecx & (1u << 27))) return false;  // OSXSAVE: xgetbv is usable
-  const unsigned long long xcr0 = _xgetbv(0);
-  return (xcr0 & 0xE6) == 0xE6;
-}
-#endif
-
-bool cpu_has_avx512() {
-#if defined(ROPEKERN_HAVE_AVX512_UNIT) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && os_saves_zmm();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-// ROPEKERN_CPU_ISA = auto (default) | avx512 | avx2 | generic; read on every call so tests can
-// switch. auto takes the widest unit this CPU and OS run.
+// ROPEKERN_CPU_ISA = auto (default) | amx | avx512 | avx2 | generic; read on every call so tests
+// can switch. auto takes the widest unit this CPU and OS run.
 const Kernels& kernels() {
   const char* env = std::getenv("ROPEKERN_CPU_ISA");
   const std::string want = env ? env : "auto";
   if (want == "generic") return kGenericKernels;
 #if defined(ROPEKERN_HAVE_AVX2_UNIT)
+  if (want == "amx") {
+    TORCH_CHECK(cpu_runs_amx(),
+                "ROPEKERN_CPU_ISA=amx but this CPU lacks AMX-TILE/AMX-BF16 (or the avx512 unit's needs), or the OS "
+                "does not enable the tile state for this process");
+    return kAmxKernels;
+  }
   if (want == "avx512") {
-    TORCH_CHECK(cpu_has_avx512(),
+    TORCH_CHECK(cpu_runs_avx512(),
                 "ROPEKERN_CPU_ISA=avx512 but this CPU lacks AVX-512F/BW/VL/DQ or the OS does not save the zmm "
                 "registers (XCR0)");
     return kAvx512Kernels;
   }
   if (want == "avx2") {
-    TORCH_CHECK(cpu_has_avx2(), "ROPEKERN_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
+    TORCH_CHECK(cpu_runs_avx2(), "ROPEKERN_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C or the OS does not save the ymm registers");
     return kAvx2Kernels;
   }
-  TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto, avx512, avx2 or generic, got ",
-                    want);
-  if (cpu_has_avx512()) return kAvx512Kernels;
-  if (cpu_has_avx2()) return kAvx2Kernels;
+  TORCH_CHECK_VALUE(want == "auto" || want.empty(),
+                    "ROPEKERN_CPU_ISA must be auto, amx, avx512, avx2 or generic, got ", want);
+  if (cpu_runs_amx()) return kAmxKernels;
+  if (cpu_runs_avx512()) return kAvx512Kernels;
+  if (cpu_runs_avx2()) return kAvx2Kernels;
 #else
   TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto or generic here, got ", want);
 #endif
@@ -366,14 +338,16 @@ std::string isa_reason() {
   const std::string want = env ? env : "auto";
   const std::string name = kernels().name;  // raises on a bad or unsupported ROPEKERN_CPU_ISA
   if (want != "auto" && !want.empty()) return "forced by ROPEKERN_CPU_ISA=" + want;
-#if defined(ROPEKERN_HAVE_AVX2_UNIT) && (defined(__GNUC__) || defined(__clang__))
-  if (name == "avx512") return "auto: cpuid reports AVX-512F/BW/VL/DQ and the OS saves the zmm registers (XCR0)";
-  std::string why = "auto: ";
-  if (!cpu_has_avx2()) return why + "no AVX2/FMA/F16C in cpuid";
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
-    return why + "AVX2/FMA/F16C in cpuid, AVX-512F/BW/VL/DQ not";
-  return why + "cpuid reports AVX-512 but the OS does not save the zmm registers (XCR0), so AVX2";
+#if defined(ROPEKERN_HAVE_AVX2_UNIT)
+  if (name == "amx")
+    return "auto: cpuid reports AVX-512F/BW/VL/DQ and AMX-TILE/BF16, the OS saves the zmm and tile state (XCR0) "
+           "and grants the tile data";
+  if (name == "avx512")
+    return "auto: cpuid reports AVX-512F/BW/VL/DQ and the OS saves the zmm registers (XCR0); AMX-BF16 tiles "
+           "missing or not granted";
+  if (name == "avx2")
+    return "auto: cpuid reports AVX2/FMA/F16C; AVX-512F/BW/VL/DQ missing or the zmm registers not saved by the OS";
+  return "auto: no AVX2/FMA/F16C in cpuid, or the ymm registers not saved by the OS";
 #else
   return "auto: the only unit built for this architecture";
 #endif

@@ -503,6 +503,7 @@ struct Lanes<W> {
 // Tag types: how one input element is loaded into / stored from fp32.
 struct F32 {
   using T = float;
+  static constexpr bool is_bf16 = false;
   static RK_INLINE V load8(const T* p) { return vload(p); }
   static RK_INLINE W load16(const T* p) { return wload(p); }
   static RK_INLINE void store8(T* p, V a) { vstore(p, a); }
@@ -511,6 +512,7 @@ struct F32 {
 };
 struct BF16 {
   using T = uint16_t;
+  static constexpr bool is_bf16 = true;
   static RK_INLINE V load8(const T* p) { return vload_bf16(p); }
   static RK_INLINE W load16(const T* p) { return wload_bf16(p); }
   static RK_INLINE void store8(T* p, V a) { vstore_bf16(p, a); }
@@ -519,6 +521,7 @@ struct BF16 {
 };
 struct F16 {
   using T = uint16_t;
+  static constexpr bool is_bf16 = false;
   static RK_INLINE V load8(const T* p) { return vload_f16(p); }
   static RK_INLINE W load16(const T* p) { return wload_f16(p); }
   static RK_INLINE void store8(T* p, V a) { vstore_f16(p, a); }
