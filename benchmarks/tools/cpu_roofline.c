@@ -1,5 +1,6 @@
 // The ceilings of the CPU benchmark's machine: FMA peaks at each vector width it has (ymm with
-// AVX2/FMA, zmm with AVX-512F, bf16 dot products with AVX512_BF16), the read bandwidth, and glibc
+// AVX2/FMA, zmm with AVX-512F, bf16 dot products with AVX512_BF16, AMX-BF16 tiles), the read
+// bandwidth, and glibc
 // memcpy (read + write) for comparison with bench_cpu.py's memcpy figure.
 //
 //   gcc -O3 -fopenmp benchmarks/tools/cpu_roofline.c -o /tmp/cpu_roofline
@@ -16,6 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 static const long kIters = 50000000;
 
@@ -52,6 +57,56 @@ __attribute__((target("avx512f,avx512bf16"))) static double dot_bf16(void) {
   return omp_get_max_threads() * (double)kIters * 12 * 64 / dt / 1e9;
 }
 
+// AMX-BF16: tdpbf16ps multiplies 16 x 32 bf16 by 32 x 16 into 16 x 16 fp32 (16,384 flops); four
+// independent accumulator tiles from two A and two B tiles, as a 2 x 2 blocked kernel runs them.
+// Linux must grant the process the tile data first (arch_prctl ARCH_REQ_XCOMP_PERM).
+struct tile_config {
+  unsigned char palette, start_row, reserved[14];
+  unsigned short colsb[16];
+  unsigned char rows[16];
+};
+
+static int amx_permitted(void) {
+#if defined(__linux__)
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+  return 0;
+#endif
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) static double amx_bf16(void) {
+  const long iters = kIters / 4;
+  const double t0 = omp_get_wtime();
+#pragma omp parallel
+  {
+    static __thread unsigned short a[16 * 32] __attribute__((aligned(64)));
+    static __thread float c[16 * 16] __attribute__((aligned(64)));
+    struct tile_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    _tile_loadd(4, a, 64);
+    _tile_loadd(5, a, 64);
+    _tile_loadd(6, a, 64);
+    _tile_loadd(7, a, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (long it = 0; it < iters; ++it) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, 64);
+    _tile_release();
+  }
+  const double dt = omp_get_wtime() - t0;
+  return omp_get_max_threads() * (double)iters * 4 * 16384 / dt / 1e9;
+}
+
 __attribute__((target("avx2"))) static double read_gbs(const float* a, size_t n) {
   float sink = 0.0f;
   const double t0 = omp_get_wtime();
@@ -84,15 +139,17 @@ int main(int argc, char** argv) {
   const int has_ymm = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const int has_zmm = __builtin_cpu_supports("avx512f");
   const int has_bf16 = has_zmm && __builtin_cpu_supports("avx512bf16");
+  const int has_amx = __builtin_cpu_supports("amx-bf16") && amx_permitted();
   const size_t n = mib * 1024 * 1024 / sizeof(float);
   float* a = aligned_alloc(64, n * sizeof(float));
   float* b = aligned_alloc(64, n * sizeof(float));
   for (size_t i = 0; i < n; ++i) a[i] = 1.0f, b[i] = 0.0f;
-  double ymm = 0, zmm = 0, bf16 = 0, read = 0, copy = 0;
+  double ymm = 0, zmm = 0, bf16 = 0, amx = 0, read = 0, copy = 0;
   for (int round = 0; round < 5; ++round) {
     if (has_ymm) ymm = best(ymm, fma_ymm());
     if (has_zmm) zmm = best(zmm, fma_zmm());
     if (has_bf16) bf16 = best(bf16, dot_bf16());
+    if (has_amx) amx = best(amx, amx_bf16());
     if (has_ymm) read = best(read, read_gbs(a, n));
     const double t0 = omp_get_wtime();
 #pragma omp parallel
@@ -105,12 +162,12 @@ int main(int argc, char** argv) {
   }
   if (json) {
     printf("{\"threads\": %d, \"fma_ymm_gflops\": %.1f, \"fma_zmm_gflops\": %.1f, \"dot_bf16_gflops\": %.1f, "
-           "\"read_gbs\": %.1f, \"memcpy_gbs\": %.1f, \"buffer_mib\": %zu}\n",
-           omp_get_max_threads(), ymm, zmm, bf16, read, copy, mib);
+           "\"amx_bf16_gflops\": %.1f, \"read_gbs\": %.1f, \"memcpy_gbs\": %.1f, \"buffer_mib\": %zu}\n",
+           omp_get_max_threads(), ymm, zmm, bf16, amx, read, copy, mib);
   } else {
-    printf("threads %d: FMA peak %.1f GFLOP/s (ymm) | %.1f (zmm) | %.1f (bf16 dot, vdpbf16ps) | read %.1f GB/s | "
-           "memcpy %.1f GB/s (read + write), %zu MiB  (0 = not on this CPU)\n",
-           omp_get_max_threads(), ymm, zmm, bf16, read, copy, mib);
+    printf("threads %d: FMA peak %.1f GFLOP/s (ymm) | %.1f (zmm) | %.1f (bf16 dot, vdpbf16ps) | %.1f (AMX-BF16 tiles) | "
+           "read %.1f GB/s | memcpy %.1f GB/s (read + write), %zu MiB  (0 = not on this CPU)\n",
+           omp_get_max_threads(), ymm, zmm, bf16, amx, read, copy, mib);
   }
   free(a);
   free(b);
