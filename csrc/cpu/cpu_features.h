@@ -45,13 +45,14 @@ inline bool cpu_runs_avx512() {
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && os_saves_zmm();
   return ok;
 }
-// kernels_amx.cpp: AMX-TILE and AMX-BF16 (cpuid leaf 7, EDX bits 24 and 22), the tile state on in
-// XCR0 (bits 17, 18) and Linux (5.16+) granting this process the tile data (arch_prctl
-// ARCH_REQ_XCOMP_PERM), on top of the AVX-512 unit's needs.
+// kernels_amx.cpp: AMX-TILE and AMX-BF16 (cpuid leaf 7, EDX bits 24 and 22) and AVX512_BF16 (its
+// operand conversions; every AMX CPU has it), the tile state on in XCR0 (bits 17, 18) and Linux
+// (5.16+) granting this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM), on top of the
+// AVX-512 unit's needs.
 inline bool cpu_runs_amx() {
 #if defined(__linux__)
   static const bool ok = [] {
-    if (!cpu_runs_avx512()) return false;
+    if (!cpu_runs_avx512() || !__builtin_cpu_supports("avx512bf16")) return false;
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     if (!(d & (1u << 24)) || !(d & (1u << 22))) return false;

@@ -581,6 +581,18 @@ RK_INLINE void amx_scores(const uint16_t*, int, int, const uint32_t*, int, float
 RK_INLINE void amx_pv(const uint16_t*, int, int, const uint32_t*, int, float*) {}
 #endif
 
+// Eight floats rounded to bf16 for a tile operand. The AMX unit uses AVX512_BF16's one-instruction
+// conversion (round to nearest even like vstore_bf16, but denormals to zero and any NaN quiet):
+// vstore_bf16's eight integer operations per vector were the largest cost around the tiles. The
+// outputs keep vstore_bf16 (exact c10 rounding).
+RK_INLINE void vstore_bf16_operand(uint16_t* p, V a) {
+#if RK_AMX
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), (__m128i)_mm256_cvtneps_pbh(a.v));
+#else
+  vstore_bf16(p, a);
+#endif
+}
+
 // Rows [r0, r0 + 8) of an fp32 matrix (ld floats apart) rounded to bf16 and transposed as 32-bit
 // pairs: out[k][r0 + t] = (x[t][2k], x[t][2k + 1]) for k < n2 (n2 a multiple of 8), out rows ldo
 // pairs apart. The AMX B operand of Q (pairs of channels) from Q rows.
@@ -588,7 +600,7 @@ RK_INLINE void bf16_pairs_transposed(const float* x, int64_t ld, int n2, uint32_
                                      int r0) {
   for (int t = 0; t < 8; ++t)
     for (int d = 0; d < 2 * n2; d += kLanes)
-      vstore_bf16(reinterpret_cast<uint16_t*>(tmp + static_cast<int64_t>(t) * n2) + d, vload(x + t * ld + d));
+      vstore_bf16_operand(reinterpret_cast<uint16_t*>(tmp + static_cast<int64_t>(t) * n2) + d, vload(x + t * ld + d));
   for (int k0 = 0; k0 < n2; k0 += 8) {
     V r8[8];
     for (int t = 0; t < 8; ++t) r8[t] = vload(reinterpret_cast<const float*>(tmp + static_cast<int64_t>(t) * n2 + k0));
@@ -602,7 +614,7 @@ RK_INLINE void bf16_pairs_transposed(const float* x, int64_t ld, int n2, uint32_
 // (2j, 2j + 1) (exact: V came in as bf16).
 static void amx_k_operand(float* Ks, int nb, int nbk, int Dp, uint16_t* Kb) {
   zero_floats(Ks + static_cast<int64_t>(nb) * Dp, static_cast<int64_t>(nbk - nb) * Dp);
-  for (int64_t e = 0; e < static_cast<int64_t>(nbk) * Dp; e += kLanes) vstore_bf16(Kb + e, vload(Ks + e));
+  for (int64_t e = 0; e < static_cast<int64_t>(nbk) * Dp; e += kLanes) vstore_bf16_operand(Kb + e, vload(Ks + e));
 }
 static void amx_v_operand(float* Vs, int nb, int nbk, int Dp, uint32_t* Vp) {
   zero_floats(Vs + static_cast<int64_t>(nb) * Dp, static_cast<int64_t>(nbk - nb) * Dp);
@@ -612,8 +624,8 @@ static void amx_v_operand(float* Vs, int nb, int nbk, int Dp, uint32_t* Vp) {
     for (int c = 0; c < Dp; c += kLanes) {
       V lo, hi;
       vzip(vload(a + c), vload(a + Dp + c), &lo, &hi);
-      vstore_bf16(dst + 2 * c, lo);
-      vstore_bf16(dst + 2 * c + kLanes, hi);
+      vstore_bf16_operand(dst + 2 * c, lo);
+      vstore_bf16_operand(dst + 2 * c + kLanes, hi);
     }
   }
 }
@@ -628,7 +640,7 @@ static void amx_pv_step(const float* St, int Mp, int nb, int nbk, const float* a
       V r8[8];
       for (int t = 0; t < 8; ++t) r8[t] = j0 + t < nb ? vload(St + static_cast<int64_t>(j0 + t) * Mp + c0) : vzero();
       transpose8(r8);
-      for (int u = 0; u < 8; ++u) vstore_bf16(Pb + static_cast<int64_t>(c0 + u) * nbk + j0, r8[u]);
+      for (int u = 0; u < 8; ++u) vstore_bf16_operand(Pb + static_cast<int64_t>(c0 + u) * nbk + j0, r8[u]);
     }
   for (int r = 0; r < Mp; ++r)
     if (alpha[r] != 1.0f) scale_row(O + static_cast<int64_t>(r) * Dp, Dp, alpha[r]);
@@ -685,6 +697,28 @@ struct KVRows {
     }
   }
 };
+
+// amx_v_operand from the bf16 rows themselves (the AMX unit's bf16 inputs, D = Dp): each pair of
+// keys' rows interleaved 16 bits at a time, rows past nb zeros.
+template <class KV>
+static void amx_v_operand_raw(const KV& kv, int64_t j0, int nb, int nbk, int Dp, uint32_t* Vp) {
+#if RK_AMX
+  for (int j2 = 0; j2 < nbk / 2; ++j2) {
+    const bool has_a = 2 * j2 < nb, has_b = 2 * j2 + 1 < nb;
+    const uint16_t* a = has_a ? reinterpret_cast<const uint16_t*>(kv.vrow(j0 + 2 * j2)) : nullptr;
+    const uint16_t* b = has_b ? reinterpret_cast<const uint16_t*>(kv.vrow(j0 + 2 * j2 + 1)) : nullptr;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(Vp + static_cast<int64_t>(j2) * Dp);
+    for (int c = 0; c < Dp; c += 8) {
+      const __m128i x = has_a ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + c)) : _mm_setzero_si128();
+      const __m128i y = has_b ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + c)) : _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * c), _mm_unpacklo_epi16(x, y));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * c + 8), _mm_unpackhi_epi16(x, y));
+    }
+  }
+#else
+  (void)kv, (void)j0, (void)nb, (void)nbk, (void)Dp, (void)Vp;
+#endif
+}
 
 template <class DT>
 void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
@@ -801,24 +835,30 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
 
   for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
     const int nb = static_cast<int>(lmin(kBlockN, j_end - j0));
+    const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
+    // AMX off the diagonal: V's tile operand straight from the bf16 rows, no fp32 copy (the
+    // diagonal keeps Vs for its check of masked non-finite values).
+    const bool v_raw = amx && !diagonal;
     // K and V blocks: each key is converted and rotated once for all G * nq query rows.
     for (int jj = 0; jj < nb; ++jj) {
       const int64_t j = j0 + jj;
       float* krow = Ks + static_cast<int64_t>(jj) * Dp;
       load_rotate_row<DT>(kv.krow(j), R ? k_cs + j * cs_stride : nullptr, R, cp, il, D, Dp, krow);
-      load_row<DT>(kv.vrow(j), D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
+      if (!v_raw) load_row<DT>(kv.vrow(j), D, Dp, Vs + static_cast<int64_t>(jj) * Dp);
     }
     if (j0 + kBlockN < j_end) kv.prefetch(j0 + kBlockN, lmin(j0 + 2 * kBlockN, j_end), k_cs, cs_stride);
     const int nbk = (nb + 31) / 32 * 32;  // AMX: keys padded to whole tiles with zero rows
     if (amx) {
       amx_k_operand(Ks, nb, nbk, Dp, Kb);
-      amx_v_operand(Vs, nb, nbk, Dp, Vp);
+      if (v_raw)
+        amx_v_operand_raw(kv, j0, nb, nbk, Dp, Vp);
+      else
+        amx_v_operand(Vs, nb, nbk, Dp, Vp);
     }
 
     // Causal: rows whose last visible key falls inside this block get a per-row key count, and
     // the block is computed only as far as some row of a 16-column score tile / 6-row P.V strip
     // sees (the rest is masked by the count): the triangle costs 9% of the work at 1K, 2% at 4K.
-    const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
     if (!diagonal) {
       if (amx) {
         amx_scores(Kb, nbk, Dp, Qp, Mp, St);
