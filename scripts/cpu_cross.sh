@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU kernel harness (csrc/tests/test_cpu_kernels.cpp) on aarch64: cross-compiled with the
-# units that build there (kernels_generic.cpp, and kernels_neon.cpp once it exists), linked
+# units that build there (kernels_generic.cpp and kernels_neon.cpp, the latter when present), linked
 # statically (so qemu needs no aarch64 sysroot, no -L) and run under qemu-user. .ci/run calls it
 # after ctest.
 #

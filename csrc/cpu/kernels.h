@@ -1,8 +1,9 @@
 // Interface between the torch glue (ops.cpp) and the CPU kernel units, which are compiled once per
 // instruction set (kernels_amx.cpp with AVX-512 and the AMX-BF16 tiles, kernels_avx512.cpp with
-// AVX-512F/BW/VL, kernels_avx2.cpp with AVX2/FMA/F16C, kernels_generic.cpp for any CPU) and chosen
-// at run time. Torch-free: raw pointers, the shared POD params of params.h, and a few
-// CPU-only plan fields (precomputed rotary tables, block sizes, split-K buffers).
+// AVX-512F/BW/VL, kernels_avx2.cpp with AVX2/FMA/F16C, kernels_neon.cpp on aarch64,
+// kernels_generic.cpp for any CPU) and chosen at run time. Torch-free: raw pointers, the shared POD
+// params of params.h, and a few CPU-only plan fields (precomputed rotary tables, block sizes,
+// split-K buffers).
 //
 // Work is cut into independent items (ops.cpp hands them to threads through at::parallel_for and
 // an atomic counter); each item gets a private fp32 scratch buffer of *_scratch_floats() floats.
@@ -109,6 +110,10 @@ struct Kernels {
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
 extern const Kernels kAmxKernels;
+#endif
+#if defined(__aarch64__)
+#define ROPEKERN_HAVE_NEON_UNIT 1
+extern const Kernels kNeonKernels;
 #endif
 extern const Kernels kGenericKernels;
 

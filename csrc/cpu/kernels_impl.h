@@ -20,7 +20,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Micro-kernel tiles: kMR rows x kNW wide vectors (kNR = 16 kNW columns). The accumulators must
 // outnumber the FMA latency x pipes (4 x 2 = 8 in flight) and fit the register file beside the
 // operands, and the loads (kNW + kMR per kNW kMR FMAs) must stay below the FMAs:
-// 6 rows x 2 ymm = 12 of the 16 ymm registers (AVX2, generic); 8 rows x 2 zmm = 16 of 32 zmm.
+// 6 rows x 2 ymm = 12 of the 16 ymm registers (AVX2, generic; on NEON 24 of 32 q registers);
+// 8 rows x 2 zmm = 16 of 32 zmm.
 #if RK_VEC_AVX512
 constexpr int kMR = 8;
 constexpr int kNW = 2;

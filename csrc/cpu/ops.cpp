@@ -1,6 +1,7 @@
 // The CPU implementations of the ropekern ops (schemas in csrc/bindings.cpp): op_args.h checks the
 // arguments and fills the params; here the checks that read data on the host (cu_seqlens, cache
-// bounds, block tables), the rotary tables, the choice of kernel unit (AMX, AVX-512, AVX2 or generic, by cpuid),
+// bounds, block tables), the rotary tables, the choice of kernel unit (AMX, AVX-512, AVX2 or generic, by cpuid;
+// NEON on aarch64),
 // and threading through at::parallel_for.
 #include "ops.h"
 
@@ -28,8 +29,9 @@ namespace ropekern {
 namespace cpu {
 namespace {
 
-// ROPEKERN_CPU_ISA = auto (default) | amx | avx512 | avx2 | generic; read on every call so tests
-// can switch. auto takes the widest unit this CPU and OS run.
+// ROPEKERN_CPU_ISA = auto (default) | amx | avx512 | avx2 | generic (x86-64), auto | neon | generic
+// (aarch64); read on every call so tests can switch. auto takes the widest unit this CPU and OS
+// run; on aarch64 that is always neon (Advanced SIMD is part of the base ISA).
 const Kernels& kernels() {
   const char* env = std::getenv("ROPEKERN_CPU_ISA");
   const std::string want = env ? env : "auto";
@@ -56,6 +58,10 @@ const Kernels& kernels() {
   if (cpu_runs_amx()) return kAmxKernels;
   if (cpu_runs_avx512()) return kAvx512Kernels;
   if (cpu_runs_avx2()) return kAvx2Kernels;
+#elif defined(ROPEKERN_HAVE_NEON_UNIT)
+  if (want == "neon") return kNeonKernels;
+  TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto, neon or generic here, got ", want);
+  return kNeonKernels;
 #else
   TORCH_CHECK_VALUE(want == "auto" || want.empty(), "ROPEKERN_CPU_ISA must be auto or generic here, got ", want);
 #endif
@@ -348,6 +354,8 @@ std::string isa_reason() {
   if (name == "avx2")
     return "auto: cpuid reports AVX2/FMA/F16C; AVX-512F/BW/VL/DQ missing or the zmm registers not saved by the OS";
   return "auto: no AVX2/FMA/F16C in cpuid, or the ymm registers not saved by the OS";
+#elif defined(ROPEKERN_HAVE_NEON_UNIT)
+  return "auto: aarch64, where NEON (Advanced SIMD) is part of the base ISA, so every CPU runs the neon unit";
 #else
   return "auto: the only unit built for this architecture";
 #endif

@@ -5,6 +5,8 @@
 //                    AVX-512, so machines without it still test it);
 //   RK_VEC_AVX2=1    AVX2 + FMA + F16C intrinsics: V is one ymm register, W two
 //                    (kernels_avx2.cpp and, for V, kernels_avx512.cpp);
+//   RK_VEC_NEON=1    AArch64 Advanced SIMD intrinsics: V is two q registers, W four
+//                    (kernels_neon.cpp);
 //   otherwise        plain arrays with loops that any compiler vectorises for its baseline ISA
 //                    (SSE2 on x86-64, NEON on aarch64) (kernels_generic.cpp).
 // Everything lives in namespace ropekern::cpu::RK_ISA and is force-inlined, so the units never
@@ -26,6 +28,14 @@
 #else
 #include <immintrin.h>
 #endif
+#endif
+
+#if RK_VEC_NEON
+#if RK_VEC_AVX2 || !defined(__aarch64__)
+// vrndnq_f32, vcvtnq_s32_f32, vpaddq_f32, vzip1q_f32, vfmaq_f32 ... are AArch64 (A64) only.
+#error "the NEON flavour is AArch64 only and excludes the AVX ones"
+#endif
+#include <arm_neon.h>
 #endif
 
 #ifndef RK_ISA
@@ -98,6 +108,15 @@ RK_INLINE uint16_t float_to_f16_soft(float f) {
 #if RK_VEC_AVX2
 RK_INLINE float f16_to_float(uint16_t h) { return _cvtsh_ss(h); }
 RK_INLINE uint16_t float_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#elif RK_VEC_NEON
+// The conversion instructions (fcvt) of the vector loads and stores below, so that scalar tails
+// round and propagate NaN payloads exactly as the vector body does (as F16C does for AVX2).
+RK_INLINE float f16_to_float(uint16_t h) {
+  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+RK_INLINE uint16_t float_to_f16(float f) {
+  return vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(f))), 0);
+}
 #else
 RK_INLINE float f16_to_float(uint16_t h) { return f16_to_float_soft(h); }
 RK_INLINE uint16_t float_to_f16(float f) { return float_to_f16_soft(f); }
@@ -201,6 +220,150 @@ RK_INLINE __m256 vor_mask(__m256 a, __m256 b) { return _mm256_or_ps(a, b); }
 RK_INLINE V vselect_lt(V a, V b, V yes, V no) { return {_mm256_blendv_ps(no.v, yes.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))}; }
 RK_INLINE __m256i vround_to_int(V a) { return _mm256_cvtps_epi32(a.v); }
 RK_INLINE V vneg(V a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
+#elif RK_VEC_NEON  // ---------------------------------------------------------------- AArch64 NEON
+// V = two q registers (lanes 0-3, 4-7). Each operation gives the portable flavour's result lane for
+// lane: compare-and-select where a NEON instruction treats NaN otherwise (fmax returns NaN, the
+// portable a > b ? a : b returns b), round-to-nearest-even instructions (frintn, fcvtns) where it
+// calls nearbyintf in the default rounding mode, and one FMA where its source is a multiply-add,
+// which GCC contracts into an FMA on aarch64 anyway (-ffp-contract=fast, its default for C++).
+// The horizontal sums add in the AVX2 flavour's tree order instead of the portable left-to-right.
+struct V {
+  float32x4_t lo, hi;
+};
+RK_INLINE V vzero() { return {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
+RK_INLINE V vset1(float x) { return {vdupq_n_f32(x), vdupq_n_f32(x)}; }
+RK_INLINE V vload(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+RK_INLINE void vstore(float* p, V a) {
+  vst1q_f32(p, a.lo);
+  vst1q_f32(p + 4, a.hi);
+}
+RK_INLINE V vbcast(const float* p) {
+  const float32x4_t b = vld1q_dup_f32(p);
+  return {b, b};
+}
+RK_INLINE V operator+(V a, V b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
+RK_INLINE V operator-(V a, V b) { return {vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)}; }
+RK_INLINE V operator*(V a, V b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
+RK_INLINE V vfma(V a, V b, V c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }  // a*b + c
+// a*b - c, one rounding: fma(a, b, -c) (negation is exact; vfmsq_f32 computes c - a*b).
+RK_INLINE V vfms(V a, V b, V c) {
+  return {vfmaq_f32(vnegq_f32(c.lo), a.lo, b.lo), vfmaq_f32(vnegq_f32(c.hi), a.hi, b.hi)};
+}
+// a > b ? a : b: b where either is NaN, as the portable and AVX flavours (fmax would give NaN).
+RK_INLINE float32x4_t vmax4(float32x4_t a, float32x4_t b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+RK_INLINE V vmax(V a, V b) { return {vmax4(a.lo, b.lo), vmax4(a.hi, b.hi)}; }
+RK_INLINE V vfloor(V a) { return {vrndmq_f32(a.lo), vrndmq_f32(a.hi)}; }
+// Lanes where `a == -inf` become 0, others keep `b` (masked probabilities are selected, never multiplied).
+RK_INLINE float32x4_t vzero_where_neginf4(float32x4_t a, float32x4_t b) {
+  const uint32x4_t neginf = vceqq_f32(a, vdupq_n_f32(-kInf));
+  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(b), neginf));  // b & ~mask
+}
+RK_INLINE V vzero_where_neginf(V a, V b) { return {vzero_where_neginf4(a.lo, b.lo), vzero_where_neginf4(a.hi, b.hi)}; }
+// (x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...): rev64 swaps the 32-bit halves of each 64-bit pair.
+RK_INLINE V vswap_pairs(V a) { return {vrev64q_f32(a.lo), vrev64q_f32(a.hi)}; }
+// (a0..a7), (b0..b7) -> lo (a0 b0 a1 b1 a2 b2 a3 b3), hi (a4 b4 ... a7 b7).
+RK_INLINE void vzip(V a, V b, V* lo, V* hi) {
+  lo->lo = vzip1q_f32(a.lo, b.lo);
+  lo->hi = vzip2q_f32(a.lo, b.lo);
+  hi->lo = vzip1q_f32(a.hi, b.hi);
+  hi->hi = vzip2q_f32(a.hi, b.hi);
+}
+// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): hsum8's order for one vector.
+RK_INLINE float hsum(V a) { return vaddvq_f32(vpaddq_f32(a.lo, a.hi)); }
+// Lane i = hsum(a[i]) for four rows, in the AVX2 flavour's order (its hadd tree), so the two agree:
+// pairwise sums within each row, then pairs of those, then the two halves.
+RK_INLINE float32x4_t hsum4(const V* a) {
+  const float32x4_t p0 = vpaddq_f32(a[0].lo, a[0].hi), p1 = vpaddq_f32(a[1].lo, a[1].hi);  // (a01 a23 a45 a67)
+  const float32x4_t p2 = vpaddq_f32(a[2].lo, a[2].hi), p3 = vpaddq_f32(a[3].lo, a[3].hi);
+  const float32x4_t q01 = vpaddq_f32(p0, p1), q23 = vpaddq_f32(p2, p3);  // (a0123 a4567) of two rows
+  return vpaddq_f32(q01, q23);
+}
+// Eight horizontal sums at once: lane i of the result is the sum of a[i].
+RK_INLINE V hsum8(const V* a) { return {hsum4(a), hsum4(a + 4)}; }
+// 4x4 transpose of rows r0..r3 into o[0..3]: trn on 32-bit lanes, then on 64-bit pairs.
+RK_INLINE void transpose4(float32x4_t r0, float32x4_t r1, float32x4_t r2, float32x4_t r3, float32x4_t* o) {
+  const float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(r0, r1));  // r00 r10 r02 r12
+  const float64x2_t t1 = vreinterpretq_f64_f32(vtrn2q_f32(r0, r1));  // r01 r11 r03 r13
+  const float64x2_t t2 = vreinterpretq_f64_f32(vtrn1q_f32(r2, r3));  // r20 r30 r22 r32
+  const float64x2_t t3 = vreinterpretq_f64_f32(vtrn2q_f32(r2, r3));  // r21 r31 r23 r33
+  o[0] = vreinterpretq_f32_f64(vtrn1q_f64(t0, t2));
+  o[1] = vreinterpretq_f32_f64(vtrn1q_f64(t1, t3));
+  o[2] = vreinterpretq_f32_f64(vtrn2q_f64(t0, t2));
+  o[3] = vreinterpretq_f32_f64(vtrn2q_f64(t1, t3));
+}
+// In-place 8x8 transpose of rows r[0..7], as four 4x4 blocks: the off-diagonal blocks trade places.
+RK_INLINE void transpose8(V* r) {
+  float32x4_t a[4], b[4], c[4], d[4];
+  transpose4(r[0].lo, r[1].lo, r[2].lo, r[3].lo, a);  // rows 0-3 of the result, lanes 0-3
+  transpose4(r[4].lo, r[5].lo, r[6].lo, r[7].lo, b);  // rows 0-3, lanes 4-7
+  transpose4(r[0].hi, r[1].hi, r[2].hi, r[3].hi, c);  // rows 4-7, lanes 0-3
+  transpose4(r[4].hi, r[5].hi, r[6].hi, r[7].hi, d);  // rows 4-7, lanes 4-7
+  for (int i = 0; i < 4; ++i) {
+    r[i].lo = a[i];
+    r[i].hi = b[i];
+    r[i + 4].lo = c[i];
+    r[i + 4].hi = d[i];
+  }
+}
+// bf16 -> fp32 is the 16 bits shifted into the top half (shll: widen and shift by 16 at once).
+RK_INLINE V vload_bf16(const uint16_t* p) {
+  const uint16x8_t h = vld1q_u16(p);
+  return {vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)), vreinterpretq_f32_u32(vshll_high_n_u16(h, 16))};
+}
+// float_to_bf16 on four lanes: (u + 0x7FFF + lsb) >> 16 (addhn: the add's high halves, narrowed),
+// NaN -> 0x7FC0.
+RK_INLINE uint16x4_t bf16_round4(float32x4_t a) {
+  const uint32x4_t u = vreinterpretq_u32_f32(a);
+  const uint32x4_t bias = vaddq_u32(vdupq_n_u32(0x7FFFu), vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1u)));
+  const uint16x4_t nan = vmovn_u32(vmvnq_u32(vceqq_f32(a, a)));
+  return vbsl_u16(nan, vdup_n_u16(0x7FC0), vaddhn_u32(u, bias));
+}
+RK_INLINE void vstore_bf16(uint16_t* p, V a) { vst1q_u16(p, vcombine_u16(bf16_round4(a.lo), bf16_round4(a.hi))); }
+// fp16 <-> fp32 by fcvtl / fcvtn (base AArch64): round to nearest even in the default FPCR mode,
+// subnormals kept (Linux leaves FPCR.FZ off), as float_to_f16_soft.
+RK_INLINE V vload_f16(const uint16_t* p) {
+  const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(p));
+  return {vcvt_f32_f16(vget_low_f16(h)), vcvt_high_f32_f16(h)};
+}
+RK_INLINE void vstore_f16(uint16_t* p, V a) {
+  vst1q_u16(p, vreinterpretq_u16_f16(vcvt_high_f16_f32(vcvt_f16_f32(a.lo), a.hi)));
+}
+// 2^x for x <= 0 (scores minus their running max). x < -126 flushes to 0.
+RK_INLINE float32x4_t vexp2_4(float32x4_t x) {
+  const float32x4_t xc = vmax4(x, vdupq_n_f32(-127.0f));  // NaN -> -127, as the portable flavour
+  const float32x4_t n = vrndnq_f32(xc);
+  const float32x4_t f = vsubq_f32(xc, n);  // [-0.5, 0.5]
+  float32x4_t p = vdupq_n_f32(kExp2Poly[0]);
+  for (int i = 1; i < kExp2Terms; ++i) p = vfmaq_f32(vdupq_n_f32(kExp2Poly[i]), p, f);
+  // 2^n by building the exponent field; n = -127 gives the bit pattern of +0, so the result is 0.
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+RK_INLINE V vexp2(V x) { return {vexp2_4(x.lo), vexp2_4(x.hi)}; }
+// Lane masks are all-ones / all-zeros words, as the compare instructions give them.
+struct Mask {
+  uint32x4_t lo, hi;
+};
+struct IntV {
+  int32x4_t lo, hi;
+};
+// Quadrant selection for vsincos_turns: lanes where (q & bit) != 0 (cmtst).
+RK_INLINE Mask quadrant_mask(IntV q, int bit) {
+  const int32x4_t b = vdupq_n_s32(bit);
+  return {vtstq_s32(q.lo, b), vtstq_s32(q.hi, b)};
+}
+RK_INLINE V vselect(Mask mask, V yes, V no) {
+  return {vbslq_f32(mask.lo, yes.lo, no.lo), vbslq_f32(mask.hi, yes.hi, no.hi)};
+}
+RK_INLINE Mask vcmp_eq(V a, V b) { return {vceqq_f32(a.lo, b.lo), vceqq_f32(a.hi, b.hi)}; }
+RK_INLINE Mask vcmp_gt(V a, V b) { return {vcgtq_f32(a.lo, b.lo), vcgtq_f32(a.hi, b.hi)}; }
+RK_INLINE Mask vor_mask(Mask a, Mask b) { return {vorrq_u32(a.lo, b.lo), vorrq_u32(a.hi, b.hi)}; }
+// a < b ? yes : no, lane by lane.
+RK_INLINE V vselect_lt(V a, V b, V yes, V no) {
+  return {vbslq_f32(vcltq_f32(a.lo, b.lo), yes.lo, no.lo), vbslq_f32(vcltq_f32(a.hi, b.hi), yes.hi, no.hi)};
+}
+RK_INLINE IntV vround_to_int(V a) { return {vcvtnq_s32_f32(a.lo), vcvtnq_s32_f32(a.hi)}; }  // ties to even
+RK_INLINE V vneg(V a) { return {vnegq_f32(a.lo), vnegq_f32(a.hi)}; }
 #else  // ------------------------------------------------------------------ portable fallback
 struct V {
   float v[kLanes];
@@ -365,6 +528,8 @@ RK_INLINE void vsincos_turns(V t, V* s_out, V* c_out) {
   V qf;
 #if RK_VEC_AVX2
   qf.v = _mm256_cvtepi32_ps(qi);
+#elif RK_VEC_NEON
+  qf = {vcvtq_f32_s32(qi.lo), vcvtq_f32_s32(qi.hi)};
 #else
   for (int i = 0; i < kLanes; ++i) qf.v[i] = static_cast<float>(qi.v[i]);
 #endif
@@ -384,6 +549,8 @@ RK_INLINE void vsincos_turns(V t, V* s_out, V* c_out) {
   sin_v = vselect(quadrant_mask(qi, 2), vneg(sin_v), sin_v);
 #if RK_VEC_AVX2
   const __m256i q1 = _mm256_add_epi32(qi, _mm256_set1_epi32(1));
+#elif RK_VEC_NEON
+  const IntV q1 = {vaddq_s32(qi.lo, vdupq_n_s32(1)), vaddq_s32(qi.hi, vdupq_n_s32(1))};
 #else
   IntV q1;
   for (int i = 0; i < kLanes; ++i) q1.v[i] = qi.v[i] + 1;

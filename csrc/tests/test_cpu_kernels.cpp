@@ -7,7 +7,7 @@
 //   test_cpu_kernels [--quick] [--case SUBSTRING] [--verbose] [--list] [UNIT...]
 //
 // Every unit linked in (the compile-time list `kUnits` below: generic, avx2, avx512, amx on x86-64;
-// generic (and neon, once there is one) elsewhere; avx512_simde alone in the SIMDe build) runs when
+// generic (and neon on aarch64) elsewhere; avx512_simde alone in the SIMDe build) runs when
 // the CPU and OS support it, or only the UNITs named. --quick (or ROPEKERN_CPU_TEST_QUICK=1) runs the smaller case list meant
 // for emulated runs (the SIMDe build of the AVX-512 unit, qemu-user on aarch64). Exit status:
 // 0 all passed, 1 a failure (each one named: unit, case, dtype, element), 2 bad usage, 77 no

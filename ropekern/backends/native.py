@@ -85,11 +85,11 @@ cpu_backend = NativeBackend("cpu")
 
 
 def cpu_isa() -> str:
-    """The CPU kernel unit in use: ``"avx512"`` (AVX-512F/BW/VL/DQ, with the OS saving the zmm
-    registers), ``"avx2"`` (AVX2 + FMA + F16C) or ``"generic"`` (any CPU, vectorised by the
-    compiler), the widest the machine runs; ``ROPEKERN_CPU_ISA=avx512|avx2|generic`` forces one
-    (read on every call; a unit the CPU cannot run raises ``RuntimeError``, an unknown name
-    ``ValueError``)."""
+    """The CPU kernel unit in use, the widest the machine runs: on x86-64 ``"amx"`` (the avx512
+    unit plus AMX-BF16 tiles for bf16 prefill), ``"avx512"`` (AVX-512F/BW/VL/DQ, with the OS
+    saving the zmm registers), ``"avx2"`` (AVX2 + FMA + F16C); on aarch64 ``"neon"``; anywhere
+    ``"generic"`` (vectorised by the compiler). ``ROPEKERN_CPU_ISA`` forces one (read on every
+    call; a unit the CPU cannot run raises ``RuntimeError``, an unknown name ``ValueError``)."""
     if _LOAD_ERROR:
         raise RuntimeError(_LOAD_ERROR)
     return _C.cpu_isa()

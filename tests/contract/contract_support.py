@@ -69,7 +69,7 @@ def cpu_units() -> tuple[str, ...]:
     units = []
     old = os.environ.get("ROPEKERN_CPU_ISA")
     try:
-        for unit in ("amx", "avx512", "avx2", "generic"):
+        for unit in ("amx", "avx512", "avx2", "neon", "generic"):
             os.environ["ROPEKERN_CPU_ISA"] = unit
             try:
                 if native.cpu_isa() == unit:
