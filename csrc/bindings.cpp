@@ -7,7 +7,9 @@
 //                -> out like q, lse float32 [B, Hq, Sq] / [Hq, Tq]
 //   fwd_kvcache  appends k_new/v_new into the caches in place, then attends (docs/design.md §2)
 //   apply_rope   x [B, S, H, D] / [T, H, D] -> rotated copy
-// `freqs` is the fp32 turn-split table [nT, 4, rotary_dim / 2] (nT = 1 or B) from RopeConfig.tables;
+//   apply_rope_  the same rotation written into x (any strides: views of a packed qkv buffer)
+// `freqs` is the fp32 turn-split table [nT, 4, rotary_dim / 2] (nT = 1 or B) from RopeConfig.tables,
+// or with table_positions P > 0 a caller's cos/sin table [P, 2, rotary_dim / 2] (RopeTable.tables);
 // positions are int32; rotary_dim == 0 runs without rotation.
 #include <Python.h>
 #include <torch/library.h>

@@ -60,7 +60,8 @@ inline at::Tensor int32_arg(const at::Tensor& t, const char* name, at::IntArrayR
 }
 
 // The rotary params from the split table `freqs`, float32 [nT, kSplitRows, R/2] with nT in {1, batch}
-// (ropekern.scaling.split_turns). rotary_dim 0 turns rotation off; the table is then not read.
+// (ropekern.scaling.split_turns), or a caller's cos/sin table [table_positions, 2, R/2]
+// (ropekern.RopeTable). rotary_dim 0 turns rotation off; the table is then not read.
 inline RopeParams rope_params(ROPEKERN_ROPE_PARAMS,
                               int64_t head_dim, int64_t batch, const at::Tensor& ref, const char* who) {
   TORCH_CHECK_VALUE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, who,
@@ -69,15 +70,26 @@ inline RopeParams rope_params(ROPEKERN_ROPE_PARAMS,
   rope.rotary_dim = static_cast<int>(rotary_dim);
   rope.interleaved = interleaved;
   rope.attention_factor = static_cast<float>(attention_factor);
+  TORCH_CHECK_VALUE(table_positions >= 0 && table_positions < (int64_t{1} << 31), who,
+                    ": `table_positions` must be in [0, 2^31), got ", table_positions);
+  rope.table_positions = static_cast<int>(table_positions);
+  if (table_positions) rope.attention_factor = 1.0f;  // a caller's table holds the magnitude
   if (rotary_dim == 0) return rope;
   check_same_device(freqs, "freqs", ref, who);
   TORCH_CHECK_TYPE(freqs.scalar_type() == at::kFloat, who, ": `freqs` must be float32, got ", freqs.scalar_type());
+  TORCH_CHECK_VALUE(freqs.is_contiguous(), who, ": `freqs` must be contiguous");
+  rope.freqs = freqs.data_ptr<float>();
+  if (table_positions) {
+    TORCH_CHECK_VALUE(freqs.dim() == 3 && freqs.size(0) == table_positions && freqs.size(1) == 2 &&
+                          freqs.size(2) == rotary_dim / 2,
+                      who, ": `freqs` (a caller's table) must have shape [", table_positions, ", 2, ", rotary_dim / 2,
+                      "], got ", freqs.sizes());
+    return rope;
+  }
   TORCH_CHECK_VALUE(freqs.dim() == 3 && freqs.size(1) == kSplitRows && freqs.size(2) == rotary_dim / 2 &&
                         (freqs.size(0) == 1 || freqs.size(0) == batch),
                     who, ": `freqs` must have shape [1 or ", batch, ", ", kSplitRows, ", ", rotary_dim / 2, "], got ",
                     freqs.sizes());
-  TORCH_CHECK_VALUE(freqs.is_contiguous(), who, ": `freqs` must be contiguous");
-  rope.freqs = freqs.data_ptr<float>();
   rope.freqs_batch_stride = freqs.size(0) == 1 ? 0 : kSplitRows * (rotary_dim / 2);
   return rope;
 }
@@ -297,8 +309,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   return {c.out, c.lse};
 }
 
+// x rotated into `out` (x's shape; x itself for the in-place op: the kernels read a head's row
+// before writing it).
 template <class Device>
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, ROPEKERN_ROPE_PARAMS) {
+void rope_into(const at::Tensor& x, const at::Tensor& positions, ROPEKERN_ROPE_PARAMS, const at::Tensor& out) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4, who, ": `x` must be [B, S, H, D] or [T, H, D], got ", x.sizes());
@@ -309,10 +323,21 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, ROPEKERN
   c.pos = x.dim() == 4 ? int32_arg(positions, "positions", {B, S}, x, who)
                        : int32_arg(positions, "positions", {S}, x, who).unsqueeze(0);
   c.rope = rope_params(ROPEKERN_ROPE_ARGS, x.size(-1), B, x, who);
-  c.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  c.out = out;
   c.out4 = x.dim() == 4 ? c.out : c.out.unsqueeze(0);
   if (x.numel() > 0) Device::rope(c, dtype);
-  return c.out;
+}
+
+template <class Device>
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, ROPEKERN_ROPE_PARAMS) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  rope_into<Device>(x, positions, ROPEKERN_ROPE_ARGS, out);
+  return out;
+}
+
+template <class Device>
+void apply_rope_inplace(const at::Tensor& x, const at::Tensor& positions, ROPEKERN_ROPE_PARAMS) {
+  rope_into<Device>(x, positions, ROPEKERN_ROPE_ARGS, x);
 }
 
 }  // namespace args
@@ -324,4 +349,5 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, ROPEKERN
     m.impl("fwd", &::ropekern::args::fwd<Device>);                             \
     m.impl("fwd_kvcache", &::ropekern::args::fwd_kvcache<Device>);             \
     m.impl("apply_rope", &::ropekern::args::apply_rope<Device>);               \
+    m.impl("apply_rope_", &::ropekern::args::apply_rope_inplace<Device>);      \
   }

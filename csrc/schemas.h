@@ -7,9 +7,11 @@
 
 // RopeParams as op arguments, in the order of every op (ropekern._validation.RopeArgs): in the
 // schemas, as the C++ parameters of the ops (csrc/op_args.h), and as the arguments that pass them on.
-#define ROPEKERN_ROPE_SCHEMA "Tensor freqs, int rotary_dim, bool interleaved, float attention_factor"
-#define ROPEKERN_ROPE_PARAMS const at::Tensor &freqs, int64_t rotary_dim, bool interleaved, double attention_factor
-#define ROPEKERN_ROPE_ARGS freqs, rotary_dim, interleaved, attention_factor
+#define ROPEKERN_ROPE_SCHEMA \
+  "Tensor freqs, int rotary_dim, bool interleaved, float attention_factor, int table_positions"
+#define ROPEKERN_ROPE_PARAMS \
+  const at::Tensor &freqs, int64_t rotary_dim, bool interleaved, double attention_factor, int64_t table_positions
+#define ROPEKERN_ROPE_ARGS freqs, rotary_dim, interleaved, attention_factor, table_positions
 
 namespace ropekern {
 
@@ -21,6 +23,7 @@ inline void define_schemas(torch::Library& m) {
         "Tensor? v_new, Tensor? block_table, " ROPEKERN_ROPE_SCHEMA
         ", bool causal, float softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
   m.def("apply_rope(Tensor x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> Tensor");
+  m.def("apply_rope_(Tensor(a!) x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> ()");
 }
 
 }  // namespace ropekern

@@ -13,25 +13,17 @@ inputs, out and the LSE and runs the ``backward`` of the first backend that serv
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import backends
 from ._validation import BACKWARD_SCHEMA, RopeArgs
-from .reference import cos_sin, rotate
+from .reference import rotate
 
 __all__ = ["backward_backend", "dense_backward", "recompute_backward", "register_attention_autograd"]
 
 # Scores held at once per query chunk: 2**24 elements (128 MiB in fp64, ~5 live copies: s, p,
 # dp, ds and a product), so the pure-PyTorch backward fits next to the activations.
 _SCORE_BUDGET = 1 << 24
-
-
-def inv_freq_from_split(split: torch.Tensor) -> torch.Tensor:
-    """float64 ``[nT, R/2]`` radians per position from the kernels' split table ``[nT, 4, R/2]``
-    (the rows sum to the frequency in turns, ``scaling.split_turns``)."""
-    return split.to(torch.float64).sum(-2) * (2.0 * math.pi)
 
 
 def dense_backward(
@@ -87,9 +79,8 @@ def dense_backward(
     g = hq // hkv
     r, il = rope.rotary_dim, rope.interleaved
     if r:
-        inv64 = inv_freq_from_split(rope.split)
-        cq, sq_ = cos_sin(q_pos, inv64[:, None, :], rope.attention_factor, cd)
-        ck, sk_ = cos_sin(k_pos, inv64[:, None, :], rope.attention_factor, cd)
+        cq, sq_ = rope.cos_sin(q_pos, cd)
+        ck, sk_ = rope.cos_sin(k_pos, cd)
         cq, sq_, ck, sk_ = (t[:, :, None, :] for t in (cq, sq_, ck, sk_))  # [B, S, 1, R/2]
         qr, kr = rotate(q.to(cd), cq, sq_, r, il), rotate(k.to(cd), ck, sk_, r, il)
     else:
@@ -179,10 +170,9 @@ def _recompute(
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if qs.start == qs.stop or ks.start == ks.stop:
             continue  # no queries or no keys: zero gradients
-        table = rope.split[b : b + 1] if rope.split.shape[0] > 1 else rope.split
         grads = dense_backward(
             q[None, qs], k[None, ks], v[None, ks], dout[None, qs], lse[None, :, qs], delta[None, :, qs],
-            q_positions[None, qs], k_positions[None, ks], rope._replace(split=table), *args,
+            q_positions[None, qs], k_positions[None, ks], rope.for_sequence(b), *args,
         )  # fmt: skip
         dq[qs], dk[ks], dv[ks] = (gr[0].to(dq.dtype) for gr in grads)
     return dq, dk, dv

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, get_type_hints
 
 import torch
 
-from .scaling import MAX_POSITION, RopeConfig
+from .scaling import MAX_POSITION, RopeConfig, RopeTable, check_table_positions
 
 __all__ = ["AttentionCall", "KVCacheCall", "RopeArgs", "RopeCall", "attention_call", "kvcache_call", "rope_call"]
 
@@ -28,21 +28,43 @@ class RopeArgs(NamedTuple):
     """The rotary arguments every kernel takes, in the one order every op signature uses (the
     C++ twin is ``RopeParams``, csrc/include/ropekern/params.h): ``*call.rope_args()`` fills them.
 
-    split: float32 ``[nT, 4, R/2]`` turn-split table (``scaling.split_turns``), nT in {1, batch};
+    split: float32 ``[nT, 4, R/2]`` turn-split table (``scaling.split_turns``), nT in {1, batch}, or
+    with ``table_positions`` P > 0 a caller's table (``RopeTable``) float32 ``[P, 2, R/2]``: row p
+    holds the cos then the sin of position p (positions past it read row P - 1; the host checks);
     rotary_dim: R, or 0 to run without rotation (the table then only fixes the head split);
-    interleaved: pairs ``(2i, 2i+1)`` instead of ``(i, i + R/2)``; attention_factor: multiplies cos/sin.
+    interleaved: pairs ``(2i, 2i+1)`` instead of ``(i, i + R/2)``; attention_factor: multiplies cos/sin
+    (1 for a caller's table); table_positions: 0 for the law's split table, else P.
     """
 
     split: torch.Tensor
     rotary_dim: int
     interleaved: bool
     attention_factor: float
+    table_positions: int
 
     @classmethod
-    def of(cls, rope: RopeConfig, split: torch.Tensor, rotate: bool = True) -> RopeArgs:
+    def of(cls, rope: RopeConfig | RopeTable, split: torch.Tensor, rotate: bool = True) -> RopeArgs:
         """``rope``'s arguments with its kernel table ``split``; ``rotate=False`` runs without rotation."""
         rotary_dim = rope.rotary_dim if rotate else 0
-        return cls(split.contiguous(), rotary_dim, bool(rope.interleaved), float(rope.attention_factor))
+        rows = split.shape[0] if isinstance(rope, RopeTable) else 0
+        return cls(split.contiguous(), rotary_dim, bool(rope.interleaved), float(rope.attention_factor), int(rows))
+
+    def for_sequence(self, b: int) -> RopeArgs:
+        """The arguments of sequence ``b`` alone: its row of a per-sequence split table."""
+        if self.table_positions or self.split.shape[0] == 1:
+            return self
+        return self._replace(split=self.split[b : b + 1])
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, S, R/2]`` in ``dtype`` for positions ``[B, S]`` (row b uses table b
+        of a per-sequence split): the PyTorch paths' rotation, with float64 angles for a law."""
+        if self.table_positions:
+            rows = self.split[positions.to(torch.int64).clamp(0, self.table_positions - 1)]
+            return rows[..., 0, :].to(dtype), rows[..., 1, :].to(dtype)
+        inv64 = inv_freq_from_split(self.split)[:, None, :].to(positions.device)
+        angle = positions.to(torch.float64)[..., None] * inv64
+        af = self.attention_factor
+        return (torch.cos(angle) * af).to(dtype), (torch.sin(angle) * af).to(dtype)
 
     @classmethod
     def take(cls, args: tuple | list) -> tuple[RopeArgs, tuple]:
@@ -64,9 +86,17 @@ KVCACHE_SCHEMA = (
     f"Tensor? block_table, {ROPE_SCHEMA}, bool causal, float softmax_scale, int num_splits"
 )
 APPLY_ROPE_SCHEMA = f"Tensor x, Tensor positions, {ROPE_SCHEMA}"
+# apply_rope_ writes the rotation into x (the native op's schema in csrc/schemas.h says the same)
+APPLY_ROPE_INPLACE_SCHEMA = f"Tensor(a!) x, Tensor positions, {ROPE_SCHEMA}"
 # The backward of an attention forward: the output gradients and the forward's results, then the
 # forward's own arguments.
 BACKWARD_SCHEMA = f"Tensor dout, Tensor out, Tensor lse, Tensor? dlse, {ATTENTION_SCHEMA}"
+
+
+def inv_freq_from_split(split: torch.Tensor) -> torch.Tensor:
+    """float64 ``[nT, R/2]`` radians per position from the kernels' split table ``[nT, 4, R/2]``
+    (the rows sum to the frequency in turns, ``scaling.split_turns``)."""
+    return split.to(torch.float64).sum(-2) * (2.0 * math.pi)
 
 
 def rope_position(schema: str) -> int:
@@ -85,16 +115,25 @@ def bundle_rope(args: tuple, at: int) -> tuple:
 class _Rotary:
     """The rotary side of a validated call: its tables and its ``RopeArgs``."""
 
-    rope: RopeConfig
+    rope: RopeConfig | RopeTable
     seq_lens: torch.Tensor | None
     rotate: bool
 
     def _device(self) -> torch.device:
         raise NotImplementedError
 
+    def _max_position(self) -> int:
+        """The largest position the call rotates (-1 for none); reads device data."""
+        raise NotImplementedError
+
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inv_freq64 [nT, R/2], split [nT, 4, R/2] fp32)`` on the device; nT in {1, batch}."""
-        return self.rope.tables(self.seq_lens, self._device())
+        """``(inv_freq64 [nT, R/2], split [nT, 4, R/2] fp32)`` on the device; nT in {1, batch}.
+        For a ``RopeTable``: ``(reference [1, P, 2, R/2], kernel [P, 2, R/2] fp32)``, checked to
+        cover the call's positions."""
+        ref, kern = self.rope.tables(self.seq_lens, self._device())
+        if isinstance(self.rope, RopeTable) and self.rotate and _checking():
+            check_table_positions(kern.shape[0], self._max_position())
+        return ref, kern
 
     def rope_args(self) -> RopeArgs:
         return RopeArgs.of(self.rope, self.tables()[1], self.rotate)
@@ -114,7 +153,7 @@ class AttentionCall(_Rotary):
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    rope: RopeConfig
+    rope: RopeConfig | RopeTable
     causal: bool
     softmax_scale: float
     q_positions: torch.Tensor
@@ -139,6 +178,9 @@ class AttentionCall(_Rotary):
 
     def _device(self) -> torch.device:
         return self.q.device
+
+    def _max_position(self) -> int:
+        return max(_tensor_max(self.q_positions), _tensor_max(self.k_positions))
 
     def op_args(self) -> tuple:
         """The arguments of every attention forward op (``ATTENTION_SCHEMA``)."""
@@ -167,7 +209,7 @@ class KVCacheCall(_Rotary):
     k_new: torch.Tensor | None
     v_new: torch.Tensor | None
     block_table: torch.Tensor | None
-    rope: RopeConfig
+    rope: RopeConfig | RopeTable
     causal: bool
     softmax_scale: float
     return_lse: bool
@@ -190,6 +232,9 @@ class KVCacheCall(_Rotary):
     def _device(self) -> torch.device:
         return self.q.device
 
+    def _max_position(self) -> int:
+        return _tensor_max(self.cache_seqlens) + self.s_new - 1
+
     def op_args(self, num_splits: int = 0) -> tuple:
         """The arguments of every kv-cache op (``KVCACHE_SCHEMA``); ``num_splits`` is the split-K
         hint (0: the kernel chooses)."""
@@ -205,7 +250,7 @@ class RopeCall(_Rotary):
     x ``[T, H, D]`` with positions ``[T]``; ``seq_lens`` as in ``AttentionCall`` (per batch row)."""
 
     x: torch.Tensor
-    rope: RopeConfig
+    rope: RopeConfig | RopeTable
     positions: torch.Tensor
     seq_lens: torch.Tensor | None
     rotate: bool = True
@@ -213,9 +258,16 @@ class RopeCall(_Rotary):
     def _device(self) -> torch.device:
         return self.x.device
 
+    def _max_position(self) -> int:
+        return _tensor_max(self.positions)
+
     def op_args(self) -> tuple:
         """The arguments of every apply_rope op (``APPLY_ROPE_SCHEMA``)."""
         return (self.x, self.positions, *self.rope_args())
+
+
+def _tensor_max(t: torch.Tensor) -> int:
+    return int(t.max()) if t.numel() else -1
 
 
 def _checking() -> bool:
@@ -336,9 +388,9 @@ def _scale(softmax_scale: Any, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def _rope(rope: Any, head_dim: int) -> RopeConfig:
-    if not isinstance(rope, RopeConfig):
-        raise TypeError(f"`rope` must be a ropekern.RopeConfig, got {type(rope).__name__}")
+def _rope(rope: Any, head_dim: int) -> RopeConfig | RopeTable:
+    if not isinstance(rope, (RopeConfig, RopeTable)):
+        raise TypeError(f"`rope` must be a ropekern.RopeConfig or RopeTable, got {type(rope).__name__}")
     if rope.head_dim != head_dim:
         raise ValueError(f"head dim {head_dim} of the inputs differs from `rope.head_dim` {rope.head_dim}")
     return rope
@@ -696,7 +748,8 @@ def rope_inplace_calls(
             raise ValueError(
                 f"`k` must have the leading dimensions of `q` {tuple(q.shape[:-2])}, got {tuple(k.shape[:-2])}"
             )
-        if _elements_may_meet(q, k):
+        # storage pointers are not traceable: torch.compile trusts the caller here
+        if not torch.compiler.is_compiling() and _elements_may_meet(q, k):
             raise ValueError("`q` and `k` share memory: rotating one in place would change the other")
     for name, x in (("q", q), ("k", k)):
         if x is not None and torch.is_grad_enabled() and x.requires_grad:

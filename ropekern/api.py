@@ -72,15 +72,24 @@ def apply_rope_(
             memory with ``q``.
         rope, positions, cu_seqlens, offsets, seq_len, backend: as ``apply_rope``; one set of positions
             for both.
-    Each is rotated by the backend's ``apply_rope`` and copied back, so the values are
-    ``apply_rope``'s bit for bit, at the cost of one more pass over q and k. Tensors that require
-    grad are refused (``ValueError``): an in-place rotation would hide them from autograd.
+    The values are ``apply_rope``'s bit for bit. The ``cpu`` and ``triton`` backends rotate in place
+    (``torch.ops.ropekern.apply_rope_`` / ``ropekern_triton.apply_rope_``, ops that declare the
+    mutation, so ``torch.compile`` keeps it); the others rotate a copy and write it back (one more
+    pass over q and k). Tensors that require grad are refused (``ValueError``): an in-place rotation
+    would hide them from autograd.
     """
     calls = rope_inplace_calls(q, k, rope, positions, seq_len, cu_seqlens, offsets)
-    rotated = [backends.select_backend("rope", c, c.x.device, backend).rope(c) if c.x.numel() else c.x for c in calls]
+    chosen = [backends.select_backend("rope", c, c.x.device, backend) for c in calls if c.x.numel()]
+    calls = [c for c in calls if c.x.numel()]
+    # Backends without an in-place kernel rotate into a copy; those copies are made before any write
+    # because a call's positions may be a view of the memory an earlier call rotates.
+    rotated = [None if hasattr(b, "rope_") else b.rope(c) for b, c in zip(chosen, calls)]
     with torch.no_grad():
-        for call, out in zip(calls, rotated):
-            call.x.copy_(out)
+        for b, call, out in zip(chosen, calls, rotated):
+            if out is None:
+                b.rope_(call)
+            else:
+                call.x.copy_(out)
 
 
 def rope_attention(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import AttentionCall, KVCacheCall, RopeCall, attention_call, kvcache_call, rope_call
-from .scaling import RopeConfig
+from .scaling import RopeConfig, RopeTable
 
 __all__ = ["apply_rope", "rope_attention", "rope_attention_with_kvcache"]
 
@@ -66,15 +66,20 @@ def _rotate_rows(
     x: torch.Tensor,
     positions: torch.Tensor,
     inv64: torch.Tensor,
-    rope: RopeConfig,
+    rope: RopeConfig | RopeTable,
     dtype: torch.dtype,
     angles: str,
     enabled: bool = True,
 ) -> torch.Tensor:
-    """x ``[S, H, D]`` (cast to ``dtype``) rotated at positions ``[S]`` with table ``inv64 [R/2]``."""
+    """x ``[S, H, D]`` (cast to ``dtype``) rotated at positions ``[S]`` with table ``inv64 [R/2]``
+    (a ``RopeTable``'s ``[P, 2, R/2]`` rows, looked up by position)."""
     if not enabled:
         return x.to(dtype)
-    cos, sin = cos_sin(positions, inv64, rope.attention_factor, dtype, angles)
+    if isinstance(rope, RopeTable):
+        rows = inv64.to(positions.device)[positions.to(torch.int64)]
+        cos, sin = rows[:, 0].to(dtype), rows[:, 1].to(dtype)
+    else:
+        cos, sin = cos_sin(positions, inv64, rope.attention_factor, dtype, angles)
     return rotate(x.to(dtype), cos[:, None, :], sin[:, None, :], rope.rotary_dim, rope.interleaved)
 
 

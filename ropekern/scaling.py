@@ -28,6 +28,7 @@ from .laws import ROPE_TYPES, ScalingLaw, _err, _int, _real, law_class
 __all__ = [
     "ROPE_TYPES",
     "RopeConfig",
+    "RopeTable",
     "split_turns",
     "SPLIT_ROWS",
     "angle_turns_fp32",
@@ -408,3 +409,174 @@ class RopeConfig:
             tuple(sorted((k, v) for k, v in self.scaling.items())),
             self._law.identity(),
         )
+
+
+class RopeTable:
+    """A caller-supplied rotary table: cos/sin looked up by position instead of a named law.
+
+    What flash-attn (``rotary_cos``/``rotary_sin``), FlashInfer (``apply_rope_with_cos_sin_cache``)
+    and vLLM (``cos_sin_cache``) accept, for any law ropekern does not name (DeepSeek-YaRN's extra
+    ``mscale``, vLLM's fixed "ntk", learned or multimodal tables). Every entry point takes it in
+    place of a ``RopeConfig``; every backend indexes it by position (row ``p`` for position ``p``).
+
+    Args:
+        cos_sin: ``(cos, sin)``, float tensors ``[P, R/2]`` each, row p the cos/sin of every pair's
+            angle at position p, already times any magnitude factor (nothing multiplies them); or a
+            callable ``fn(seq_len: int) -> (cos, sin)`` for a length-dependent table, called with the
+            call's scaling length (``seq_len=``, default ``max(k_positions) + 1`` over the whole
+            batch, as transformers does) and cached per length (the last 8). Kept in float32 for the
+            kernels (float64 tables also stay as given for the float64 reference path).
+        head_dim: size D of each attention head.
+        rotary_dim: R, default ``2 * cos.shape[1]``; required with a callable.
+        interleaved: pairs (2i, 2i+1) (GPT-J/Meta) instead of (i, i + R/2) (HF/NeoX).
+
+    Positions must be below the table's length P: every call checks it on the host (``ValueError``
+    naming the position), except while ``torch.compile`` traces, when a position >= P is
+    undefined behaviour as in the peers. Raises ``TypeError``/``ValueError`` naming the argument.
+    """
+
+    rope_type = "table"
+    attention_factor = 1.0  # the table holds the magnitude
+    scaling: Mapping[str, Any] = {"rope_type": "table"}
+
+    def __init__(
+        self,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        *,
+        head_dim: int,
+        rotary_dim: int | None = None,
+        interleaved: bool = False,
+    ):
+        self.head_dim = _table_int("head_dim", head_dim)
+        if self.head_dim <= 0:
+            raise _table_err("head_dim", f"must be positive, got {self.head_dim}")
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"RopeTable: `interleaved` must be a bool, got {interleaved!r}")
+        self.interleaved = interleaved
+        rotary_dim = None if rotary_dim is None else _table_int("rotary_dim", rotary_dim)
+        self._fn: Callable[[int], Any] | None = None
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+        if callable(cos_sin):
+            if rotary_dim is None:
+                raise _table_err("rotary_dim", "is required with a callable `cos_sin`")
+            self._fn = cos_sin
+        else:
+            if not isinstance(cos_sin, (tuple, list)) or len(cos_sin) != 2:
+                raise TypeError(
+                    f"RopeTable: `cos_sin` must be a (cos, sin) pair of tensors or a callable, got "
+                    f"{type(cos_sin).__name__}"
+                )
+            if rotary_dim is None and isinstance(cos_sin[0], torch.Tensor) and cos_sin[0].dim() == 2:
+                rotary_dim = 2 * cos_sin[0].shape[1]
+        if rotary_dim is None or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > self.head_dim:
+            raise _table_err("rotary_dim", f"must be even and in [2, head_dim={self.head_dim}], got {rotary_dim}")
+        self.rotary_dim = rotary_dim
+        if self._fn is None:
+            self._fixed = self._checked(cos_sin, "cos_sin")
+        self._device_cache: dict[tuple[str, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._length_cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def _checked(self, pair: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` validated: float ``[P, R/2]`` each, P >= 1, same shape and device."""
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"RopeTable: `{what}` must give a (cos, sin) pair, got {type(pair).__name__}")
+        cos, sin = pair
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"RopeTable: `{what}` {name} must be a tensor, got {type(t).__name__}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"RopeTable: `{what}` {name} must be a float tensor, got {t.dtype}")
+            if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != self.rotary_dim // 2:
+                raise ValueError(
+                    f"RopeTable: `{what}` {name} must have shape [P >= 1, rotary_dim / 2 = {self.rotary_dim // 2}], "
+                    f"got {list(t.shape)}"
+                )
+        if cos.shape != sin.shape or cos.device != sin.device:
+            raise ValueError(
+                f"RopeTable: `{what}` cos and sin differ: {list(cos.shape)} on {cos.device} vs "
+                f"{list(sin.shape)} on {sin.device}"
+            )
+        dtype = torch.float64 if torch.float64 in (cos.dtype, sin.dtype) else torch.float32
+        return cos.detach().to(dtype), sin.detach().to(dtype)
+
+    @property
+    def is_length_dependent(self) -> bool:
+        """True for a callable table (built per scaling length)."""
+        return self._fn is not None
+
+    def state_key(self, seq_len: int | None = None) -> Any:
+        return seq_len if self._fn is not None else None
+
+    def _pair(self, seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fn is None:
+            return self._fixed
+        n = int(seq_len or 0)
+        hit = self._length_cache.get(n)
+        if hit is None:
+            hit = self._length_cache[n] = self._checked(self._fn(n), f"cos_sin({n})")
+            if len(self._length_cache) > _LENGTH_CACHE_SIZE:
+                self._length_cache.popitem(last=False)
+        return hit
+
+    def tables(
+        self, seq_lens: torch.Tensor | list[int] | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reference [1, P, 2, R/2], kernel [P, 2, R/2] float32)`` on ``device``: row p holds the
+        cos then the sin of position p. The reference table is float64 when the caller's was.
+
+        A callable table is built once for the longest of ``seq_lens`` (one host read)."""
+        device = torch.device(device)
+        seq_len = None
+        if self._fn is not None and seq_lens is not None:
+            seq_len = max(seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens), default=0)
+        key = (str(device), seq_len)
+        hit = self._device_cache.get(key)
+        if hit is None:
+            cos, sin = self._pair(seq_len)
+            ref = torch.stack((cos, sin), dim=1).to(device)
+            hit = (ref[None], ref.to(torch.float32).contiguous())
+            if self._fn is not None:
+                self._device_cache.clear()  # one length at a time per device: tables can be large
+            self._device_cache[key] = hit
+        return hit
+
+    def cos_sin(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` of shape ``[*positions.shape, rotary_dim // 2]`` (the table's rows)."""
+        if not isinstance(positions, torch.Tensor):
+            positions = torch.as_tensor(positions)
+        if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+            raise TypeError(f"cos_sin: `positions` must be an integer tensor, got {positions.dtype}")
+        if seq_len is None and self._fn is not None:
+            seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        cos, sin = self._pair(seq_len)
+        if positions.numel():
+            check_table_positions(cos.shape[0], int(positions.max()), int(positions.min()))
+        idx = positions.to(cos.device, torch.int64)
+        return cos[idx].float().to(positions.device), sin[idx].float().to(positions.device)
+
+    def __repr__(self) -> str:
+        rows = "callable" if self._fn is not None else f"{self._fixed[0].shape[0]} positions"
+        return (
+            f"RopeTable({rows}, head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, interleaved={self.interleaved})"
+        )
+
+
+def check_table_positions(rows: int, max_position: int, min_position: int = 0) -> None:
+    """``ValueError`` unless ``0 <= positions < rows`` (a caller's table has ``rows`` positions)."""
+    if min_position < 0:
+        raise ValueError(f"positions must be >= 0, got {min_position}")
+    if max_position >= rows:
+        raise ValueError(
+            f"position {max_position} is past the end of the `rope` table ({rows} positions): "
+            "pass a longer table, or a callable that builds one per length"
+        )
+
+
+def _table_err(field: str, msg: str) -> ValueError:
+    return ValueError(f"RopeTable: `{field}` {msg}")
+
+
+def _table_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"RopeTable: `{field}` must be an integer, got {value!r}")
+    return int(value)

@@ -547,7 +547,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="outside"):
         torch.ops.ropekern.fwd_kvcache(*bad)
     with pytest.raises(ValueError, match="`x` must have shape|`positions` must have shape"):
-        torch.ops.ropekern.apply_rope(q, torch.zeros(3, dtype=torch.int32), rope.tables()[1], 64, False, 1.0)
+        torch.ops.ropekern.apply_rope(q, torch.zeros(3, dtype=torch.int32), rope.tables()[1], 64, False, 1.0, 0)
 
 
 def test_opcheck():

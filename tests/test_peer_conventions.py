@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import ropekern as rk
+from ropekern._validation import RopeArgs
+from ropekern.backends import get_backend
 from ropekern.testing import error_check
 
 F64 = torch.float64
@@ -127,6 +129,46 @@ def test_inplace_gqa_heads_of_one_packed_projection(backend):
     rk.apply_rope_(q, k, rope, torch.arange(7) + 3, backend=backend)
     assert torch.equal(q, rk.apply_rope(before[:, : 4 * 32].view(7, 4, 32), rope, torch.arange(7) + 3, backend=backend))
     assert torch.equal(qkv[:, 6 * 32 :], before[:, 6 * 32 :])  # v untouched
+
+
+def _inplace_backends() -> list[str]:
+    """The backends whose ``apply_rope_`` is an op that mutates its input (no copy back)."""
+    return [name for name in _backends() if hasattr(get_backend(name), "rope_")]
+
+
+@pytest.mark.parametrize("backend", _inplace_backends())
+def test_inplace_op_declares_its_mutation(backend, monkeypatch):
+    """The in-place rotation is one registered op that mutates ``x`` (opcheck: schema, fake, the
+    mutation and aliasing declared); it writes into the views directly (no rotated copy is made), and
+    ``torch.compile(fullgraph=True)`` keeps the writes into a packed buffer."""
+    be = get_backend(backend)
+    op = {"cpu": torch.ops.ropekern.apply_rope_}.get(backend) or torch.ops.ropekern_triton.apply_rope_
+    rope = rk.RopeConfig(64, rotary_dim=32, scaling={"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 32})  # fmt: skip
+    gen = torch.Generator().manual_seed(8)
+    qkv = torch.randn(2, 9, 3, 4, 64, generator=gen)
+    pos = torch.randint(0, 5000, (2, 9), dtype=torch.int32, generator=gen)
+    torch.library.opcheck(op, (qkv[:, :, 0], pos, *RopeArgs.of(rope, rope.tables()[1])))
+
+    def no_copy(call):
+        raise AssertionError("apply_rope_ made a rotated copy")
+
+    monkeypatch.setattr(be, "rope", no_copy)
+    before = qkv.clone()
+    rk.apply_rope_(qkv[:, :, 0], qkv[:, :, 1], rope, pos, backend=backend)
+    monkeypatch.undo()
+    for i in (0, 1):
+        assert torch.equal(qkv[:, :, i], rk.apply_rope(before[:, :, i], rope, pos, backend=backend))
+    assert torch.equal(qkv[:, :, 2], before[:, :, 2])
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(buf, positions):
+        rk.apply_rope_(buf[:, :, 0], buf[:, :, 1], rope, positions, backend=backend)
+        return buf.sum()
+
+    compiled = before.clone()
+    step(compiled, pos)
+    assert torch.equal(compiled, qkv)
 
 
 def test_inplace_refusals():

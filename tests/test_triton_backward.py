@@ -20,7 +20,7 @@ import torch
 
 import ropekern as rk
 from ropekern import _autograd, reference
-from ropekern._validation import ATTENTION_SCHEMA, RopeArgs, attention_call
+from ropekern._validation import ATTENTION_SCHEMA, RopeArgs, attention_call, inv_freq_from_split
 from ropekern.backends import fake_attention, get_backend
 from ropekern.distributed import block_backward
 from ropekern.testing import baseline_attention, error_check, random_qkv
@@ -444,7 +444,7 @@ _LIB.define(f"fwd({ATTENTION_SCHEMA}) -> (Tensor out, Tensor lse)")
 
 def _standin_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, *rest):
     rope, (causal, scale) = RopeArgs.take(rest)
-    inv64 = _autograd.inv_freq_from_split(rope.split)
+    inv64 = inv_freq_from_split(rope.split)
     outs, lses = [], []
     slices = (
         [(b, b, b) for b in range(q.shape[0])]

@@ -392,7 +392,7 @@ for dtype_name, d, rotary_dim, interleaved, rows in json.loads(sys.argv[1]):
     head = head_constants(d, rotary_dim)
     dp = head["HEAD_DIM_P"]
     block_m, block_n, warps, stages = decode._config(dtype, dp, rows)
-    ce = dict(G=4, **head, INTERLEAVED=interleaved, ROTATE=True, CAUSAL=True, PAGED=True,
+    ce = dict(G=4, **head, INTERLEAVED=interleaved, ROTATE=True, ROPE_TABLE=False, CAUSAL=True, PAGED=True,
               LOG2_BS=4, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dtype == torch.float32)
     types = dict(Q=ptr, KC=ptr, VC=ptr, OUT=ptr, SEQLENS="*i32", TABLE="*i32", SPLIT="*fp32", LSE="*fp32",
                  qk_scale="fp32", attention_factor="fp32")

@@ -91,14 +91,42 @@ RK_INLINE V angle_turns_low8(const AngleHigh8& hi, int32_t pos, const Split8& f)
   return vreduce_turn(s + (hi.small + (p0 * f.f[1] + (p0 * f.f[2] + p0 * f.f[3]))));
 }
 
+// One sequence's rotary source: the law's split table (float[4][half], rows f1..f4, cos/sin times
+// `factor`), or with rows > 0 a caller's table float[rows][2][half] (RopeParams::table_positions).
+struct SeqRope {
+  const float* t;
+  int half;
+  float factor;
+  int rows;
+};
+
+RK_INLINE SeqRope seq_rope(const RopeParams& rope, int64_t b) {
+  const bool caller = rope.table_positions > 0;
+  return {rope.freqs + (caller ? 0 : b * rope.freqs_batch_stride), rope.rotary_dim / 2, rope.attention_factor,
+          rope.table_positions};
+}
+
 // cos/sin of the R/2 pair angles of one position into cs = [cos: cs_pad][sin: cs_pad], times
-// `factor`. `split` is one sequence's table float[4][half].
-static void cos_sin_row(int32_t pos, const float* split, int half, float factor, int cs_pad, float* cs) {
+// the factor; a caller's table row is copied (padding lanes get cos 1, sin 0, as a zero angle).
+static void cos_sin_row(int32_t pos, const SeqRope& sr, int cs_pad, float* cs) {
   float* C = cs;
   float* S = cs + cs_pad;
-  const V vf = vset1(factor);
+  const int half = sr.half;
+  if (sr.rows) {
+    const float* row = sr.t + table_row(pos, sr.rows) * 2 * half;
+    for (int i = 0; i < half; ++i) {
+      C[i] = row[i];
+      S[i] = row[half + i];
+    }
+    for (int i = half; i < cs_pad; ++i) {
+      C[i] = 1.0f;
+      S[i] = 0.0f;
+    }
+    return;
+  }
+  const V vf = vset1(sr.factor);
   for (int i = 0; i < half; i += kLanes) {
-    const Split8 f = load_split(split, half, i, imin(kLanes, half - i));
+    const Split8 f = load_split(sr.t, half, i, imin(kLanes, half - i));
     V s, c;
     vsincos_turns(angle_turns_low8(angle_turns_high8(pos, f), pos, f), &s, &c);
     vstore(C + i, c * vf);  // cs_pad is a multiple of 8: full vectors always fit
@@ -110,15 +138,15 @@ static void cos_sin_row(int32_t pos, const float* split, int half, float factor,
 // When they share pos >> 12 (n <= 16 keys at a multiple of 16 always do), the high terms are
 // computed once and the keys run as independent chains in the inner loop; every value is still
 // angle_turns' operation for operation.
-static void cos_sin_chunk(int32_t pos0, int n, const float* split, int half, float factor, int cs_pad, float* out,
-                          int64_t stride) {
-  if ((pos0 & 4095) + n > 4096) {
-    for (int jj = 0; jj < n; ++jj) cos_sin_row(pos0 + jj, split, half, factor, cs_pad, out + jj * stride);
+static void cos_sin_chunk(int32_t pos0, int n, const SeqRope& sr, int cs_pad, float* out, int64_t stride) {
+  if (sr.rows || (pos0 & 4095) + n > 4096) {
+    for (int jj = 0; jj < n; ++jj) cos_sin_row(pos0 + jj, sr, cs_pad, out + jj * stride);
     return;
   }
-  const V vf = vset1(factor);
+  const int half = sr.half;
+  const V vf = vset1(sr.factor);
   for (int i = 0; i < half; i += kLanes) {
-    const Split8 f = load_split(split, half, i, imin(kLanes, half - i));
+    const Split8 f = load_split(sr.t, half, i, imin(kLanes, half - i));
     const AngleHigh8 hi = angle_turns_high8(pos0, f);
     for (int jj = 0; jj < n; ++jj) {
       V sv, cv;
@@ -134,10 +162,14 @@ static void cos_sin_chunk(int32_t pos0, int n, const float* split, int half, flo
 // jj with factor 1, from cos_sin_chunk(0, ...)): 4 multiply-adds per pair instead of the angle
 // split and two polynomials. Each factor is within an ulp of exact, so a row is within ~2 ulp (the
 // polynomial path: ~1); decode, one thread, 8K-16K cache: -8 % (fp32) / -9 % (bf16) time per key.
-static void cos_sin_shifted(int32_t pos0, int n, const float* split, int half, float factor, int cs_pad,
-                            const float* delta, float* out) {
+// A caller's table has no such identity: its rows are copied.
+static void cos_sin_shifted(int32_t pos0, int n, const SeqRope& sr, int cs_pad, const float* delta, float* out) {
   const int64_t stride = 2 * cs_pad;
-  cos_sin_row(pos0, split, half, factor, cs_pad, out);
+  if (sr.rows) {
+    cos_sin_chunk(pos0, n, sr, cs_pad, out, stride);
+    return;
+  }
+  cos_sin_row(pos0, sr, cs_pad, out);
   for (int jj = 1; jj < n; ++jj) {
     const float* d = delta + jj * stride;
     float* o = out + jj * stride;
@@ -496,7 +528,7 @@ void cos_sin_rows(const CosSinJob& job, int64_t begin, int64_t end) {
       first = b * job.rows_per_batch;
     }
     const int32_t pos = job.positions ? job.positions[r] : static_cast<int32_t>(r - first);
-    cos_sin_row(pos, rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, cp, job.out + r * 2 * cp);
+    cos_sin_row(pos, seq_rope(rope, b), cp, job.out + r * 2 * cp);
   }
 }
 
@@ -983,7 +1015,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     }
     return;
   }
-  const float* table = p.rope.freqs + b * p.rope.freqs_batch_stride;
+  const SeqRope table = seq_rope(p.rope, b);
   const bool paged = p.block_table != nullptr;
   const int32_t* btab = paged ? p.block_table + b * p.block_table_batch_stride : nullptr;
   const T* kc = static_cast<const T*>(p.k_cache);
@@ -1001,7 +1033,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   float* qcs = bump.take(static_cast<int64_t>(Sq) * cs_stride);
   float* kcs = bump.take(kDecodeChunk * cs_stride);
   float* kdelta = bump.take(kDecodeChunk * cs_stride);  // cos/sin of positions 0..kDecodeChunk-1, factor 1
-  if (R) cos_sin_chunk(0, kDecodeChunk, table, R / 2, 1.0f, cp, kdelta, cs_stride);
+  if (R && !table.rows) cos_sin_chunk(0, kDecodeChunk, {table.t, table.half, 1.0f, 0}, cp, kdelta, cs_stride);
   float* Ks = bump.take(static_cast<int64_t>(Hkv) * kDecodeHeadRows * Dp);  // [Hkv][chunk + 1][Dp]
   float* Vs = bump.take(static_cast<int64_t>(Hkv) * kDecodeHeadRows * Dp);
   float* St = bump.take(static_cast<int64_t>(kDecodeChunk) * rows8);
@@ -1016,7 +1048,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   // Queries: rows r = h * Sq + i at positions n - Sq + i.
   const float scale2 = p.softmax_scale * kLog2e;
   for (int i = 0; i < Sq; ++i)
-    if (R) cos_sin_row(static_cast<int32_t>(n - Sq + i), table, R / 2, p.rope.attention_factor, cp, qcs + i * cs_stride);
+    if (R) cos_sin_row(static_cast<int32_t>(n - Sq + i), table, cp, qcs + i * cs_stride);
   for (int h = 0; h < Hq; ++h) {
     for (int i = 0; i < Sq; ++i) {
       const int r = h * Sq + i;
@@ -1035,7 +1067,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     const int nc = static_cast<int>(lmin(kDecodeChunk, ke - c0));
     const int w = round8(nc);
     // cos/sin of this chunk's positions, shared by every KV head.
-    if (R) cos_sin_shifted(static_cast<int32_t>(c0), nc, table, R / 2, p.rope.attention_factor, cp, kdelta, kcs);
+    if (R) cos_sin_shifted(static_cast<int32_t>(c0), nc, table, cp, kdelta, kcs);
     // K and V of the chunk for every KV head, key by key: in the [.., S, Hkv, D] cache layout a
     // key's heads are adjacent, so this walks memory sequentially (head by head would jump
     // Hkv * D elements per key, defeating the hardware prefetcher: measured 4 vs 7 GB/s).
@@ -1247,8 +1279,7 @@ void rope_rows_t(const RopeJob& job, int64_t begin, int64_t end, float* scratch)
   float* row = scratch + align16(2 * cp);
   for (int64_t rix = begin; rix < end; ++rix) {
     const int64_t b = rix / job.seqlen, s = rix % job.seqlen;
-    if (R)
-      cos_sin_row(job.positions[rix], rope.freqs + b * rope.freqs_batch_stride, R / 2, rope.attention_factor, cp, cs);
+    if (R) cos_sin_row(job.positions[rix], seq_rope(rope, b), cp, cs);
     const T* x = static_cast<const T*>(job.x) + b * job.x_batch_stride + s * job.x_row_stride;
     T* out = static_cast<T*>(job.out) + b * job.o_batch_stride + s * job.o_row_stride;
     for (int h = 0; h < job.num_heads; ++h) {
@@ -1260,7 +1291,7 @@ void rope_rows_t(const RopeJob& job, int64_t begin, int64_t end, float* scratch)
         store_row<DT>(dst, row, 1.0f, R);
       }
       // Pass-through channels are copied bit for bit (not through fp32).
-      if (D > R) memcpy(dst + R, src + R, static_cast<size_t>(D - R) * sizeof(T));
+      if (D > R && dst != src) memcpy(dst + R, src + R, static_cast<size_t>(D - R) * sizeof(T));
     }
   }
 }

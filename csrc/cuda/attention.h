@@ -10,8 +10,10 @@
 // RoPE: each thread owns one pair slot (channel pair) for the whole kernel and keeps that slot's
 // split frequency (f1..f4) in registers; a rotation pass over a tile computes, per row, the
 // angle from the row's position with ropekern::rope_cos_sin (the error-free split of
-// rope_math.h), rotates the pair in fp32 and stores it back in the I/O dtype. Pass-through
-// channels (>= rotary_dim) are never touched, so they reach the tensor cores bit-exact.
+// rope_math.h), rotates the pair in fp32 and stores it back in the I/O dtype. With a caller's
+// cos/sin table (RopeParams::table_positions > 0) the slot reads the row's cos and sin from the
+// table instead: one CTA-uniform branch per row, no angle arithmetic. Pass-through channels
+// (>= rotary_dim) are never touched, so they reach the tensor cores bit-exact.
 //
 // The same kernel serves two problems (the Problem template): PrefillProblem (dense/varlen
 // q, k, v with explicit positions) and CacheProblem (dense/paged KV cache, positions implied by
@@ -55,11 +57,14 @@ struct PrefillProblem {
   float* lse;
   int64_t q_row_stride, k_row_stride, v_row_stride, o_row_stride;
   const int32_t *q_pos, *k_pos;
-  const float* freqs;
-  int rows, seqlen_k, causal_offset, rotary_dim;
-  bool causal, interleaved;
-  float attention_factor, softmax_scale;
+  const float* freqs;  // this sequence's split, or the caller's table (sequence_freqs)
+  int rows, seqlen_k, causal_offset;
+  bool causal;
+  float softmax_scale;
   static constexpr int split = 0, num_splits = 1;
+
+  // The kernel's rotary params, read where they are (the parameter space) by the rotation pass.
+  static RK_DEVICE const RopeParams& rope(const AttnParams& p) { return p.rope; }
 
   RK_DEVICE explicit PrefillProblem(const AttnParams& p) {
     const int b = static_cast<int>(blockIdx.z), h = static_cast<int>(blockIdx.y);
@@ -96,12 +101,9 @@ struct PrefillProblem {
     k_row_stride = p.k_row_stride;
     v_row_stride = p.v_row_stride;
     o_row_stride = p.o_row_stride;
-    freqs = p.rope.freqs == nullptr ? nullptr : p.rope.freqs + b * p.rope.freqs_batch_stride;
+    freqs = sequence_freqs(p.rope, b);
     causal = p.causal;
     causal_offset = seqlen_k - rows;
-    rotary_dim = p.rope.rotary_dim;
-    interleaved = p.rope.interleaved;
-    attention_factor = p.rope.attention_factor;
     softmax_scale = p.softmax_scale;
   }
 
@@ -128,10 +130,13 @@ struct CacheProblem {
   const int32_t* block_table;
   int64_t q_row_stride, q_head_stride, k_row_stride, v_row_stride, k_block_stride, v_block_stride;
   int64_t o_row_stride, o_head_stride, lse_head_stride;
-  const float* freqs;
-  int rows, group, seqlen_q, seqlen_k, causal_offset, block_size, rotary_dim, head_dim, split, num_splits;
-  bool causal, interleaved;
-  float attention_factor, softmax_scale;
+  const float* freqs;  // this sequence's split, or the caller's table (sequence_freqs)
+  int rows, group, seqlen_q, seqlen_k, causal_offset, block_size, head_dim, split, num_splits;
+  bool causal;
+  float softmax_scale;
+
+  // The kernel's rotary params, read where they are (the parameter space) by the rotation pass.
+  static RK_DEVICE const RopeParams& rope(const CacheParams& cp) { return cp.p.rope; }
 
   RK_DEVICE explicit CacheProblem(const CacheParams& cp) {
     const DecodeParams& p = cp.p;
@@ -168,10 +173,7 @@ struct CacheProblem {
     const int64_t ws_row = ((static_cast<int64_t>(split) * p.batch + b) * p.num_heads + head0) * seqlen_q;
     accum = cp.out_accum == nullptr ? nullptr : cp.out_accum + ws_row * p.head_dim;
     accum_lse = cp.lse_accum == nullptr ? nullptr : cp.lse_accum + ws_row;
-    freqs = p.rope.freqs == nullptr ? nullptr : p.rope.freqs + b * p.rope.freqs_batch_stride;
-    rotary_dim = p.rope.rotary_dim;
-    interleaved = p.rope.interleaved;
-    attention_factor = p.rope.attention_factor;
+    freqs = sequence_freqs(p.rope, b);
     softmax_scale = p.softmax_scale;
   }
 
@@ -200,6 +202,10 @@ struct CacheProblem {
 
 // ------------------------------------------------------------------------------------ RoPE pass
 // The rotary pair slot a thread owns: slot = tid % (D / 2), rows tid / (D / 2) + k * (NT / (D / 2)).
+// A law's split frequency is kept in registers. A caller's table is read per row at the slot's
+// column of the row's cos and sin halves (consecutive slots, so a warp's loads coalesce); its
+// pointer, size and the mode come from the kernel's RopeParams, which stay in the parameter space,
+// and the column from c1: table mode costs the law's kernels no register across the main loop.
 struct RopeSlot {
   bool active = false;
   int c1 = 0, c2 = 0;              // channels of the pair
@@ -207,29 +213,38 @@ struct RopeSlot {
   float factor = 1.0f;
 };
 
+// `freqs` is the sequence's (sequence_freqs): its split, or the caller's table.
 template <int kD>
-RK_DEVICE RopeSlot make_rope_slot(int tid, const float* freqs, int rotary_dim, bool interleaved, float factor) {
+RK_DEVICE RopeSlot make_rope_slot(int tid, const RopeParams& rope, const float* freqs) {
   RopeSlot s;
-  const int slot = tid % (kD / 2), half = rotary_dim / 2;
-  if (rotary_dim > 0 && slot < half) {
+  const int slot = tid % (kD / 2), half = rope.rotary_dim / 2;
+  if (rope.rotary_dim > 0 && slot < half) {
     s.active = true;
-    s.c1 = pair_first(slot, interleaved);
-    s.c2 = pair_second(slot, rotary_dim, interleaved);
+    s.c1 = pair_first(slot, rope.interleaved);
+    s.c2 = pair_second(slot, rope.rotary_dim, rope.interleaved);
+    if (rope.table_positions > 0) return s;  // rotate_tile reads the caller's table
     for (int r = 0; r < kSplitRows; ++r) s.freq[r] = freqs[r * half + slot];
-    s.factor = factor;
+    s.factor = rope.attention_factor;
   }
   return s;
 }
 
 // Rotate rows [0, valid_rows) of a swizzled [rows][kD] smem tile in place; position(r) gives
-// row r's position. Rows past valid_rows hold zero padding and are left alone.
+// row r's position. Rows past valid_rows hold zero padding and are left alone. `rope` is the
+// kernel's (Problem::rope(params)).
 template <int kD, int kNThreads, typename Element, typename PositionFn>
-RK_DEVICE void rotate_tile(Element* tile, int valid_rows, const RopeSlot& slot, PositionFn position) {
+RK_DEVICE void rotate_tile(Element* tile, int valid_rows, const RopeSlot& slot, const RopeParams& rope,
+                           PositionFn position) {
   constexpr int kSlots = kD / 2, kRowStep = kNThreads / kSlots;
   if (!slot.active) return;
   for (int r = static_cast<int>(threadIdx.x) / kSlots; r < valid_rows; r += kRowStep) {
     float c, s;
-    rope_cos_sin(position(r), slot.freq, 1, 0, slot.factor, &c, &s);
+    if (rope.table_positions > 0) {
+      const int pair = rope.interleaved ? slot.c1 / 2 : slot.c1;  // pair_first inverted
+      table_cos_sin(rope.freqs, rope.rotary_dim, rope.table_positions, position(r), pair, &c, &s);
+    } else {
+      rope_cos_sin(position(r), slot.freq, 1, 0, slot.factor, &c, &s);
+    }
     const int i1 = smem_index<kD>(r, slot.c1), i2 = smem_index<kD>(r, slot.c2);
     float x1 = Convert<Element>::to_float(tile[i1]);
     float x2 = Convert<Element>::to_float(tile[i2]);
@@ -348,18 +363,20 @@ RK_GLOBAL void RK_LAUNCH_BOUNDS(Traits::kNThreads) attention_kernel(const typena
     };
     load_kv(sK, false, nb_begin);
 
-    const RopeSlot slot = make_rope_slot<kD>(tid, prob.freqs, prob.rotary_dim, prob.interleaved, prob.attention_factor);
+    const RopeParams& rope = Problem::rope(params);
+    const RopeSlot slot = make_rope_slot<kD>(tid, rope, prob.freqs);
     cp_async_wait<1>();  // Q landed (K may still be in flight)
     syncthreads();
-    rotate_tile<kD, kNT>(sQ, imin(kBM, prob.rows - row0), slot, [&](int r) { return prob.q_position(row0 + r); });
+    rotate_tile<kD, kNT>(sQ, imin(kBM, prob.rows - row0), slot, rope, [&](int r) { return prob.q_position(row0 + r); });
 
     for (int nb = nb_begin; nb < nb_end; ++nb) {
       const int j0 = nb * kBN;
       cp_async_wait<0>();  // K_nb landed
       syncthreads();       // ... for every thread; and every warp is done with V_{nb-1} and Q's rotation
       load_kv(sV, true, nb);
-      if (prob.rotary_dim > 0) {  // CTA-uniform, so the barrier below is reached by every thread
-        rotate_tile<kD, kNT>(sK, imin(kBN, prob.seqlen_k - j0), slot, [&](int r) { return prob.k_position(j0 + r); });
+      if (rope.rotary_dim > 0) {  // CTA-uniform, so the barrier below is reached by every thread
+        rotate_tile<kD, kNT>(sK, imin(kBN, prob.seqlen_k - j0), slot, rope,
+                             [&](int r) { return prob.k_position(j0 + r); });
         syncthreads();
       }
 

@@ -103,6 +103,16 @@ inline std::string alignment_error(const char* name) {
          "(a strided view can be passed as .contiguous())";
 }
 
+// `freqs` is a law's split or, with table_positions > 0, a caller's table: required either way.
+inline std::string rope_error(const RopeParams& rope, int head_dim) {
+  if (rope.rotary_dim < 0 || rope.rotary_dim % 2 != 0 || rope.rotary_dim > head_dim) {
+    return "`rotary_dim` must be even and in [0, head_dim], got " + std::to_string(rope.rotary_dim);
+  }
+  if (rope.table_positions < 0) return "`table_positions` must be >= 0, got " + std::to_string(rope.table_positions);
+  if (rope.rotary_dim > 0 && rope.freqs == nullptr) return "`freqs` is required when rotary_dim > 0";
+  return {};
+}
+
 inline std::string common_error(DType dtype, int head_dim, int num_heads, int num_heads_k, const RopeParams& rope) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
     return "the CUDA attention kernels take float16 or bfloat16 tensors";
@@ -114,11 +124,7 @@ inline std::string common_error(DType dtype, int head_dim, int num_heads, int nu
     return "query heads (" + std::to_string(num_heads) + ") must be a multiple of key/value heads (" +
            std::to_string(num_heads_k) + ")";
   }
-  if (rope.rotary_dim < 0 || rope.rotary_dim % 2 != 0 || rope.rotary_dim > head_dim) {
-    return "`rotary_dim` must be even and in [0, head_dim], got " + std::to_string(rope.rotary_dim);
-  }
-  if (rope.rotary_dim > 0 && rope.freqs == nullptr) return "`freqs` is required when rotary_dim > 0";
-  return {};
+  return rope_error(rope, head_dim);
 }
 
 }  // namespace detail
@@ -171,10 +177,8 @@ std::string check_rope(const RopeApplyParams& p, DType dtype) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16 && dtype != DType::kFloat32) {
     return "apply_rope on CUDA takes float16, bfloat16 or float32 tensors";
   }
-  if (p.rope.rotary_dim < 0 || p.rope.rotary_dim % 2 != 0 || p.rope.rotary_dim > p.head_dim) {
-    return "`rotary_dim` must be even and in [0, head_dim], got " + std::to_string(p.rope.rotary_dim);
-  }
-  if (p.rope.rotary_dim > 0 && p.rope.freqs == nullptr) return "`freqs` is required when rotary_dim > 0";
+  std::string err = detail::rope_error(p.rope, p.head_dim);
+  if (!err.empty()) return err;
   if (p.positions == nullptr && p.batch * p.seqlen > 0) return "`positions` is required";
   return {};
 }

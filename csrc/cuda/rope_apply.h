@@ -1,6 +1,7 @@
 // apply_rope on the GPU: a rotated copy of x. One thread per (token, pair slot); it forms the
-// slot's cos/sin once (accurate angles, ropekern/rope_math.h) and applies it to every head.
-// Slots past rotary_dim / 2 copy the pass-through channels bit-exact.
+// slot's cos/sin once (accurate angles, ropekern/rope_math.h, or read from a caller's table when
+// RopeParams::table_positions > 0) and applies it to every head. Slots past rotary_dim / 2 copy
+// the pass-through channels bit-exact.
 #pragma once
 
 #include "common.h"
@@ -25,9 +26,13 @@ RK_GLOBAL void apply_rope_kernel(const RopeApplyParams p) {
     const Element* x = static_cast<const Element*>(p.x) + b * p.x_batch_stride + s * p.x_row_stride;
     Element* o = static_cast<Element*>(p.out) + b * p.o_batch_stride + s * p.o_row_stride;
     if (slot < half) {
+      const int32_t pos = p.positions[b * p.pos_batch_stride + s];
       float c, sn;
-      rope_cos_sin(p.positions[b * p.pos_batch_stride + s], p.rope.freqs + b * p.rope.freqs_batch_stride, half, slot,
-                   p.rope.attention_factor, &c, &sn);
+      if (p.rope.table_positions > 0) {
+        table_cos_sin(p.rope.freqs, rotary_dim, p.rope.table_positions, pos, slot, &c, &sn);
+      } else {
+        rope_cos_sin(pos, sequence_freqs(p.rope, b), half, slot, p.rope.attention_factor, &c, &sn);
+      }
       const int c1 = pair_first(slot, p.rope.interleaved), c2 = pair_second(slot, rotary_dim, p.rope.interleaved);
       for (int h = 0; h < p.num_heads; ++h) {
         float x1 = Cvt::to_float(x[h * p.x_head_stride + c1]);

@@ -1,6 +1,7 @@
 """Mutation check of the CUDA emulation harness: each mutation breaks the kernel source in one way
-(an index, a barrier, a cp.async wait, the mask, the accurate angle, split-K, paging, append, ...)
-and the harness (csrc/tests/test_cuda_emulated.cpp) must fail. Run from the repository root:
+(an index, a barrier, a cp.async wait, the mask, the accurate angle, a caller's cos/sin table,
+split-K, paging, append, ...) and the harness (csrc/tests/test_cuda_emulated.cpp) must fail. Run
+from the repository root:
 
     python csrc/tests/cuda_mutations.py [substring ...]   # all mutations, or those whose name matches
 
@@ -16,6 +17,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ATTN = "csrc/cuda/attention.h"
+PARAMS = "csrc/cuda/cuda_params.h"
 MUTATIONS = [
     (
         "K ldmatrix column swapped",
@@ -49,8 +51,8 @@ MUTATIONS = [
     (
         "plain fp32 angle",
         ATTN,
-        "    rope_cos_sin(position(r), slot.freq, 1, 0, slot.factor, &c, &s);",
-        "    { const float a = static_cast<float>(position(r)) * ((slot.freq[0] + slot.freq[1] + slot.freq[2]) * "
+        "      rope_cos_sin(position(r), slot.freq, 1, 0, slot.factor, &c, &s);",
+        "      { const float a = static_cast<float>(position(r)) * ((slot.freq[0] + slot.freq[1] + slot.freq[2]) * "
         "6.2831853f); c = cosf(a) * slot.factor; s = sinf(a) * slot.factor; }",
     ),
     (
@@ -78,15 +80,44 @@ MUTATIONS = [
         "const int t = p.cache_seqlens[b] + s;",
         "const int t = p.cache_seqlens[b] + s + (s == 0);",
     ),
-    ("interleaved layout ignored", ATTN, "s.c1 = pair_first(slot, interleaved);", "s.c1 = pair_first(slot, false);"),
+    (
+        "interleaved layout ignored",
+        ATTN,
+        "s.c1 = pair_first(slot, rope.interleaved);",
+        "s.c1 = pair_first(slot, false);",
+    ),
     ("varlen LSE offset", ATTN, "      lse_off = q0;", "      lse_off = 0;"),
     ("GQA head map", ATTN, "const int hk = h / (p.num_heads / p.num_heads_k);", "const int hk = h % p.num_heads_k;"),
     (
         "per-sequence table ignored",
+        PARAMS,
+        "return rope.freqs + b * rope.freqs_batch_stride;",
+        "return rope.freqs;",
+    ),
+    (
+        "attention ignores a caller's table",
         ATTN,
-        "freqs = p.rope.freqs == nullptr ? nullptr : p.rope.freqs + b * p.rope.freqs_batch_stride;\n"
-        "    causal = p.causal;",
-        "freqs = p.rope.freqs;\n    causal = p.causal;",
+        "    if (rope.table_positions > 0) {\n      const int pair",
+        "    if (false) {\n      const int pair",
+    ),
+    (
+        "apply_rope ignores a caller's table",
+        "csrc/cuda/rope_apply.h",
+        "if (p.rope.table_positions > 0) {",
+        "if (false) {",
+    ),
+    ("table position not clamped", PARAMS, "table + table_row(pos, rows) * rotary_dim", "table + pos * rotary_dim"),
+    (
+        "table row stride wrong",
+        PARAMS,
+        "table + table_row(pos, rows) * rotary_dim",
+        "table + table_row(pos, rows) * (rotary_dim / 2)",
+    ),
+    (
+        "table cos and sin swapped",
+        PARAMS,
+        "*cos_out = row[0];\n  *sin_out = row[rotary_dim / 2];",
+        "*cos_out = row[rotary_dim / 2];\n  *sin_out = row[0];",
     ),
 ]
 

@@ -7,6 +7,11 @@
 // Tolerance: |kernel - fp64| <= 4 eps (1 + |ref|) with eps = 2^-10 (fp16) / 2^-7 (bf16): the
 // kernel rounds the rotated Q / K and P to the I/O dtype once each. A kernel with plain fp32
 // angles misses this by ~10x at positions near 2^20, a wrong index by far more.
+//
+// Table mode (RopeParams::table_positions > 0): the cases marked "table" hand the kernels a
+// caller's cos/sin table built here in fp64 from the same frequencies times the attention factor
+// (rounded once to fp32), so the reference is the law's, with positions past the table clamped to
+// its last row.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -61,12 +66,18 @@ double round_bits(double x, int bits) {
   return std::ldexp(std::nearbyint(std::ldexp(m, bits)), e - bits);
 }
 
+// Rows of NaN after a caller's table: a kernel that skipped the clamp would read them (the cases
+// keep their positions below table_positions + kTableGuardRows), never memory outside the buffer.
+constexpr int kTableGuardRows = 128;
+
 struct Rope {
   int rotary_dim = 0;
   bool interleaved = false;
   double factor = 1.0;
   std::vector<std::vector<double>> inv;  // [nT][R/2]
   std::vector<float> split;              // [nT][4][R/2]
+  int table_positions = 0;               // > 0: the kernels read `table` instead of `split`
+  std::vector<float> table;              // [table_positions + kTableGuardRows][2][R/2]
 
   Rope(int rotary, bool il, double af, std::vector<double> bases) : rotary_dim(rotary), interleaved(il), factor(af) {
     const int half = rotary / 2;
@@ -87,20 +98,44 @@ struct Rope {
       split.insert(split.end(), s.begin(), s.end());
     }
   }
+  // Table mode with `positions` rows: row p = cos(p * inv_freq) * factor, then sin (one table, so
+  // one base).
+  Rope& with_table(int positions) {
+    const int half = rotary_dim / 2;
+    table_positions = positions;
+    table.assign(static_cast<size_t>(positions + kTableGuardRows) * 2 * half, NAN);
+    for (int p = 0; p < positions; ++p) {
+      for (int i = 0; i < half; ++i) {
+        const double a = static_cast<double>(p) * inv[0][i];
+        table[(static_cast<size_t>(p) * 2) * half + i] = static_cast<float>(std::cos(a) * factor);
+        table[(static_cast<size_t>(p) * 2 + 1) * half + i] = static_cast<float>(std::sin(a) * factor);
+      }
+    }
+    return *this;
+  }
+  // As the host fills them (csrc/op_args.h rope_params): a caller's table is shared by every
+  // sequence and carries the factor itself.
   ropekern::RopeParams params() const {
     ropekern::RopeParams p;
-    p.freqs = rotary_dim ? split.data() : nullptr;
-    p.freqs_batch_stride = inv.size() > 1 ? ropekern::kSplitRows * (rotary_dim / 2) : 0;
     p.rotary_dim = rotary_dim;
     p.interleaved = interleaved;
+    if (table_positions > 0) {
+      p.freqs = rotary_dim ? table.data() : nullptr;
+      p.table_positions = table_positions;
+      return p;
+    }
+    p.freqs = rotary_dim ? split.data() : nullptr;
+    p.freqs_batch_stride = inv.size() > 1 ? ropekern::kSplitRows * (rotary_dim / 2) : 0;
     p.attention_factor = static_cast<float>(factor);
     return p;
   }
-  // Rotated copy (fp64) of one head vector x[D] at `pos` with the table of sequence `b`.
+  // Rotated copy (fp64) of one head vector x[D] at `pos` with the table of sequence `b` (in table
+  // mode: at the table row of `pos`, the last one past its end).
   std::vector<double> rotate(const std::vector<double>& x, int64_t pos, int b) const {
     std::vector<double> y = x;
     const int half = rotary_dim / 2;
     const auto& row = inv[inv.size() > 1 ? b : 0];
+    if (table_positions > 0) pos = std::min<int64_t>(pos, table_positions - 1);
     for (int i = 0; i < half; ++i) {
       const int c1 = interleaved ? 2 * i : i, c2 = interleaved ? 2 * i + 1 : i + half;
       const double a = static_cast<double>(pos) * row[i], c = std::cos(a) * factor, s = std::sin(a) * factor;
@@ -189,6 +224,7 @@ struct PrefillCase {
   bool repeat_positions;      // k positions j / 2 (Parallel Context Windows style)
   std::vector<Poison> poison = {};  // non-finite V values (must reach only the rows that see them)
   int64_t position_stride = 1;       // positions base + stride * p: far apart, over the int32 range
+  int table_positions = 0;           // > 0: a caller's cos/sin table of that many positions
 };
 
 template <typename E>
@@ -239,7 +275,8 @@ void run_prefill(const PrefillCase& c, uint64_t seed) {
           static_cast<int32_t>(c.position_base + c.position_stride * (p < 0 ? 0 : (c.repeat_positions ? p / 2 : p)));
     }
   }
-  const Rope rope(c.rotary, c.interleaved, c.factor, c.bases);
+  Rope rope(c.rotary, c.interleaved, c.factor, c.bases);
+  if (c.table_positions > 0) rope.with_table(c.table_positions);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   constexpr int kGuard = 64;
   std::vector<E> out(static_cast<size_t>(tq) * hq * d + kGuard, Convert<E>::from_float(4096.f));
@@ -343,6 +380,8 @@ struct CacheCase {
   bool causal, interleaved;
   int num_splits;
   std::vector<double> bases;
+  double factor = 1.0;
+  int table_positions = 0;  // > 0: a caller's cos/sin table of that many positions
 };
 
 template <typename E>
@@ -381,7 +420,8 @@ void run_cache(const CacheCase& c, uint64_t seed) {
   std::vector<E> kn = random_tensor<E>(static_cast<size_t>(B) * c.s_new * row, rng);
   std::vector<E> vn = random_tensor<E>(static_cast<size_t>(B) * c.s_new * row, rng);
   std::vector<int32_t> lens(c.cache_lens.begin(), c.cache_lens.end());
-  const Rope rope(c.rotary, c.interleaved, 1.0, c.bases);
+  Rope rope(c.rotary, c.interleaved, c.factor, c.bases);
+  if (c.table_positions > 0) rope.with_table(c.table_positions);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   std::vector<E> out(static_cast<size_t>(B) * sq * hq * d, Convert<E>::from_float(4096.f));
   std::vector<float> lse(static_cast<size_t>(B) * hq * sq, 777.f);
@@ -480,16 +520,19 @@ void run_cache(const CacheCase& c, uint64_t seed) {
 }
 
 // ------------------------------------------------------------------ apply_rope
+// table_positions > 0: a caller's table of that many positions (1.1 times cos/sin) and positions
+// 3 * token, past its end from token table_positions / 3 on.
 template <typename E>
-void run_rope(int d, int rotary, bool interleaved, uint64_t seed) {
+void run_rope(int d, int rotary, bool interleaved, uint64_t seed, int table_positions = 0) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
   const int B = 2, S = 5, H = 3;
   // x is a strided view: heads padded to d + 6 elements, as if sliced out of a wider buffer.
   const int64_t hs = d + 6, rs = H * hs, bs = S * rs;
   std::vector<E> x = random_tensor<E>(static_cast<size_t>(B) * bs, rng);
   std::vector<int32_t> pos(B * S);
-  for (int i = 0; i < B * S; ++i) pos[i] = (1 << 20) + 37 * i;
-  const Rope rope(rotary, interleaved, 0.9, {10000.0, 500000.0});  // one table per batch row
+  for (int i = 0; i < B * S; ++i) pos[i] = table_positions > 0 ? 3 * i : (1 << 20) + 37 * i;
+  Rope rope = table_positions > 0 ? Rope(rotary, interleaved, 1.1, {10000.0}).with_table(table_positions)
+                                  : Rope(rotary, interleaved, 0.9, {10000.0, 500000.0});  // one table per batch row
   std::vector<E> out(static_cast<size_t>(B) * S * H * d);
   ropekern::cuda::RopeApplyParams p;
   p.x = x.data();
@@ -509,7 +552,9 @@ void run_rope(int d, int rotary, bool interleaved, uint64_t seed) {
   p.rope = rope.params();
   const std::string err = ropekern::cuda::run_rope(p, dtype_of<E>(), nullptr);
   const std::string label = std::string("apply_rope D=") + std::to_string(d) + " R=" + std::to_string(rotary) +
-                            (interleaved ? " interleaved " : " half-split ") + name_of<E>();
+                            (interleaved ? " interleaved " : " half-split ") +
+                            (table_positions > 0 ? "table P=" + std::to_string(table_positions) + " " : "") +
+                            name_of<E>();
   expect(err.empty(), label + ": launch: " + err);
   double worst = 0;
   bool passthrough_exact = true;
@@ -589,7 +634,17 @@ int main(int argc, char** argv) {
     run_prefill<bf16_t>({"D128 varlen causal Sq<Sk inf in masked V", 2, 4, 2, 128, 128, {20, 9}, {30, 60}, true, true,
                          false, false, 1.0, {10000.0}, 0, false, {{25, 1, -INFINITY}, {85, 100, NAN}}},
                         seed + 14);
+    // A caller's cos/sin table (1.1 x the law's): partial interleaved rotation with keys 70..79 and
+    // the last queries past the table's 70 positions (they read its last row); varlen sequences
+    // sharing one table, positions 2 + 3p, the later ones past the table.
+    run_prefill<bf16_t>({"table D128 B2 33x80 causal partial il P=70", 2, 4, 2, 128, 64, {33, 33}, {80, 80}, false,
+                         true, true, false, 1.1, {10000.0}, 0, false, {}, 1, 70},
+                        seed + 16);
+    run_prefill<half_t>({"table D64 varlen causal positions 2+3p P=100", 3, 2, 1, 64, 64, {1, 17, 40}, {5, 40, 60},
+                         true, true, false, false, 1.1, {10000.0}, 2, false, {}, 3, 100},
+                        seed + 17);
     // name, B, Sq, Hq, Hkv, D, R, cache_lens, s_new, capacity, block_size, causal, interleaved, splits, bases
+    // [, factor, table positions]
     run_cache<half_t>({"dense D64 GQA4 append 1", 2, 1, 8, 2, 64, 64, {5, 70}, 1, 96, 0, true, false, 1, {10000.0}},
                       seed + 5);
     run_cache<bf16_t>({"paged(bs16) D128 Sq3 causal il", 2, 3, 4, 2, 128, 96, {0, 100}, 3, 112, 16, true, true, 3,
@@ -601,10 +656,25 @@ int main(int argc, char** argv) {
     run_cache<half_t>({"paged(bs5) D64 MQA8 split 4", 1, 1, 8, 1, 64, 64, {200}, 1, 256, 5, true, false, 4,
                        {10000.0}},
                       seed + 8);
+    // Caller's tables (1.1 x the law's): the second sequence's positions 40..70 past a 40-row
+    // table; a table longer than the cache (no clamp) under split-K; partial rotation, clamped
+    // positions 150..200 and split-K on D 256.
+    run_cache<half_t>({"table dense D64 GQA4 append 1 P=40", 2, 1, 8, 2, 64, 64, {5, 70}, 1, 96, 0, true, false, 1,
+                       {10000.0}, 1.1, 40},
+                      seed + 18);
+    run_cache<bf16_t>({"table paged(bs16) D128 Sq3 il partial P=200", 2, 3, 4, 2, 128, 96, {0, 100}, 3, 112, 16, true,
+                       true, 3, {10000.0}, 1.1, 200},
+                      seed + 19);
+    run_cache<half_t>({"table paged(bs5) D256 MQA4 partial P=150", 1, 1, 4, 1, 256, 128, {200}, 1, 256, 5, true, false,
+                       4, {10000.0}, 1.1, 150},
+                      seed + 20);
     run_rope<half_t>(64, 48, false, seed + 9);
     run_rope<bf16_t>(128, 128, true, seed + 10);
     run_rope<float>(10, 6, true, seed + 11);
     run_rope<float>(96, 32, false, seed + 12);
+    run_rope<half_t>(64, 48, false, seed + 21, 20);
+    run_rope<bf16_t>(128, 128, true, seed + 22, 20);
+    run_rope<float>(10, 6, true, seed + 23, 20);
   } catch (const std::exception& e) {
     std::printf("FAIL (exception) %s\n", e.what());
     return 1;

@@ -48,6 +48,9 @@ int main() {
   r.head_dim = 64;
   r.rope.rotary_dim = 66;
   expect_refused(run_rope(r, DType::kFloat32, nullptr), "rotary_dim", "rotary_dim > head_dim refused");
+  r.rope.rotary_dim = 64;
+  r.rope.table_positions = -1;
+  expect_refused(run_rope(r, DType::kFloat32, nullptr), "table_positions", "negative table_positions refused");
 
   if (failures) {
     std::printf("%d failure(s)\n", failures);

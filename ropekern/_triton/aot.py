@@ -77,14 +77,16 @@ def compile_attention(
     group: int = 1,
     block: tuple[int, int, int, int] = (128, 64, 4, 3),
     rotate: bool = True,
+    table: bool = False,
 ) -> dict[str, int]:
     """Compile the fused forward for ``sm_<arch>``; ``dtype`` in fp16/bf16/fp32; ``block`` is
-    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. Returns registers / local / shared."""
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; ``table``: the caller's-table variant (cos/sin
+    rows looked up by position). Returns registers / local / shared."""
     r = head_dim if rotary_dim is None else rotary_dim
     bm, bn, warps, stages = block
     constexprs = dict(
-        GROUP=group, **head_constants(head_dim, r), INTERLEAVED=interleaved, ROTATE=rotate, CAUSAL=causal,
-        VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+        GROUP=group, **head_constants(head_dim, r), INTERLEAVED=interleaved, ROTATE=rotate, ROPE_TABLE=table,
+        CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
         UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     fn = attention._rope_attn_fwd.fn
@@ -116,10 +118,13 @@ def compile_backward(
     block: tuple[int, int, int, int] | None = None,
     rotate: bool = True,
     kernel: str = "dkdv",
+    table: bool = False,
 ) -> dict[str, int]:
     """Compile a backward kernel (``kernel`` in dkdv / dq / preprocess / table) for ``sm_<arch>``;
     ``block`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, default the first config of the
-    kernel's list (preprocess, table: the block ``backward.preprocess`` / ``rope_table`` pick)."""
+    kernel's list (preprocess, table: the block ``backward.preprocess`` / ``rope_table`` pick).
+    ``table``: the table kernel's variant that gathers a caller's table (the others read its output
+    either way)."""
     _require_compiler()
     r = head_dim if rotary_dim is None else rotary_dim
     pointers = {"DLse": "fp32", "Delta": "fp32", "Lse": "fp32", "CSQ": "fp32", "CSK": "fp32", "CuQ": "i32"}
@@ -132,7 +137,9 @@ def compile_backward(
         fn, warps, stages = backward._bwd_preprocess, 4, 1
     elif kernel == "table":
         half_p = pow2(r // 2)
-        constexprs = dict(HALF=r // 2, HALF_P=half_p, VARLEN=varlen, BLOCK=backward.table_block(half_p))
+        constexprs = dict(
+            HALF=r // 2, HALF_P=half_p, VARLEN=varlen, ROPE_TABLE=table, BLOCK=backward.table_block(half_p)
+        )  # fmt: skip
         fn, warps, stages = backward._rope_table, 4, 1
     else:
         bm, bn, warps, stages = block or (backward._DKDV if kernel == "dkdv" else backward._DQ)[0]
@@ -158,15 +165,21 @@ def compile_backward(
 
 
 def compile_rope(
-    arch: int, dtype: str = "bf16", head_dim: int = 128, rotary_dim: int | None = None, interleaved: bool = False
+    arch: int,
+    dtype: str = "bf16",
+    head_dim: int = 128,
+    rotary_dim: int | None = None,
+    interleaved: bool = False,
+    table: bool = False,
 ) -> dict[str, int]:
-    """Compile the standalone apply_rope kernel for ``sm_<arch>`` (block as ``rope.forward`` picks on GPUs)."""
+    """Compile the standalone apply_rope kernel for ``sm_<arch>`` (block as ``rope.forward`` picks on
+    GPUs); ``table``: the caller's-table variant."""
     _require_compiler()
     r = head_dim if rotary_dim is None else rotary_dim
     head = head_constants(head_dim, r)
     constexprs = dict(
         HALF=head["HALF"], HALF_P=head["HALF_P"], PASS=head["PASS"], PASS_P=head["PASS_P"],
-        INTERLEAVED=interleaved, BLOCK_S=rope.gpu_block_s(head["HALF_P"]),
+        INTERLEAVED=interleaved, ROPE_TABLE=table, BLOCK_S=rope.gpu_block_s(head["HALF_P"]),
     )  # fmt: skip
     fn = rope._apply_rope_kernel
     pointers = {"X": dtype, "Out": dtype, "Pos": "i32", "Split": "fp32"}
@@ -192,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=1, help="query heads per key/value head")
     p.add_argument("--block", type=int, nargs=4, default=(128, 64, 4, 3), metavar=("M", "N", "WARPS", "STAGES"))
     p.add_argument("--no-rotate", action="store_true", help="the RoPE-off variant")
+    p.add_argument("--table", action="store_true", help="the caller's-table variant (ropekern.RopeTable)")
     p.add_argument("--rope", action="store_true", help="compile the apply_rope kernel instead")
     p.add_argument(
         "--backward",
@@ -202,17 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-causal", action="store_true")
     a = p.parse_args(argv)
     if a.rope:
-        usage = compile_rope(a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved)
+        usage = compile_rope(a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, a.table)
     elif a.backward:
         block = tuple(a.block) if "--block" in (argv if argv is not None else sys.argv) else None
         usage = compile_backward(
             a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, not a.no_causal, a.varlen, a.group, block,
-            not a.no_rotate, a.backward,
+            not a.no_rotate, a.backward, a.table,
         )  # fmt: skip
     else:
         usage = compile_attention(
             a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, group=a.group, block=tuple(a.block),
-            rotate=not a.no_rotate,
+            rotate=not a.no_rotate, table=a.table,
         )  # fmt: skip
     print(" ".join(f"{k}={v}" for k, v in usage.items()))
     return 0

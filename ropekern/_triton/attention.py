@@ -7,7 +7,9 @@ positions are consecutive (default positions) gets its cos/sin by angle addition
 row and a per-program step table (``rope_tile.tile_cos_sin``): the per-element trigonometry is what
 the rotation costs, and each K tile is rotated once per query tile. Scaling laws reach the kernel
 only as the host split table ``[nT, 4, R/2]`` (batch stride 0 when shared), so a new law needs no
-new kernel.
+new kernel. A caller's table (``ROPE_TABLE``: ``ropekern.RopeTable``, ``[P, 2, R/2]`` shared by the
+batch) takes the law's place: Q and every K tile look their cos/sin rows up by position, with no
+step table (an arbitrary table has no angle addition).
 
 Tiling. A program owns ``BLOCK_M`` rows of one (sequence, kv head): row ``r`` is query
 ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, i.e. the GQA group is folded into M,
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._validation import RopeArgs
-from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, rotary_split
+from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, rotary_split, table_args
 from .rope_tile import (
     add_seen_nonfinite,
     finite_or_zero,
@@ -122,6 +124,13 @@ _SPILL_FREE_GQA = {
     (8, 4, 128): _FALLBACK,
     (8, 4, 256): _FALLBACK,
 }
+# A caller's table (``ROPE_TABLE``) loads fp32 cos/sin rows per K tile instead of keeping the step
+# table: spill-free wherever the lists above are (sm_90 and sm_80, D 64 / 128, GROUP 1 and 4, 16-bit
+# and fp32) except these sm_80 16-bit GROUP 1 configs (Triton 3.9 ptxas; bf16 / fp16, bytes per thread):
+_TABLE_SPILLS = {
+    (8, 2, 64): frozenset({(128, 64, 8, 2)}),  # 268 B bf16
+    (8, 2, 128): frozenset({(128, 32, 8, 2)}),  # 200 B bf16, 60 B fp16
+}
 
 
 def head_class(head_dim_p: int, k_cols: int) -> int:
@@ -142,14 +151,18 @@ def select_configs(
     head_dim_p: int,
     k_cols: int,
     group: int = 1,
+    table: bool = False,
 ) -> list[triton.Config]:
     """The configs of this GPU generation (``major`` 9+: Hopper list, else Ampere) that fit
     ``smem_limit`` bytes of shared memory and were measured to compile without register spills
     (``_SPILL_FREE``, ``_SPILL_FREE_GQA`` when ``group`` > 1), for a padded head of ``head_dim_p``
     (V / accumulator) and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns. The RoPE-off variant
-    gets the same configs as the rotated one, so its RoPE tax is measured at equal tiles."""
-    table = _SPILL_FREE_GQA if group > 1 else _SPILL_FREE
-    allowed = table[(9 if major >= 9 else 8, 4 if elem_size >= 4 else 2, head_class(head_dim_p, k_cols))]
+    gets the same configs as the rotated one, so its RoPE tax is measured at equal tiles. ``table``:
+    the caller's-table variant, without the configs it spills in (``_TABLE_SPILLS``)."""
+    key = (9 if major >= 9 else 8, 4 if elem_size >= 4 else 2, head_class(head_dim_p, k_cols))
+    allowed = (_SPILL_FREE_GQA if group > 1 else _SPILL_FREE)[key]
+    if table and group == 1:
+        allowed = allowed - _TABLE_SPILLS.get(key, frozenset())
     keep = []
     for c in configs:
         shape = config_shape(c)
@@ -172,8 +185,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     props = triton.runtime.driver.active.utils.get_device_properties(q.device.index or 0)
     k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
     return select_configs(
-        configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols, kwargs["GROUP"]
-    )
+        configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols, kwargs["GROUP"],
+        kwargs["ROPE_TABLE"],
+    )  # fmt: skip
 
 
 @triton.jit
@@ -203,6 +217,7 @@ def _attn_keys(
     step_cos,
     step_sin,
     attention_factor,
+    table_positions,
     qk_scale,
     k_start,
     sk,
@@ -219,6 +234,7 @@ def _attn_keys(
     PASS_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -239,7 +255,10 @@ def _attn_keys(
             kpos = tl.load(kpos_base + cols)
         k1, k2 = load_pairs(k_rows, col_ok, HALF, HALF_P, INTERLEAVED, MASKED)
         if ROTATE:
-            cos, sin = tile_cos_sin(kpos, col_ok, split, step_cos, step_sin, attention_factor, HALF, HALF_P, BLOCK_N)
+            cos, sin = tile_cos_sin(
+                kpos, col_ok, split, step_cos, step_sin, attention_factor, table_positions, HALF, HALF_P, ROPE_TABLE,
+                BLOCK_N,
+            )  # fmt: skip
             r1, r2 = rotate_pairs(k1, k2, cos, sin)
             k1 = r1.to(k1.dtype)
             k2 = r2.to(k2.dtype)
@@ -298,6 +317,7 @@ def _attn_keys(
         "GROUP",
         "INTERLEAVED",
         "ROTATE",
+        "ROPE_TABLE",
         "CAUSAL",
         "VARLEN",
         "Q_BUCKET",
@@ -338,6 +358,7 @@ def _rope_attn_fwd(
     seqlen_k,
     qk_scale,
     attention_factor,
+    table_positions,
     Q_BUCKET,
     K_BUCKET,
     GROUP: tl.constexpr,
@@ -349,6 +370,7 @@ def _rope_attn_fwd(
     PASS_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -384,7 +406,10 @@ def _rope_attn_fwd(
     q_rows = Q + b64 * stride_qb + tok64 * stride_qs + head64 * stride_qh
     q_pos = tl.load(QPos + b64 * stride_qpb + q_start + qi, mask=row_ok, other=0)
     split = Split + b * stride_tb
-    q1, q2 = load_rotary(q_rows, row_ok, q_pos, split, attention_factor, HALF, HALF_P, INTERLEAVED, ROTATE, True)
+    q1, q2 = load_rotary(
+        q_rows, row_ok, q_pos, split, attention_factor, table_positions, HALF, HALF_P, INTERLEAVED, ROTATE, ROPE_TABLE,
+        True,
+    )  # fmt: skip
     if PASS > 0:
         qp = load_pass(q_rows, row_ok, 2 * HALF, PASS, PASS_P, True)
     else:
@@ -405,10 +430,10 @@ def _rope_attn_fwd(
     v_base = V + b64 * stride_vb + hkv64 * stride_vh
     kpos_base = KPos + b64 * stride_kpb + k_start
 
-    if ROTATE:
+    if ROTATE and not ROPE_TABLE:
         step_cos, step_sin = step_table(split, HALF, HALF_P, BLOCK_N)
     else:
-        step_cos = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)  # unused: rotation compiled out
+        step_cos = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)  # unused: no rotation, or table rows
         step_sin = step_cos
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -416,13 +441,13 @@ def _rope_attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     acc, l_i, m_i = _attn_keys(
         acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
-        qk_scale, k_start, sk, causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P,
-        PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        table_positions, qk_scale, k_start, sk, causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
+        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _attn_keys(
         acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
-        qk_scale, k_start, sk, causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P,
-        PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        table_positions, qk_scale, k_start, sk, causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
+        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
     # Rows that saw no key (causal with Sq > Sk, or an empty key sequence): zeros and LSE -inf.
@@ -454,7 +479,8 @@ def forward(
 
     Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, S]`` (last stride 1,
     batch stride may be 0). Varlen: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, positions ``[T]``,
-    ``cu_seqlens_*`` int32 ``[B + 1]``. ``rope.split`` float32 ``[nT, 4, R/2]`` with nT in {1, B}.
+    ``cu_seqlens_*`` int32 ``[B + 1]``. ``rope.split`` float32 ``[nT, 4, R/2]`` with nT in {1, B}, or
+    a caller's table ``[P, 2, R/2]`` (``rope.table_positions`` P > 0).
     Returns ``out`` (contiguous, q's shape and dtype) and LSE float32 ``[B, Hq, Sq]`` / ``[Hq, Tq]``.
     """
     varlen = cu_seqlens_q is not None
@@ -488,8 +514,7 @@ def forward(
     if max_seqlen_k == 0 or k.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
-    split = rope.split.contiguous()
-    stride_tb = split.stride(0) if split.shape[0] > 1 else 0
+    split, stride_tb, table_positions = table_args(rope)
     rotary_dim, rotate = rotary_split(rope)
     group = hq // hkv
     dummy = q_positions  # stands in for the cu_seqlens pointers of the dense layout (never read)
@@ -507,10 +532,10 @@ def forward(
         sl[0], sl[1],
         spos[0], spos[1], stride_tb,
         seqlen_q, seqlen_k,
-        softmax_scale * LOG2E, rope.attention_factor,
+        softmax_scale * LOG2E, rope.attention_factor, table_positions,
         triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
         GROUP=group, **head_constants(d, rotary_dim),
-        INTERLEAVED=rope.interleaved, ROTATE=rotate, CAUSAL=causal, VARLEN=varlen,
+        INTERLEAVED=rope.interleaved, ROTATE=rotate, ROPE_TABLE=table_positions > 0, CAUSAL=causal, VARLEN=varlen,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip

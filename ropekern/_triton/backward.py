@@ -18,7 +18,8 @@ rotated, and no rotated copy of Q or K is ever written.
 Kernels, none with atomics, so every gradient is bitwise reproducible run to run:
 
 * ``_rope_table``: fp32 cos/sin (factor applied) per token of q and of k, ``[T, 2, R/2]``, with the
-  accurate angle of ``rope_math`` (the per-call table of the length-dependent types included).
+  accurate angle of ``rope_math`` (the per-call table of the length-dependent types included), or
+  with ``ROPE_TABLE`` the rows of a caller's table ``[P, 2, R/2]`` gathered by position.
   The loops below load it instead of forming angles: an in-loop angle (or the forward's
   angle-addition step tables) keeps two more ``[BLOCK, R/2]`` fp32 blocks and the direct path's
   temporaries live next to the dK/dV accumulators, and spilled (ptxas, sm_90, D = 128, see
@@ -44,8 +45,8 @@ import triton.language as tl
 
 from .._validation import RopeArgs
 from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dot, config_shape
-from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, pow2, rotary_split
-from .rope_math import rope_cos_sin
+from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, pow2, rotary_split, table_args
+from .rope_math import position_cos_sin
 from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pairs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; none has been timed on a GPU yet.
@@ -146,13 +147,17 @@ def _rope_table(
     stride_cb,
     seqlen,
     attention_factor,
+    table_positions,
     HALF: tl.constexpr,
     HALF_P: tl.constexpr,
     VARLEN: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """``Table[b, s] = (cos, sin)`` fp32 ``[2, HALF]`` (factor applied) of ``Pos[b, s]``, with the
-    sequence's split table; varlen: rows are tokens ``cu[b] + s`` of one ``[T, 2, HALF]`` table."""
+    sequence's split table, or with ``ROPE_TABLE`` row ``Pos[b, s]`` (clamped) of the caller's table
+    ``Split`` ``[table_positions, 2, HALF]``; varlen: rows are tokens ``cu[b] + s`` of one
+    ``[T, 2, HALF]`` table."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     if VARLEN:
@@ -167,7 +172,9 @@ def _rope_table(
     pos = tl.load(Pos + b64 * stride_pb + start + toks, mask=ok, other=0)
     idx = tl.arange(0, HALF_P)
     pair_ok = idx < HALF
-    cos, sin = rope_cos_sin(pos, Split + b * stride_tb, idx, pair_ok, HALF, attention_factor)
+    cos, sin = position_cos_sin(
+        pos, Split + b * stride_tb, idx, pair_ok, HALF, attention_factor, table_positions, ROPE_TABLE
+    )
     rows = Table + b64 * stride_cb + (start + toks).to(tl.int64)[:, None] * (2 * HALF) + idx[None, :]
     mask = ok[:, None] & pair_ok[None, :]
     tl.store(rows, cos, mask=mask)
@@ -763,13 +770,14 @@ def table_block(half_p: int) -> int:
 
 def rope_table(
     positions: torch.Tensor,
-    split: torch.Tensor,
+    rope: RopeArgs,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int,
-    attention_factor: float,
 ) -> torch.Tensor:
     """fp32 cos/sin (factor applied) of every token: ``[B, S, 2, R/2]`` for positions ``[B, S]``,
-    ``[T, 2, R/2]`` for varlen positions ``[T]`` with ``cu_seqlens`` (sequence b uses table b)."""
+    ``[T, 2, R/2]`` for varlen positions ``[T]`` with ``cu_seqlens`` (sequence b uses split table b;
+    a caller's table, ``rope.table_positions`` > 0, is shared by every sequence)."""
+    split, stride_tb, table_positions = table_args(rope)
     half = split.shape[-1]
     varlen = cu_seqlens is not None
     table = torch.empty((*positions.shape, 2, half), dtype=torch.float32, device=positions.device)
@@ -778,15 +786,14 @@ def rope_table(
         return table
     if not varlen and positions.shape[-1] > 1 and positions.stride(-1) != 1:
         positions = positions.contiguous()
-    split = split.contiguous()
     half_p = pow2(half)
     block = table_block(half_p)
     seqlen = max_seqlen if varlen else positions.shape[1]
     _rope_table[(triton.cdiv(seqlen, block), batch)](
         positions, split, table, cu_seqlens if varlen else positions,
-        0 if varlen else positions.stride(0), split.stride(0) if split.shape[0] > 1 else 0,
-        0 if varlen else table.stride(0), seqlen, attention_factor,
-        HALF=half, HALF_P=half_p, VARLEN=varlen, BLOCK=block, num_warps=4,
+        0 if varlen else positions.stride(0), stride_tb,
+        0 if varlen else table.stride(0), seqlen, rope.attention_factor, table_positions,
+        HALF=half, HALF_P=half_p, VARLEN=varlen, ROPE_TABLE=table_positions > 0, BLOCK=block, num_warps=4,
     )  # fmt: skip
     return table
 
@@ -844,8 +851,8 @@ def backward(
     lse, delta = lse.contiguous(), delta.contiguous()
     rotary_dim, rotate = rotary_split(rope)
     if rotate:
-        cs_q = rope_table(q_positions, rope.split, cu_seqlens_q, max_seqlen_q, rope.attention_factor)
-        cs_k = rope_table(k_positions, rope.split, cu_seqlens_k, max_seqlen_k, rope.attention_factor)
+        cs_q = rope_table(q_positions, rope, cu_seqlens_q, max_seqlen_q)
+        cs_k = rope_table(k_positions, rope, cu_seqlens_k, max_seqlen_k)
         scs = (0, 0) if varlen else (cs_q.stride(0), cs_k.stride(0))
     else:
         cs_q = cs_k = lse  # never read: rotation compiled out

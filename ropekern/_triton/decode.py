@@ -23,6 +23,9 @@ start ``base`` are formed, applied to the (small) Q tile as ``R(-base)``. The K 
 rounding of the composition is within the docs/design.md §4 budget (2e-6): the composed cos/sin of these
 device functions are within 6.6e-7 of exact at positions near 0, 2**20, 2**24, 2**28 and 2**31 (D 64 and 128,
 bases 1e4 and 1e6; ``tests/test_triton_decode.py::test_composed_angles_accurate``, interpreter).
+A caller's table (``ROPE_TABLE``: ``ropekern.RopeTable``, ``[P, 2, R/2]`` shared by the batch) has no
+angle to compose: Q is rotated once with the rows of its positions and each K tile with the rows
+of its keys' positions (``rope_math.table_cos_sin``), a load instead of the trigonometry.
 
 Numerics: rotation, scores, online softmax and accumulation in fp32; Q and K are cast back to
 the I/O dtype after rotation for the fp16/bf16 tensor-core dots (fp32 I/O uses IEEE fp32 dots,
@@ -45,8 +48,8 @@ import triton.language as tl
 
 from .._validation import RopeArgs
 from . import _release
-from .host import INTERPRET, LOG2E, head_constants, pow2, rotary_split
-from .rope_math import TWO_PI, angle_turns, load_split
+from .host import INTERPRET, LOG2E, head_constants, pow2, rotary_split, table_args
+from .rope_math import TWO_PI, angle_turns, load_split, table_cos_sin
 from .rope_tile import add_seen_nonfinite, finite_or_zero, is_finite
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -161,6 +164,7 @@ def _decode_kernel(
     NUM_SPLITS,
     qk_scale,
     attention_factor,
+    table_positions,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -188,6 +192,7 @@ def _decode_kernel(
     PASS_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     CAUSAL: tl.constexpr,
     PAGED: tl.constexpr,
     LOG2_BS: tl.constexpr,
@@ -198,7 +203,9 @@ def _decode_kernel(
     """Program (b * HKV + h, m block, split): rows m = i * G + g of KV head h of sequence b.
 
     Writes ``OUT[split, b, i, h * G + g, :]`` (normalised by its own softmax sum) and the natural-log
-    ``LSE[split, b, h * G + g, i]``; ``stride_os``/``stride_ls`` are 0 without split-K.
+    ``LSE[split, b, h * G + g, i]``; ``stride_os``/``stride_ls`` are 0 without split-K. ``SPLIT``:
+    the law's split tables ``[nT, 4, HALF]`` (batch stride ``stride_fb``), or with ``ROPE_TABLE`` a
+    caller's table ``[table_positions, 2, HALF]`` shared by every sequence.
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -234,7 +241,10 @@ def _decode_kernel(
         qp = tl.load(q_row[:, None] + (2 * HALF + pp)[None, :], mask=row_ok[:, None] & pass_ok[None, :], other=0.0)
 
     offs_n = tl.arange(0, BLOCK_N)
-    if ROTATE:
+    if ROTATE and ROPE_TABLE:
+        cq, sq = table_cos_sin(q_pos, SPLIT, pair, pair_ok, HALF, table_positions)
+        q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
+    elif ROTATE:
         f_ptr = SPLIT + b64 * stride_fb  # this sequence's table (stride 0 when shared)
         f1, f2, f3, f4 = load_split(f_ptr, pair, pair_ok, HALF)
         cq, sq = _cos_sin(q_pos, f1, f2, f3, f4)
@@ -270,7 +280,14 @@ def _decode_kernel(
         k_mask = key_ok[:, None] & pair_ok[None, :]
         k1 = tl.load(k_row[:, None] + c1[None, :], mask=k_mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_row[:, None] + c2[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        if ROTATE:
+        if ROTATE and ROPE_TABLE:
+            # Key j sits at position j: its own table row (keys past kv_end are masked, clamped rows).
+            ck, sk = table_cos_sin(offs_j, SPLIT, pair, pair_ok, HALF, table_positions)
+            qa = q1
+            qb = q2
+            ka = k1 * ck - k2 * sk
+            kb = k2 * ck + k1 * sk
+        elif ROTATE:
             # q . R(j0 + j) k = (R(-j0) q) . (R(j) k): R(-j0) on the small Q tile, R(j) on K.
             # The split table is reloaded per tile (from L1; disable_licm keeps the loads in the
             # loop) rather than kept in registers across it: kept, its four rows made the D = 256
@@ -430,8 +447,9 @@ def num_splits_heuristic(batch: int, hkv: int, m_blocks: int, capacity: int, num
     return max(1, min(want, by_length, _MAX_SPLITS))
 
 
-def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``dp`` (padded) and G x Sq ``rows``.
+def _config(dtype: torch.dtype, dp: int, rows: int, table: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``dp`` (padded) and G x Sq ``rows``;
+    ``table``: the caller's-table variant (``ROPE_TABLE``).
 
     Not timed on a GPU yet but checked statically: every choice compiles for sm_90
     with ptxas reporting no spills when launched with 16-divisible strides (paged, rotated, the
@@ -444,8 +462,9 @@ def _config(dtype: torch.dtype, dp: int, rows: int) -> tuple[int, int, int, int]
     # Head dims above 128 in 16 bits: each Triton release's bundled ptxas allocates differently (the
     # accurate angle of every tile start leaves few registers spare). BLOCK_M 16 fits Triton 3.6 and
     # 3.7 (242 registers, no spill; 3.8-3.9: 508-656 B spilled), BLOCK_M 32 fits 3.9 (255, none;
-    # 3.8: 20 B; 3.6-3.7: 208-216 B), measured at D 256 bf16, 8 warps, sm_90.
-    wide_m = 32 if _release(triton.__version__) >= (3, 8) else 16
+    # 3.8: 20 B; 3.6-3.7: 208-216 B), measured at D 256 bf16, 8 warps, sm_90. The caller's-table
+    # variant loads fp32 cos/sin rows per K tile: BLOCK_M 32 spilled 996 B there, 16 none (3.9).
+    wide_m = 32 if _release(triton.__version__) >= (3, 8) and not table else 16
     block_m = min(16 if fp32 else wide_m if dp > 128 else 64, pow2(rows))
     block_n = 32 if fp32 or dp > 128 else 64
     num_warps = 4 if dp <= 64 and block_m == 16 else 8
@@ -520,14 +539,13 @@ def run(
     g = hq // hkv
     rotary_dim, rotate = rotary_split(rope)
     head = head_constants(d, rotary_dim)
-    block_m, cfg_n, num_warps, num_stages = _config(q.dtype, head["HEAD_DIM_P"], g * sq)
+    block_m, cfg_n, num_warps, num_stages = _config(q.dtype, head["HEAD_DIM_P"], g * sq, rope.table_positions > 0)
     block_n = block_n or cfg_n
     m_blocks = triton.cdiv(g * sq, block_m)
     capacity = block_table.shape[1] * kc.shape[1] if paged else kc.shape[1]
     if not num_splits:
         num_splits = num_splits_heuristic(b, hkv, m_blocks, capacity, _num_sms(q.device))
-    split = rope.split.contiguous()
-    stride_fb = split.stride(0) if split.shape[0] > 1 else 0
+    split, stride_fb, table_positions = table_args(rope)
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
@@ -558,6 +576,7 @@ def run(
         num_splits,
         softmax_scale * LOG2E,
         rope.attention_factor,
+        table_positions,
         *q.stride()[:3],
         *kc.stride()[:3],
         *vc.stride()[:3],
@@ -569,6 +588,7 @@ def run(
         **head,
         INTERLEAVED=rope.interleaved,
         ROTATE=rotate,
+        ROPE_TABLE=table_positions > 0,
         CAUSAL=causal,
         PAGED=paged,
         LOG2_BS=log2_bs,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 # Read once, before triton compiles anything: the interpreter runs kernels on CPU tensors (CI).
@@ -36,3 +37,13 @@ def rotary_split(rope) -> tuple[int, bool]:
     """``(R, rotate)`` of ``RopeArgs``: rotary_dim 0 runs without rotation, with the head split of
     the table (R = 2 * its columns) so that the same kernel runs, rotation compiled out."""
     return (rope.rotary_dim or 2 * rope.split.shape[-1]), rope.rotary_dim > 0
+
+
+def table_args(rope) -> tuple[torch.Tensor, int, int]:
+    """``(table, batch stride, P)`` of ``RopeArgs`` for the kernels' ``Split`` pointer: the law's split
+    table ``[nT, 4, R/2]`` with stride 0 when shared (nT = 1) and P = 0, or a caller's table
+    ``[P, 2, R/2]`` (``table_positions`` P > 0), shared by every sequence (stride 0)."""
+    split = rope.split.contiguous()
+    if rope.table_positions:
+        return split, 0, int(rope.table_positions)
+    return split, (split.stride(0) if split.shape[0] > 1 else 0), 0

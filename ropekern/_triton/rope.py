@@ -1,7 +1,8 @@
 """Triton ``apply_rope``: a rotated copy of x (the "separate RoPE pass" of the benchmarks).
 
 One program owns ``BLOCK_S`` tokens of one batch row: it forms their cos/sin once (accurate
-angles, fp32, attention factor applied) and rotates every head with them, so the trigonometry is
+angles, fp32, attention factor applied; or the rows of a caller's table, ``ROPE_TABLE``) and rotates
+every head with them, so the trigonometry is
 paid once per token rather than once per (token, head). Pass-through channels are copied as raw
 loads and stores, bit-exact.
 """
@@ -13,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .._validation import RopeArgs
-from .host import INTERPRET, MAX_GRID_YZ, head_constants
-from .rope_math import rope_cos_sin
+from .host import INTERPRET, MAX_GRID_YZ, head_constants, table_args
+from .rope_math import position_cos_sin
 from .rope_tile import load_2d, load_pass, pair_columns, rotate_pairs
 
 
@@ -45,11 +46,13 @@ def _apply_rope_kernel(
     seqlen,
     num_heads,
     attention_factor,
+    table_positions,
     HALF: tl.constexpr,
     HALF_P: tl.constexpr,
     PASS: tl.constexpr,
     PASS_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -61,7 +64,9 @@ def _apply_rope_kernel(
     pos = tl.load(Pos + b64 * stride_pb + toks, mask=ok, other=0)
     idx, c1, c2 = pair_columns(HALF, HALF_P, INTERLEAVED)
     col_ok = idx < HALF
-    cos, sin = rope_cos_sin(pos, Split + b * stride_tb, idx, col_ok, HALF, attention_factor)
+    cos, sin = position_cos_sin(
+        pos, Split + b * stride_tb, idx, col_ok, HALF, attention_factor, table_positions, ROPE_TABLE
+    )
     pmask = ok[:, None] & col_ok[None, :]
     # Pointers advance by one head stride per step: no h * stride product that could pass 2**31.
     x_rows = X + b64 * stride_xb + t64 * stride_xs
@@ -82,11 +87,23 @@ def _apply_rope_kernel(
 
 def forward(x: torch.Tensor, positions: torch.Tensor, rope: RopeArgs) -> torch.Tensor:
     """Rotated copy of ``x`` ``[B, S, H, D]`` (positions int32 ``[B, S]``) or ``[T, H, D]``
-    (positions ``[T]``); ``rope.split`` float32 ``[nT, 4, R/2]``, nT in {1, B}. Returns a contiguous
-    tensor of x's shape and dtype."""
+    (positions ``[T]``); ``rope.split`` float32 ``[nT, 4, R/2]``, nT in {1, B}, or a caller's table
+    ``[P, 2, R/2]`` (``rope.table_positions`` P > 0). Returns a contiguous tensor of x's shape and dtype."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rotate_into(x, positions, rope, out)
+    return out
+
+
+def in_place(x: torch.Tensor, positions: torch.Tensor, rope: RopeArgs) -> None:
+    """``forward`` written into ``x`` itself (any strides): each program loads a block of rows before
+    it stores them, and no two programs touch the same row."""
+    rotate_into(x, positions, rope, x)
+
+
+def rotate_into(x: torch.Tensor, positions: torch.Tensor, rope: RopeArgs, out: torch.Tensor) -> None:
+    """``x`` rotated into ``out`` (x's shape, any strides with a contiguous last dimension)."""
     if x.numel() == 0:
-        return out
+        return
     if x.dim() == 3:
         xs, os_, ps = (0, *x.stride()), (0, *out.stride()), 0
         batch, seqlen = 1, x.shape[0]
@@ -96,19 +113,17 @@ def forward(x: torch.Tensor, positions: torch.Tensor, rope: RopeArgs) -> torch.T
     if positions.shape[-1] > 1 and positions.stride(-1) != 1:
         positions = positions.contiguous()
         ps = positions.stride(0) if positions.dim() == 2 else 0
-    split = rope.split.contiguous()
+    split, stride_tb, table_positions = table_args(rope)
     head = head_constants(x.shape[-1], rope.rotary_dim)
     block_s = 16 if INTERPRET else gpu_block_s(head["HALF_P"])  # 16 tokens interpreted, so tails are tested
     grid = (triton.cdiv(seqlen, block_s), batch)
     _apply_rope_kernel[grid](
         x, out, positions, split,
         xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], ps,
-        split.stride(0) if split.shape[0] > 1 else 0,
-        seqlen, x.shape[-2], rope.attention_factor,
+        stride_tb, seqlen, x.shape[-2], rope.attention_factor, table_positions,
         HALF=head["HALF"], HALF_P=head["HALF_P"], PASS=head["PASS"], PASS_P=head["PASS_P"],
-        INTERLEAVED=rope.interleaved, BLOCK_S=block_s, num_warps=4,
+        INTERLEAVED=rope.interleaved, ROPE_TABLE=table_positions > 0, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
-    return out
 
 
 def limits(x: torch.Tensor) -> str | None:

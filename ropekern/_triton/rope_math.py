@@ -5,6 +5,10 @@ header ``csrc/include/ropekern/rope_math.h`` does): 12-bit position chunks times
 pieces are exact in fp32, so reducing them modulo one turn loses nothing; only the additions of
 reduced values, the small products and the final multiplication by 2π round. Error <= ~1.6e-6 rad
 for every position below 2**31 (measured 8.4e-7).
+
+A caller's table (``ropekern.RopeTable``, ``RopeArgs.table_positions`` P > 0) replaces the law:
+``table_cos_sin`` looks its rows up instead, and ``position_cos_sin`` picks either by a constexpr,
+so the law path compiles exactly as it does without tables.
 """
 
 import triton
@@ -56,3 +60,31 @@ def rope_cos_sin(pos, split_ptr, pair_idx, pair_mask, HALF: tl.constexpr, attent
     t = angle_turns(pos[:, None], f1[None, :], f2[None, :], f3[None, :], f4[None, :])
     angle = t * TWO_PI
     return tl.cos(angle) * attention_factor, tl.sin(angle) * attention_factor
+
+
+@triton.jit
+def table_cos_sin(pos, table_ptr, pair_idx, pair_mask, HALF: tl.constexpr, rows):
+    """cos/sin of a caller's table ``float32 [rows, 2, HALF]`` (row p: HALF cos, then HALF sin) at
+    row ``clamp(pos, 0, rows - 1)`` for positions ``pos [M]`` and pairs ``pair_idx [P]``.
+
+    The host refuses positions past the table; the clamp keeps unchecked calls (``torch.compile``)
+    and masked rows in bounds. Returns two fp32 ``[M, P]`` blocks used as given (the table holds
+    any magnitude factor); masked pairs get cos = 1, sin = 0 (ignored).
+    """
+    row = tl.minimum(tl.maximum(pos, 0), rows - 1).to(tl.int64) * (2 * HALF)
+    ptrs = table_ptr + row[:, None] + pair_idx[None, :]
+    mask = pair_mask[None, :]
+    return tl.load(ptrs, mask=mask, other=1.0), tl.load(ptrs + HALF, mask=mask, other=0.0)
+
+
+@triton.jit
+def position_cos_sin(
+    pos, split_ptr, pair_idx, pair_mask, HALF: tl.constexpr, attention_factor, rows, ROPE_TABLE: tl.constexpr
+):
+    """``table_cos_sin`` of a caller's table ``[rows, 2, HALF]`` when ``ROPE_TABLE``, else
+    ``rope_cos_sin`` of the split table at ``split_ptr`` (``rows`` unused): fp32 ``[M, P]`` each."""
+    if ROPE_TABLE:
+        cos, sin = table_cos_sin(pos, split_ptr, pair_idx, pair_mask, HALF, rows)
+    else:
+        cos, sin = rope_cos_sin(pos, split_ptr, pair_idx, pair_mask, HALF, attention_factor)
+    return cos, sin

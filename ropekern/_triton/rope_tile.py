@@ -15,12 +15,15 @@ q·k does not depend on the order of the channels. ``HALF_P``/``PASS_P`` are pow
 nothing to a dot. The attention backward (backward.py) reuses these helpers: the gradient of a rotation
 is the rotation by the opposite angle, i.e. ``rotate_pairs(g1, g2, cos, -sin)``; ``step_table`` +
 ``tile_cos_sin`` give the cos/sin of a K tile cheaply when its positions are consecutive.
+
+``ROPE_TABLE`` (constexpr) switches the cos/sin source to a caller's table ``[rows, 2, HALF]`` looked up
+by position (``rope_math.table_cos_sin``); ``split_ptr`` then points at it and ``rows`` is its length.
 """
 
 import triton
 import triton.language as tl
 
-from .rope_math import rope_cos_sin
+from .rope_math import position_cos_sin, rope_cos_sin
 
 
 @triton.jit
@@ -77,22 +80,25 @@ def load_rotary(
     pos,
     split_ptr,
     attention_factor,
+    rows,
     HALF: tl.constexpr,
     HALF_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     MASK_ROWS: tl.constexpr,
 ):
     """Load the rotary part of rows ``row_ptrs [M]`` (pointers to channel 0) and rotate it.
 
-    ``pos [M]`` int32 positions, ``split_ptr`` the sequence's split table ``float32 [4, HALF]``.
+    ``pos [M]`` int32 positions, ``split_ptr`` the sequence's split table ``float32 [4, HALF]`` (or
+    with ``ROPE_TABLE`` a caller's table ``float32 [rows, 2, HALF]``).
     Returns ``(x1, x2)`` ``[M, HALF_P]`` in the input dtype: rotated in fp32 and rounded once when
     ``ROTATE``, the raw loads otherwise (the RoPE-off variant costs no conversion).
     """
     x1, x2 = load_pairs(row_ptrs, row_mask, HALF, HALF_P, INTERLEAVED, MASK_ROWS)
     if ROTATE:
         idx = tl.arange(0, HALF_P)
-        cos, sin = rope_cos_sin(pos, split_ptr, idx, idx < HALF, HALF, attention_factor)
+        cos, sin = position_cos_sin(pos, split_ptr, idx, idx < HALF, HALF, attention_factor, rows, ROPE_TABLE)
         y1, y2 = rotate_pairs(x1, x2, cos, sin)
         x1 = y1.to(x1.dtype)
         x2 = y2.to(x2.dtype)
@@ -114,8 +120,10 @@ def tile_cos_sin(
     step_cos,
     step_sin,
     attention_factor,
+    rows,
     HALF: tl.constexpr,
     HALF_P: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """cos/sin ``[BLOCK, HALF_P]`` (times the attention factor) for a tile's positions ``pos [BLOCK]``.
@@ -125,19 +133,25 @@ def tile_cos_sin(
     ``(cos, sin)(p0 f)`` (one row) and ``step_table``: 4 FMAs per element instead of a full angle
     (~35 ops) and two transcendentals (~30 ops on GPUs). The angle errors add (measured within
     6.6e-7 of exact up to position 2**31). Any other tile (repeats, jumps, PCW) takes the direct path.
+
+    With ``ROPE_TABLE`` every tile looks its rows up in the caller's table ``[rows, 2, HALF]`` (an
+    arbitrary table has no angle to add; ``step_cos``/``step_sin`` are not read).
     """
     idx = tl.arange(0, HALF_P)
     pair_mask = idx < HALF
-    rel = pos - tl.arange(0, BLOCK)
-    first = tl.min(tl.where(valid, rel, 2147483647), 0)
-    last = tl.max(tl.where(valid, rel, -1), 0)
-    if first == last:
-        base = tl.zeros([1], dtype=tl.int32) + first
-        base_cos, base_sin = rope_cos_sin(base, split_ptr, idx, pair_mask, HALF, attention_factor)
-        cos = base_cos * step_cos - base_sin * step_sin
-        sin = base_sin * step_cos + base_cos * step_sin
+    if ROPE_TABLE:
+        cos, sin = position_cos_sin(pos, split_ptr, idx, pair_mask, HALF, attention_factor, rows, ROPE_TABLE)
     else:
-        cos, sin = rope_cos_sin(pos, split_ptr, idx, pair_mask, HALF, attention_factor)
+        rel = pos - tl.arange(0, BLOCK)
+        first = tl.min(tl.where(valid, rel, 2147483647), 0)
+        last = tl.max(tl.where(valid, rel, -1), 0)
+        if first == last:
+            base = tl.zeros([1], dtype=tl.int32) + first
+            base_cos, base_sin = rope_cos_sin(base, split_ptr, idx, pair_mask, HALF, attention_factor)
+            cos = base_cos * step_cos - base_sin * step_sin
+            sin = base_sin * step_cos + base_cos * step_sin
+        else:
+            cos, sin = rope_cos_sin(pos, split_ptr, idx, pair_mask, HALF, attention_factor)
     return cos, sin
 
 

@@ -12,7 +12,8 @@ q's shape and dtype, ``lse`` float32 ``[B, Hq, Sq]`` (varlen ``[Hq, Tq]``).
 
 Gradients: ``fwd`` gets the one attention autograd formula (``ropekern._autograd``) for every device
 it has kernels for: the backward of the first backend serving the call (the fused Triton kernels for
-CUDA tensors, else the PyTorch recompute). ``fwd_kvcache`` and ``apply_rope`` have no formula: their
+CUDA tensors, else the PyTorch recompute). ``fwd_kvcache``, ``apply_rope`` and ``apply_rope_`` (in
+place, declaring the mutation of ``x``) have no formula: their
 calls that require grad are declined (``backends.grad_reason``) and fall back to ``torch``.
 """
 
@@ -74,6 +75,10 @@ class NativeBackend:
     def rope(self, call: RopeCall) -> torch.Tensor:
         return torch.ops.ropekern.apply_rope(*call.op_args())
 
+    def rope_(self, call: RopeCall) -> None:
+        """``call.x`` rotated in place (``ropekern::apply_rope_``, which declares the mutation)."""
+        torch.ops.ropekern.apply_rope_(*call.op_args())
+
     def check_backward(self, call: BackwardCall) -> str | None:
         return f"the {self.name} backend has no backward kernel"
 
@@ -106,6 +111,7 @@ if _LOAD_ERROR is None:
     torch.library.register_fake("ropekern::fwd", fake_attention)
     torch.library.register_fake("ropekern::fwd_kvcache", fake_kvcache)
     torch.library.register_fake("ropekern::apply_rope", fake_rope)
+    torch.library.register_fake("ropekern::apply_rope_", lambda *args: None)
     # ``ropekern::fwd`` is differentiable on every device it has kernels for (the CPU ones here,
     # the CUDA ones in a CUDA build).
     from .._autograd import register_attention_autograd

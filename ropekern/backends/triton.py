@@ -27,6 +27,7 @@ from .._triton import decode as _decode
 from .._triton import rope as _rope
 from .._triton.host import INTERPRET
 from .._validation import (
+    APPLY_ROPE_INPLACE_SCHEMA,
     APPLY_ROPE_SCHEMA,
     ATTENTION_SCHEMA,
     BACKWARD_SCHEMA,
@@ -46,6 +47,7 @@ define_op(
 define_op("ropekern_triton::attention_bwd", BACKWARD_SCHEMA, "(Tensor, Tensor, Tensor)", _backward.run, fake_grads)
 define_op("ropekern_triton::kvcache", KVCACHE_SCHEMA, "(Tensor out, Tensor lse)", _decode.run, fake_kvcache)
 define_op("ropekern_triton::apply_rope", APPLY_ROPE_SCHEMA, "Tensor", _rope.forward, fake_rope)
+define_op("ropekern_triton::apply_rope_", APPLY_ROPE_INPLACE_SCHEMA, "()", _rope.in_place, lambda *args: None)
 register_attention_autograd("ropekern_triton::attention_fwd", prefer="triton")
 
 
@@ -87,6 +89,10 @@ class TritonBackend:
 
     def rope(self, call: RopeCall) -> torch.Tensor:
         return torch.ops.ropekern_triton.apply_rope(*call.op_args())
+
+    def rope_(self, call: RopeCall) -> None:
+        """``call.x`` rotated in place (an op that declares the mutation)."""
+        torch.ops.ropekern_triton.apply_rope_(*call.op_args())
 
     def check_backward(self, call: BackwardCall) -> str | None:
         return _device_reason(call.q) or _backward.limits(call.q, call.k, call.batch)

@@ -4,16 +4,27 @@
 
 #include <stdint.h>
 
+#include "macros.h"
+
 namespace ropekern {
 
 // Host-computed rotary data (ropekern/scaling.py). Scaling laws never reach the kernels.
 struct RopeParams {
-  const float* freqs = nullptr;     // [nT, kSplitRows, rotary_dim / 2] turn split (f1..f4 rows)
+  const float* freqs = nullptr;     // [nT, kSplitRows, rotary_dim / 2] turn split (f1..f4 rows), or
+                                    // with table_positions P > 0 a caller's [P, 2, rotary_dim / 2]
+                                    // table: row p = cos then sin of position p (ropekern.RopeTable)
   int64_t freqs_batch_stride = 0;   // 0: one table for all sequences; 4 * rotary_dim / 2: one per sequence
   int rotary_dim = 0;               // R; 0 disables rotation (the "RoPE off" benchmark variant)
   bool interleaved = false;         // pairs (2i, 2i+1) instead of (i, i + R/2)
   float attention_factor = 1.0f;    // multiplies cos and sin
+  int table_positions = 0;          // 0: freqs is the split; P: a caller's table (positions clamped to P - 1)
 };
+
+// Row of position `pos` in a caller's table of `rows` positions: positions past it read the last
+// row (the host refuses them before the call; this keeps unchecked calls inside the table).
+RK_HOST_DEVICE int64_t table_row(int32_t pos, int rows) {
+  return pos < 0 ? 0 : (pos >= rows ? rows - 1 : pos);
+}
 
 // rope_attention forward. Dense: q [B, Sq, Hq, D]; varlen: q [Tq, Hq, D] with cu_seqlens_q.
 struct AttnParams {
