@@ -141,6 +141,18 @@ void set_shape(P& p, int64_t batch, int64_t seqlen_q, int64_t num_heads, int64_t
   p.rope = rope;
 }
 
+// The sliding window (AttnParams::window_left / right; -1 unbounded), refused by a device whose
+// kernels have none (Device::kWindows false).
+template <class Device, class P>
+void set_window(P& p, int64_t left, int64_t right) {
+  const char* who = Device::kWho;
+  TORCH_CHECK_VALUE(left >= -1 && right >= -1 && left < (int64_t{1} << 31) && right < (int64_t{1} << 31), who,
+                    ": `window_left`/`window_right` must be in [-1, 2^31), got ", left, ", ", right);
+  TORCH_CHECK_VALUE(Device::kWindows || (left < 0 && right < 0), who, ": sliding windows are not in these kernels");
+  p.window_left = static_cast<int>(left);
+  p.window_right = static_cast<int>(right);
+}
+
 // ---------------------------------------------------------------------------------- the ops
 // ropekern::fwd: inputs checked, outputs allocated, AttnParams filled. The int32 tensors are the
 // contiguous views the params point into, alive until the launch.
@@ -169,6 +181,7 @@ struct RopeCall {
 
 // What a native backend provides (csrc/cpu/ops.cpp, csrc/cuda/bindings_cuda.cpp):
 //   static constexpr const char* kWho;
+//   static constexpr bool kWindows;                     its kernels take a sliding window
 //   using DType = ...;                                  its dtype enum (kFloat32, kBFloat16, kFloat16)
 //   static void check_device(const at::Tensor& first, const char* name);  the first tensor is on its device
 //   static void attention(AttnCall&, DType);            runs the kernels on the filled params
@@ -186,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens_q,
                                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, ROPEKERN_ROPE_PARAMS, bool causal,
-                                       double softmax_scale) {
+                                       double softmax_scale, int64_t window_left, int64_t window_right) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(q, "q");
   AttnCall c;
@@ -236,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     p.k_pos_batch_stride = c.k_pos.stride(0);
   }
   set_shape(p, B, c.varlen ? max_seqlen_q : q.size(1), Hq, Hkv, D, softmax_scale, causal, rope, who);
+  set_window<Device>(p, window_left, window_right);
   p.seqlen_k = to_int(c.varlen ? max_seqlen_k : k.size(1), "seqlen_k", who);
   Device::attention(c, dtype);
   return {c.out, c.lse};
@@ -247,7 +261,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& k_new,
                                                const std::optional<at::Tensor>& v_new,
                                                const std::optional<at::Tensor>& block_table, ROPEKERN_ROPE_PARAMS,
-                                               bool causal, double softmax_scale, int64_t num_splits) {
+                                               bool causal, double softmax_scale, int64_t window_left,
+                                               int64_t window_right, int64_t num_splits) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(q, "q");
   for (const auto& [t, name] :
@@ -305,6 +320,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache(const at::Tensor& q, const at::Te
   p.cache_seqlens = c.lens.data_ptr<int32_t>();
   const RopeParams rope = rope_params(ROPEKERN_ROPE_ARGS, D, B, q, who);
   set_shape(p, B, Sq, Hq, Hkv, D, softmax_scale, causal, rope, who);
+  set_window<Device>(p, window_left, window_right);
   Device::kvcache(c, dtype, num_splits);
   return {c.out, c.lse};
 }

@@ -18,10 +18,11 @@ namespace ropekern {
 inline void define_schemas(torch::Library& m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, " ROPEKERN_ROPE_SCHEMA
-        ", bool causal, float softmax_scale) -> (Tensor out, Tensor lse)");
+        ", bool causal, float softmax_scale, int window_left, int window_right) -> (Tensor out, Tensor lse)");
   m.def("fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
         "Tensor? v_new, Tensor? block_table, " ROPEKERN_ROPE_SCHEMA
-        ", bool causal, float softmax_scale, int num_splits) -> (Tensor out, Tensor lse)");
+        ", bool causal, float softmax_scale, int window_left, int window_right, int num_splits) -> (Tensor out, "
+        "Tensor lse)");
   m.def("apply_rope(Tensor x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> Tensor");
   m.def("apply_rope_(Tensor(a!) x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> ()");
 }

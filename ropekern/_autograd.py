@@ -39,6 +39,7 @@ def dense_backward(
     causal: bool,
     softmax_scale: float,
     whole_rows: bool = False,
+    window: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one dense (query block, key block) pair from the softmax statistics.
 
@@ -51,6 +52,8 @@ def dense_backward(
         q_pos, k_pos: int ``[B, Sq]`` / ``[B, Sk]``; rope: the kernels' rotary arguments (split
             table ``[nT, 4, R/2]``, nT in {1, B}; ``rotary_dim`` 0: no rotation).
         causal: bottom-right aligned mask ``j <= i + Sk - Sq`` inside the pair.
+        window: ``(left, right)``: query i sees keys ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``
+            (-1 unbounded; ``AttentionCall.window_left/right``).
         whole_rows: k holds every key the queries see (not a block of a longer sequence), so P is
             the softmax of the recomputed scores itself, rowsum(dO * O) is rowsum(P * dP) of the
             same rows, and ``lse`` is not read (every row it recomputes sees a key).
@@ -100,39 +103,54 @@ def dense_backward(
         lse = lse.to(cd).reshape(b, hkv, g, sq)
         lse = torch.where(torch.isfinite(lse), lse, float("inf"))
     off = sk - sq  # causal: query i sees keys j <= i + off
+    left, right = window
     first = max(0, -off) if causal else 0  # causal rows before this see no key: zero gradients
     chunk = max(1, _SCORE_BUDGET // max(1, b * hq * sk))
-    if causal:
-        # Query chunks of at most 256 rows, each against only the keys its last row can see: the
+    if causal or left >= 0:
+        # Query chunks of at most 256 rows, each against only the keys its rows can see: the
         # masked triangle is never formed (at 2K causal, ~half the work of the full score rows).
         chunk = min(chunk, 256)
     for i0 in range(first, sq, chunk):
         i1 = min(sq, i0 + chunk)
         ke = min(sk, i1 + off) if causal else sk  # keys j <= (i1 - 1) + off
-        if ke <= 0:
+        if right >= 0:
+            ke = min(ke, i1 + off + right)
+        kb = max(0, i0 + off - left) if left >= 0 else 0  # keys j >= i0 + off - left
+        if ke <= kb:
             continue
-        s = torch.matmul(qs[:, :, :, i0:i1], kr[:, :, :, :ke].transpose(-1, -2))  # [B, Hkv, G, c, ke]
-        hidden = None
-        if causal:
+        s = torch.matmul(qs[:, :, :, i0:i1], kr[:, :, :, kb:ke].transpose(-1, -2))  # [B, Hkv, G, c, ke - kb]
+        hidden, j0 = None, kb
+        if left >= 0 or right >= 0:
+            rows = torch.arange(i0, i1, device=q.device)[:, None] + off
+            keys = torch.arange(kb, ke, device=q.device)[None, :]
+            hidden = (keys > rows) if causal else torch.zeros_like(keys > rows)
+            if left >= 0:
+                hidden |= keys < rows - left
+            if right >= 0:
+                hidden |= keys > rows + right
+            s.masked_fill_(hidden, float("-inf"))
+        elif causal:
             # Only the band [j0, ke) holds keys that some rows of the chunk do not see.
             j0 = max(0, i0 + off + 1)
             if j0 < ke:
                 rows = torch.arange(i0, i1, device=q.device)[:, None]
                 hidden = torch.arange(j0, ke, device=q.device)[None, :] > rows + off
-                s[..., j0:ke].masked_fill_(hidden, float("-inf"))
+                s[..., j0 - kb :].masked_fill_(hidden, float("-inf"))
         if whole_rows:
             # exp(S - lse) carries the forward kernel's fp32 rounding of lse into every P; the
             # softmax of the recomputed row does not (with one visible key P is exactly 1, as in the
-            # eager baseline, where exp(S - lse) put dv 2.7x over the docs/design.md §5 bound). Every row
-            # here sees a key, so no row is all -inf.
+            # eager baseline, where exp(S - lse) put dv 2.7x over the docs/design.md §5 bound).
             p = torch.softmax(s, dim=-1)
+            if hidden is not None and j0 == kb:
+                # a window can leave a row without keys (all -inf: softmax NaN); it gets no gradient
+                p.masked_fill_(hidden.all(-1, keepdim=True), 0.0)
         else:
             p = torch.exp(s.sub_(lse[..., i0:i1, None]))
-        ds = torch.matmul(dot[:, :, :, i0:i1], vt[:, :, :, :ke].transpose(-1, -2))  # dP
+        ds = torch.matmul(dot[:, :, :, i0:i1], vt[:, :, :, kb:ke].transpose(-1, -2))  # dP
         if hidden is not None:
             # dP of a hidden key is dO . V of a key the row cannot see: a NaN or an infinity in that
             # V must not reach the row through P * dP (0 * NaN = NaN), so it is selected to 0.
-            ds[..., j0:ke].masked_fill_(hidden, 0.0)
+            ds[..., j0 - kb :].masked_fill_(hidden, 0.0)
         dc = delta[..., i0:i1, None]
         if whole_rows:
             # rowsum(P * dP) = rowsum(dO * O) in exact arithmetic; formed from the same P and dP it
@@ -140,9 +158,9 @@ def dense_backward(
             dc = dc + (p * ds).sum(-1, keepdim=True)
         ds = ds.sub_(dc).mul_(p).to(gd)  # dS = P o (dP - delta)
         p = p.to(gd)
-        dv[:, :, :ke] += torch.matmul(p.transpose(-1, -2), dog[:, :, :, i0:i1]).sum(2)
-        dqr[:, :, :, i0:i1] = torch.matmul(ds, kg[:, :, :, :ke]) * softmax_scale
-        dkr[:, :, :ke] += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, i0:i1]).sum(2) * softmax_scale
+        dv[:, :, kb:ke] += torch.matmul(p.transpose(-1, -2), dog[:, :, :, i0:i1]).sum(2)
+        dqr[:, :, :, i0:i1] = torch.matmul(ds, kg[:, :, :, kb:ke]) * softmax_scale
+        dkr[:, :, kb:ke] += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, i0:i1]).sum(2) * softmax_scale
     dq = dqr.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
     dk = dkr.permute(0, 2, 1, 3)
     if r:
@@ -152,7 +170,7 @@ def dense_backward(
 
 def _recompute(
     dout, out, lse, dlse, q, k, v, q_positions, k_positions, cu_seqlens_q, cu_seqlens_k, _mq, _mk, rope, causal,
-    softmax_scale,
+    softmax_scale, window_left, window_right,
 ):  # fmt: skip
     """``(dq, dk, dv)`` (input dtype) of a whole ``rope_attention`` call in PyTorch, any device
     (``BACKWARD_SCHEMA``, rope bundled). Layouts as ``rope_attention`` (dense, or varlen with
@@ -160,7 +178,7 @@ def _recompute(
     cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     # -dlse in the LSE layout: dense_backward (whole_rows) adds rowsum(dO * O) of the recomputed rows.
     delta = -dlse.to(cd) if dlse is not None else torch.zeros(lse.shape, dtype=cd, device=lse.device)
-    args = (causal, softmax_scale, True)
+    args = (causal, softmax_scale, True, (window_left, window_right))
     if cu_seqlens_q is None:
         grads = dense_backward(q, k, v, dout, lse, delta, q_positions, k_positions, rope, *args)
         return tuple(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v)))

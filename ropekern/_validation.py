@@ -9,7 +9,9 @@ one host synchronisation and are skipped while ``torch.compile`` traces.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple, get_type_hints
@@ -79,11 +81,13 @@ _SCHEMA_TYPES = {torch.Tensor: "Tensor", int: "int", bool: "bool", float: "float
 ROPE_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in get_type_hints(RopeArgs).items())
 ATTENTION_SCHEMA = (
     "Tensor q, Tensor k, Tensor v, Tensor q_positions, Tensor k_positions, Tensor? cu_seqlens_q, "
-    f"Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, {ROPE_SCHEMA}, bool causal, float softmax_scale"
+    f"Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, {ROPE_SCHEMA}, bool causal, float softmax_scale, "
+    "int window_left, int window_right"
 )
 KVCACHE_SCHEMA = (
     "Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, "
-    f"Tensor? block_table, {ROPE_SCHEMA}, bool causal, float softmax_scale, int num_splits"
+    f"Tensor? block_table, {ROPE_SCHEMA}, bool causal, float softmax_scale, int window_left, int window_right, "
+    "int num_splits"
 )
 APPLY_ROPE_SCHEMA = f"Tensor x, Tensor positions, {ROPE_SCHEMA}"
 # apply_rope_ writes the rotation into x (the native op's schema in csrc/schemas.h says the same)
@@ -167,6 +171,14 @@ class AttentionCall(_Rotary):
     # False runs the same kernel without rotation: the benchmarks' "RoPE tax" baseline and the
     # attention half of "separate RoPE pass + the same attention". Not part of the public API.
     rotate: bool = True
+    # flash-attn's window_size: key j is visible to query i iff j >= i + Sk - Sq - window_left and
+    # j <= i + Sk - Sq + window_right; -1 is unbounded (window_right is -1 under causal, which bounds it)
+    window_left: int = -1
+    window_right: int = -1
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def varlen(self) -> bool:
@@ -187,7 +199,7 @@ class AttentionCall(_Rotary):
         return (
             self.q, self.k, self.v, self.q_positions, self.k_positions, self.cu_seqlens_q, self.cu_seqlens_k,
             int(self.max_seqlen_q), int(self.max_seqlen_k), *self.rope_args(), bool(self.causal),
-            float(self.softmax_scale),
+            float(self.softmax_scale), int(self.window_left), int(self.window_right),
         )  # fmt: skip
 
 
@@ -215,6 +227,15 @@ class KVCacheCall(_Rotary):
     return_lse: bool
     seq_lens: torch.Tensor | None
     rotate: bool = True  # as in AttentionCall (benchmarks only)
+    # Some sequence holds fewer keys than there are queries (n_b < Sq; known only when the data
+    # checks ran): kernels that cannot serve it say so.
+    fewer_keys: bool = False
+    window_left: int = -1  # as in AttentionCall, with Sk = n_b
+    window_right: int = -1
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def paged(self) -> bool:
@@ -240,7 +261,8 @@ class KVCacheCall(_Rotary):
         hint (0: the kernel chooses)."""
         return (
             self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.k_new, self.v_new, self.block_table,
-            *self.rope_args(), bool(self.causal), float(self.softmax_scale), int(num_splits),
+            *self.rope_args(), bool(self.causal), float(self.softmax_scale), int(self.window_left),
+            int(self.window_right), int(num_splits),
         )  # fmt: skip
 
 
@@ -396,6 +418,21 @@ def _rope(rope: Any, head_dim: int) -> RopeConfig | RopeTable:
     return rope
 
 
+def _window(window_size: Any, causal: bool) -> tuple[int, int]:
+    """flash-attn's ``window_size=(left, right)``: ints >= -1 (-1 unbounded); under ``causal`` the right
+    bound is the diagonal (right -> -1 here, as flash-attn sets it to 0)."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)
+    ):
+        raise TypeError(f"`window_size` must be a (left, right) pair of ints, got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"`window_size` entries must be >= -1 (-1: unbounded), got {tuple(window_size)}")
+    return left, -1 if causal else right
+
+
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r}")
@@ -505,6 +542,7 @@ def attention_call(
     max_seqlen_k: Any = None,
     return_lse: bool = False,
     seq_len: Any = None,
+    window_size: Any = (-1, -1),
 ) -> AttentionCall:
     """Validate ``rope_attention`` arguments (see ``ropekern.rope_attention``)."""
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -528,6 +566,7 @@ def attention_call(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     rope = _rope(rope, q.shape[-1])
     causal = _bool("causal", causal)
+    window = _window(window_size, causal)
     return_lse = _bool("return_lse", return_lse)
     scale = _scale(softmax_scale, q.shape[-1])
     device = q.device
@@ -551,7 +590,9 @@ def attention_call(
         seq_lens = _seq_len(seq_len, rope, cu_k.numel() - 1, device)
         if seq_lens is None and rope.is_length_dependent:
             seq_lens = _segment_max(k_pos, cu_k) + 1
-        return AttentionCall(q, k, v, rope, causal, scale, q_pos, k_pos, cu_q, cu_k, mq, mk, seq_lens, return_lse)
+        return AttentionCall(
+            q, k, v, rope, causal, scale, q_pos, k_pos, cu_q, cu_k, mq, mk, seq_lens, return_lse, True, *window
+        )
 
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"batch size of `q` ({q.shape[0]}) differs from `k` ({k.shape[0]})")
@@ -573,7 +614,9 @@ def attention_call(
             seq_lens = (
                 (k_pos.amax(dim=1).to(torch.int64) + 1) if sk else torch.zeros(b, dtype=torch.int64, device=device)
             )
-    return AttentionCall(q, k, v, rope, causal, scale, q_pos, k_pos, None, None, sq, sk, seq_lens, return_lse)
+    return AttentionCall(
+        q, k, v, rope, causal, scale, q_pos, k_pos, None, None, sq, sk, seq_lens, return_lse, True, *window
+    )
 
 
 def kvcache_call(
@@ -586,12 +629,21 @@ def kvcache_call(
     k_new: Any = None,
     v_new: Any = None,
     block_table: Any = None,
+    cache_leftpad: Any = None,
+    cache_batch_idx: Any = None,
     causal: bool = True,
     softmax_scale: Any = None,
     return_lse: bool = False,
     seq_len: Any = None,
+    window_size: Any = (-1, -1),
 ) -> KVCacheCall:
-    """Validate ``rope_attention_with_kvcache`` arguments (see ``ropekern.rope_attention_with_kvcache``)."""
+    """Validate ``rope_attention_with_kvcache`` arguments (see ``ropekern.rope_attention_with_kvcache``).
+
+    ``cache_batch_idx`` / ``cache_leftpad`` (dense caches) are turned into a paged view of the same
+    memory: pages of the largest power of two dividing ``Smax`` and every ``cache_leftpad`` (1 when
+    the pads cannot be read, under ``torch.compile``), one block-table row per query row starting at
+    its cache row's first page plus its pad; ``cache_seqlens`` becomes the token count
+    ``cache_seqlens - cache_leftpad``. No kernel knows about either."""
     q = _tensor("q", q, (4,))
     k_cache = _tensor("k_cache", k_cache, (4,))
     v_cache = _tensor("v_cache", v_cache, (4,))
@@ -620,6 +672,7 @@ def kvcache_call(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     rope = _rope(rope, d)
     causal = _bool("causal", causal)
+    window = _window(window_size, causal)
     return_lse = _bool("return_lse", return_lse)
     scale = _scale(softmax_scale, d)
     if k_new is not None:
@@ -629,6 +682,7 @@ def kvcache_call(
             raise ValueError(f"`k_new` must have shape [{b}, S_new, {hkv}, {d}], got {tuple(k_new.shape)}")
         _check_append_targets(k_cache, v_cache)
     s_new = 0 if k_new is None else k_new.shape[1]
+    fewer_keys = False
 
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"`cache_seqlens` must be an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
@@ -638,6 +692,12 @@ def kvcache_call(
         raise ValueError(f"`cache_seqlens` must have shape [{b}], got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"`cache_seqlens` is on {cache_seqlens.device} but the inputs are on {device}")
+
+    leftpad = _row_ints("cache_leftpad", cache_leftpad, b, device)
+    batch_idx = _row_ints("cache_batch_idx", cache_batch_idx, b, device)
+    if block_table is not None and (leftpad is not None or batch_idx is not None):
+        which = "cache_leftpad" if leftpad is not None else "cache_batch_idx"
+        raise ValueError(f"`{which}` applies to a dense cache: it cannot be combined with `block_table`")
 
     if block_table is not None:
         if not isinstance(block_table, torch.Tensor):
@@ -651,16 +711,18 @@ def kvcache_call(
         block_table = block_table.to(torch.int32).contiguous()
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
-        if k_cache.shape[0] != b:
+        if k_cache.shape[0] != b and batch_idx is None:
             raise ValueError(
                 f"dense `k_cache` batch ({k_cache.shape[0]}) differs from `q` batch ({b}); "
-                "pass `block_table` for a paged cache"
+                "pass `block_table` for a paged cache, or `cache_batch_idx` to pick its rows"
             )
         capacity = k_cache.shape[1]
 
     if _checking():
         lens = cache_seqlens.tolist()
-        for i, n0 in enumerate(lens):
+        pads = leftpad.tolist() if leftpad is not None else [0] * b
+        fewer_keys = False
+        for i, (n0, pad) in enumerate(zip(lens, pads)):
             if n0 < 0:
                 raise ValueError(f"`cache_seqlens[{i}]` must be >= 0, got {n0}")
             if n0 + s_new > capacity:
@@ -668,10 +730,18 @@ def kvcache_call(
                     f"cache overflow in sequence {i}: cache_seqlens {n0} + {s_new} new tokens exceeds "
                     f"the cache capacity of {capacity} tokens"
                 )
-            if n0 + s_new < sq:
+            if not 0 <= pad <= n0:
+                raise ValueError(f"`cache_leftpad[{i}]` must be in [0, cache_seqlens[{i}] = {n0}], got {pad}")
+            fewer_keys = fewer_keys or n0 - pad + s_new < sq
+        if batch_idx is not None:
+            rows = batch_idx.tolist()
+            bad = [r for r in rows if not 0 <= r < k_cache.shape[0]]
+            if bad:
+                raise ValueError(f"`cache_batch_idx` refers to cache row {bad[0]} outside [0, {k_cache.shape[0]})")
+            if s_new and len(set(rows)) < len(rows):
                 raise ValueError(
-                    f"sequence {i} holds {n0 + s_new} keys after the append but has {sq} queries; "
-                    "queries are the last Sq tokens of each sequence"
+                    "`cache_batch_idx` repeats a cache row and `k_new` is given: two sequences would append "
+                    "into the same cache row"
                 )
         if block_table is not None and b:
             nb = k_cache.shape[0]
@@ -685,12 +755,66 @@ def kvcache_call(
             if s_new:
                 _check_block_sharing(block_table, lens, s_new, bs)
     cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+    if leftpad is not None or batch_idx is not None:
+        k_cache, v_cache, block_table, cache_seqlens = _dense_as_pages(
+            k_cache, v_cache, cache_seqlens, leftpad, batch_idx, b
+        )
     seq_lens = _seq_len(seq_len, rope, b, device)
     if seq_lens is None and rope.is_length_dependent:
         seq_lens = cache_seqlens.to(torch.int64) + s_new
     return KVCacheCall(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, rope, causal, scale, return_lse, seq_lens
-    )
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, rope, causal, scale, return_lse, seq_lens,
+        fewer_keys=_checking() and fewer_keys, window_left=window[0], window_right=window[1],
+    )  # fmt: skip
+
+
+def _row_ints(name: str, t: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+    """An optional per-sequence int32 ``[batch]`` argument (``cache_leftpad``, ``cache_batch_idx``)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`{name}` must be an int32 torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"`{name}` must have shape [{batch}], got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"`{name}` is on {t.device} but the inputs are on {device}")
+    return t.to(torch.int32)
+
+
+def _dense_as_pages(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    leftpad: torch.Tensor | None,
+    batch_idx: torch.Tensor | None,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dense cache ``[Bc, Smax, Hkv, D]`` read through ``cache_batch_idx`` (query row b uses cache
+    row ``idx[b]``) and ``cache_leftpad`` (row b's tokens start at slot ``pad[b]``; ``cache_seqlens``
+    counts slots, pad included) as the same memory in pages: ``(k_pages, v_pages, block_table int32
+    [B, Smax / bs], token counts int32 [B])``. The page size bs is the largest power of two dividing
+    Smax and every pad, so that token t of row b is slot ``pad[b] + t`` of its cache row."""
+    cache_rows, smax = k_cache.shape[0], k_cache.shape[1]
+    bits = smax
+    if leftpad is not None:
+        # the pads are read on the host (the checks above did already); unreadable: one-token pages
+        bits = functools.reduce(operator.or_, leftpad.tolist(), bits) if _checking() else 1
+    bs = bits & -bits if bits else 1
+    pages = smax // bs
+    try:
+        k_pages, v_pages = (c.view(cache_rows * pages, bs, *c.shape[2:]) for c in (k_cache, v_cache))
+    except RuntimeError as exc:
+        raise ValueError(
+            "`cache_leftpad`/`cache_batch_idx` need caches whose batch and token dimensions can be viewed as "
+            f"one (pages of {bs} tokens), got strides {tuple(k_cache.stride())}: {exc}"
+        ) from None
+    device = k_cache.device
+    rows = batch_idx.to(torch.int64) if batch_idx is not None else torch.arange(batch, device=device)
+    pad = leftpad.to(torch.int64) if leftpad is not None else torch.zeros(batch, dtype=torch.int64, device=device)
+    first = rows * pages + pad // bs
+    # entries past a row's last page are never read (cache_seqlens + S_new <= Smax); clamped in range
+    table = (first[:, None] + torch.arange(pages, device=device)[None]).clamp_max(cache_rows * pages - 1)
+    return k_pages, v_pages, table.to(torch.int32).contiguous(), (cache_seqlens - pad).to(torch.int32).contiguous()
 
 
 def _offsets(offsets: Any, batch: int, device: torch.device) -> torch.Tensor:

@@ -108,6 +108,7 @@ def rope_attention(
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
     seq_len: int | None = None,
+    window_size: tuple[int, int] = (-1, -1),
     backend: str = "auto",
 ):
     """Scaled-RoPE attention on **un-rotated** q and k: ``softmax(R(q) R(k)^T * scale) v``.
@@ -129,6 +130,9 @@ def rope_attention(
         seq_len: one scaling length for every sequence, for length-dependent types (dynamic NTK,
             LongRoPE; ignored by the others). Default ``max(k_positions[b]) + 1`` per sequence;
             set it to pin the table, e.g. LongRoPE's long factors for a whole serving run.
+        window_size: flash-attn's sliding window ``(left, right)``: query i sees key j only if
+            ``i + Sk - Sq - left <= j <= i + Sk - Sq + right`` (per sequence; -1: unbounded; under
+            ``causal`` the right bound is the diagonal). Mistral's ``sliding_window`` W is ``(W - 1, 0)``.
         backend: ``"auto"`` or a name from ``available_backends()``.
     Returns: ``out`` like q, or ``(out, lse)``. Rows that see no key give zeros and LSE ``-inf``.
     """
@@ -147,6 +151,7 @@ def rope_attention(
         max_seqlen_k=max_seqlen_k,
         return_lse=return_lse,
         seq_len=seq_len,
+        window_size=window_size,
     )
     if q.numel() == 0 or k.numel() == 0:
         out, lse = _no_keys(call)
@@ -173,16 +178,21 @@ def rope_attention_with_kvcache(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
     causal: bool = True,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     seq_len: int | None = None,
+    window_size: tuple[int, int] = (-1, -1),
     backend: str = "auto",
 ):
     """Attention of the last Sq tokens of each sequence against its KV cache of **un-rotated** keys.
 
     Args:
-        q: ``[B, Sq, Hq, D]``, un-rotated; query i of sequence b sits at position ``n_b - Sq + i``.
+        q: ``[B, Sq, Hq, D]``, un-rotated; query i of sequence b sits at position ``n_b - Sq + i``
+            (0 for the first ``Sq - n_b`` when ``n_b < Sq``; under ``causal`` those see no key and give
+            zeros and LSE ``-inf``, flash-attn's rule).
         k_cache, v_cache: dense ``[B, Smax, Hkv, D]``, or paged ``[num_blocks, block_size, Hkv, D]``
             with ``block_table``.
         cache_seqlens: int32 ``[B]``, tokens already cached per sequence (not modified).
@@ -190,9 +200,17 @@ def rope_attention_with_kvcache(
             ``cache_seqlens``; then ``n_b = cache_seqlens[b] + S_new``.
         block_table: int32 ``[B, max_blocks]``; token t of sequence b lives in block
             ``block_table[b, t // block_size]`` at offset ``t % block_size``.
+        cache_leftpad: int32 ``[B]`` (dense caches, flash-attn's): sequence b's tokens start at slot
+            ``cache_leftpad[b]`` of its cache row, so ``cache_seqlens[b]`` (the end slot) minus it are
+            cached and token t (position t) sits at slot ``cache_leftpad[b] + t``.
+        cache_batch_idx: int32 ``[B]`` (dense caches ``[Bc, Smax, ..]``, flash-attn's): query row b uses
+            cache row ``cache_batch_idx[b]``; with ``k_new`` the rows must differ. Both read the cache
+            through a paged view of the same memory (no copy).
         causal: the Sq queries are causal among themselves (chunked prefill, speculative decoding).
         softmax_scale, return_lse, backend: as in ``rope_attention`` (LSE ``[B, Hq, Sq]``).
         seq_len: as in ``rope_attention``; default ``n_b``.
+        window_size: as in ``rope_attention`` with ``Sk = n_b``: a decoding query at ``n_b - 1`` sees
+            the keys ``n_b - 1 - left ..``.
     Every key is rotated on read with the table of its sequence's current length ``n_b`` (or
     ``seq_len``), so dynamic NTK and LongRoPE stay exact as the sequence grows (docs/design.md §2).
     """
@@ -205,10 +223,13 @@ def rope_attention_with_kvcache(
         k_new=k_new,
         v_new=v_new,
         block_table=block_table,
+        cache_leftpad=cache_leftpad,
+        cache_batch_idx=cache_batch_idx,
         causal=causal,
         softmax_scale=softmax_scale,
         return_lse=return_lse,
         seq_len=seq_len,
+        window_size=window_size,
     )
     if q.shape[0] == 0 or q.shape[1] == 0:
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

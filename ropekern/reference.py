@@ -84,13 +84,22 @@ def _rotate_rows(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, offset: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    offset: int,
+    window: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence, already rotated: q ``[Sq, Hq, D]``, k/v ``[Sk, Hkv, D]``.
 
-    Causal keeps key j for query i iff ``j <= i + offset``. Returns out ``[Sq, Hq, D]`` and LSE
-    float ``[Hq, Sq]``; rows that see no key give zeros and ``-inf``.
+    Causal keeps key j for query i iff ``j <= i + offset``; ``window = (left, right)`` keeps it iff
+    ``i + offset - left <= j <= i + offset + right`` (-1 unbounded). Returns out ``[Sq, Hq, D]`` and
+    LSE float ``[Hq, Sq]``; rows that see no key give zeros and ``-inf``.
     """
+    left, right = window
+    masked = causal or left >= 0 or right >= 0
     sq, hq, d = q.shape
     sk, hkv = k.shape[0], k.shape[1]
     if sk == 0:  # a varlen sequence with queries but no keys: every row sees no key
@@ -104,19 +113,24 @@ def _attend(
     for i0 in range(0, sq, chunk):
         i1 = min(sq, i0 + chunk)
         s = torch.matmul(qg[:, :, i0:i1], kt) * scale  # [Hkv, G, c, Sk]
-        if causal:
-            rows = torch.arange(i0, i1, device=q.device)[:, None]
-            keep = torch.arange(sk, device=q.device)[None, :] <= rows + offset
+        if masked:
+            rows = torch.arange(i0, i1, device=q.device)[:, None] + offset
+            keys = torch.arange(sk, device=q.device)[None, :]
+            keep = (keys <= rows) if causal else torch.ones_like(keys <= rows)
+            if left >= 0:
+                keep &= keys >= rows - left
+            if right >= 0:
+                keep &= keys <= rows + right
             s = s.masked_fill(~keep, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
-        if causal:
+        if masked:
             p = torch.where(keep, p, torch.zeros_like(p))  # select, never multiply: NaN must not leak
         l_ = p.sum(dim=-1, keepdim=True)
         empty = l_ == 0
         l_safe = torch.where(empty, torch.ones_like(l_), l_)
-        o = _weighted_values(p, vt, keep if causal else None) / l_safe
+        o = _weighted_values(p, vt, keep if masked else None) / l_safe
         lse = torch.where(empty, torch.full_like(l_, float("-inf")), m + torch.log(l_safe))
         outs.append(o)
         lses.append(lse[..., 0])
@@ -170,7 +184,10 @@ def attention(
         table = inv64[b if inv64.shape[0] > 1 else 0]
         q = _rotate_rows(call.q[qs], call.q_positions[qs], table, call.rope, cd, angles, call.rotate)
         k = _rotate_rows(call.k[ks], call.k_positions[ks], table, call.rope, cd, angles, call.rotate)
-        o, l_ = _attend(q, k, call.v[ks].to(cd), call.softmax_scale, call.causal, k.shape[0] - q.shape[0])
+        o, l_ = _attend(
+            q, k, call.v[ks].to(cd), call.softmax_scale, call.causal, k.shape[0] - q.shape[0],
+            (call.window_left, call.window_right),
+        )  # fmt: skip
         outs.append(o.to(call.q.dtype))
         lses.append(l_.to(lse_dtype))
     if not outs:  # empty batch
@@ -225,10 +242,10 @@ def kvcache(
         k = _gather_cache(call.k_cache, call, b, n)
         v = _gather_cache(call.v_cache, call, b, n).to(cd)
         k_pos = torch.arange(n, device=call.q.device)
-        q_pos = torch.arange(n - sq, n, device=call.q.device)
+        q_pos = torch.arange(n - sq, n, device=call.q.device).clamp_min(0)  # n < Sq: the first sit at 0
         q = _rotate_rows(call.q[b], q_pos, table, rope, cd, angles, call.rotate)
         k = _rotate_rows(k, k_pos, table, rope, cd, angles, call.rotate)
-        o, l_ = _attend(q, k, v, call.softmax_scale, call.causal, n - sq)
+        o, l_ = _attend(q, k, v, call.softmax_scale, call.causal, n - sq, (call.window_left, call.window_right))
         outs.append(o)
         lses.append(l_)
     lse_dtype = torch.float64 if cd == torch.float64 else torch.float32

@@ -564,3 +564,35 @@ def test_opcheck():
     )  # fmt: skip
     torch.library.opcheck(torch.ops.ropekern.fwd_kvcache.default, call.op_args())
     torch.library.opcheck(torch.ops.ropekern.apply_rope.default, rope_call(q, rope).op_args())
+
+
+# Sliding windows on every unit: a window's left edge masks the first keys of a block (the `lo` of
+# softmax_cols) and skips whole blocks and decode chunks before it; tests/test_sliding_window.py
+# checks the semantics against flash-attn's formula, this the units against the reference.
+WINDOW_CASES = [((16, -1), True), ((5, 3), False), ((0, -1), True)]
+
+
+@pytest.mark.parametrize(("window", "causal"), WINDOW_CASES, ids=["causal-16", "band-5-3", "self-only"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_windows_on_every_unit(isa, window, causal, dtype):
+    rope = rk.RopeConfig(64, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    q, k, v, _ = random_qkv(2, 150, 170, 4, 2, 64, dtype=dtype, seed=11)
+    v[1, 3, 0, 2] = float("nan")  # outside every window but the first rows'
+    kw = {"causal": causal, "window_size": window}
+    out, lse = rk.rope_attention(q, k, v, rope, return_lse=True, backend="cpu", **kw)
+    o64, l64 = oracle_attention(q, k, v, rope, **kw)
+    ob, lb = baseline_attention(q, k, v, rope, **kw)
+    assert error_check(out, o64, ob).ok, error_check(out, o64, ob)
+    assert error_check(lse, l64, lb).ok, error_check(lse, l64, lb)
+    # decode over a long cache (split-K) and a chunked prefill (the tiled path over the cache)
+    gen = torch.Generator().manual_seed(12)
+    k_cache, v_cache = (torch.randn(2, 900, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    lens = torch.tensor([850, 30], dtype=torch.int32)
+    for sq in (2, 40):
+        qc = torch.randn(2, sq, 4, 64, generator=gen).to(dtype)
+        ckw = {"cache_seqlens": lens, "causal": causal, "window_size": window}
+        out, lse = rk.rope_attention_with_kvcache(qc, k_cache, v_cache, rope, return_lse=True, backend="cpu", **ckw)
+        o64, l64 = oracle_kvcache(qc, k_cache, v_cache, rope, **ckw)
+        ob, lb = baseline_kvcache(qc, k_cache, v_cache, rope, **ckw)
+        assert error_check(out, o64, ob).ok, (sq, error_check(out, o64, ob))
+        assert error_check(lse, l64, lb).ok, (sq, error_check(lse, l64, lb))

@@ -64,7 +64,8 @@ def _rotate(x, pos, rope, b):
 
 
 def emulate_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, *rest):
-    rope, (causal, scale) = RopeArgs.take(rest)
+    rope, (causal, scale, window_left, window_right) = RopeArgs.take(rest)
+    assert window_left < 0 and window_right < 0  # the CUDA backend refuses windows
     if cu_q is None:
         slices = [(b, b, b) for b in range(q.shape[0])]
     else:
@@ -91,8 +92,8 @@ def _cache_index(cache, block_table, b, idx):
 
 
 def emulate_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, *rest):
-    rope, (causal, scale, num_splits) = RopeArgs.take(rest)
-    assert num_splits >= 0
+    rope, (causal, scale, window_left, window_right, num_splits) = RopeArgs.take(rest)
+    assert num_splits >= 0 and window_left < 0 and window_right < 0
     s_new = 0 if k_new is None else k_new.shape[1]
     sq = q.shape[1]
     outs, lses = [], []

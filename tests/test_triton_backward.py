@@ -443,7 +443,7 @@ _LIB.define(f"fwd({ATTENTION_SCHEMA}) -> (Tensor out, Tensor lse)")
 
 
 def _standin_fwd(q, k, v, q_pos, k_pos, cu_q, cu_k, max_q, max_k, *rest):
-    rope, (causal, scale) = RopeArgs.take(rest)
+    rope, (causal, scale, _window_left, _window_right) = RopeArgs.take(rest)
     inv64 = inv_freq_from_split(rope.split)
     outs, lses = [], []
     slices = (

@@ -430,7 +430,8 @@ constexpr float kLazyMax = 8.0f;
 // One online-softmax step over S^T [nb keys][ld] (raw q.k of one key block for Mp query rows),
 // one vector VT of query rows at a time (V: 8, W: 16), so nothing is horizontal or scalar per row.
 // `lim` (as floats) holds the number of visible keys of each row for a block that masks some
-// (causal diagonal), or is null when every row sees all nb keys. m, l, alpha are per row (Mp, a
+// (causal diagonal), or is null when every row sees all nb keys; `lo`, when given, the first key
+// each row sees (a sliding window's left edge): keys [lo, lim) are visible. m, l, alpha are per row (Mp, a
 // multiple of VT's lanes).
 // `scale2` (softmax_scale * log2 e) multiplies each finished score once, here, rather than the
 // rotated Q row before the dot: pre-scaling Q adds one rounding per channel to every score, and
@@ -438,14 +439,22 @@ constexpr float kLazyMax = 8.0f;
 // small cases (emulated; 1.8x scaling here), breaking the 2x rule of docs/design.md §5 at small positions.
 template <class VT>
 static void softmax_cols(float* st, int64_t ld, int Mp, int nb, const float* lim, float scale2, float* m, float* l,
-                         float* alpha) {
+                         float* alpha, const float* lo = nullptr) {
   using L = Lanes<VT>;
   const VT neg_inf = L::set1(-kInf), lazy = L::set1(kLazyMax), zero = L::set1(0.0f), one = L::set1(1.0f);
   const VT sc = L::set1(scale2);
   for (int c = 0; c < Mp; c += L::n) {
     float* col = st + c;
     VT mx = neg_inf;
-    if (lim) {
+    if (lim && lo) {
+      const VT lv = L::load(lim + c), fv = L::load(lo + c);
+      for (int n = 0; n < nb; ++n) {
+        const VT nv = L::set1(static_cast<float>(n));
+        const VT x = vselect_lt(nv, fv, neg_inf, vselect_lt(nv, lv, L::load(col + n * ld) * sc, neg_inf));
+        L::store(col + n * ld, x);
+        mx = vmax(mx, x);
+      }
+    } else if (lim) {
       const VT lv = L::load(lim + c);
       for (int n = 0; n < nb; ++n) {
         const VT x = vselect_lt(L::set1(static_cast<float>(n)), lv, L::load(col + n * ld) * sc, neg_inf);
@@ -694,7 +703,7 @@ int64_t tiled_scratch_floats(const TiledPlan& plan) {
                                   align16(4 * Dp)
                             : 0;
   return 2 * align16(Mp * Dp) + align16(Mp * kBlockN) + 2 * align16(static_cast<int64_t>(kBlockN) * Dp) +
-         align16(8 * Dp) + 4 * align16(Mp) + amx;
+         align16(8 * Dp) + 5 * align16(Mp) + amx;
 }
 
 // Where key j of one sequence and KV head lives: packed/dense rows, or a paged cache's blocks.
@@ -785,7 +794,17 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   const int64_t i1 = lmin(sq, i0 + plan.block_m);
   const int nq = static_cast<int>(i1 - i0), M = nq * G;
   const int64_t off = sk - sq;  // causal: query i sees key j iff j <= i + off
-  const int64_t j_end = p.causal ? lmin(sk, i1 + off) : sk;
+  // Query i sees keys [key_lo(i), key_hi(i)): the causal diagonal and the sliding window (both
+  // bounds grow with i, so a tile's keys run from its first row's lo to its last row's hi).
+  const int64_t wl = p.window_left, wr = p.causal ? -1 : p.window_right;
+  const auto key_hi = [&](int64_t i) {
+    int64_t h = sk;
+    if (p.causal) h = lmin(h, i + off + 1);
+    if (wr >= 0) h = lmin(h, i + off + wr + 1);
+    return lmax_(h, 0);
+  };
+  const auto key_lo = [&](int64_t i) { return wl >= 0 ? lmin(sk, lmax_(0, i + off - wl)) : int64_t{0}; };
+  const int64_t j_begin = key_lo(i0), j_end = lmax_(j_begin, key_hi(i1 - 1));
 
   const T* q = static_cast<const T*>(p.q) + (varlen ? q_row0 * p.q_row_stride : b * p.q_batch_stride);
   T* out = static_cast<T*>(p.out) + (varlen ? q_row0 * p.o_row_stride : b * p.o_batch_stride);
@@ -804,7 +823,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   const float* q_cs = R ? plan.q_cs + (varlen ? q_row0 : b * static_cast<int64_t>(p.seqlen_q)) * cs_stride : nullptr;
   const float* k_cs = R ? plan.k_cs + (varlen ? k_row0 : b * plan.k_cs_rows) * cs_stride : nullptr;
   const float scale2 = p.softmax_scale * kLog2e;
-  if (j_end > 0) kv.prefetch(0, lmin(kBlockN, j_end), k_cs, cs_stride);
+  if (j_end > j_begin) kv.prefetch(j_begin, lmin(j_begin + kBlockN, j_end), k_cs, cs_stride);
 
   const int Mp = round_cols(M);
   // The AMX unit's tile products for bf16 inputs with D a multiple of 32 (other inputs: as elsewhere).
@@ -820,6 +839,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   float* l = bump.take(Mp);
   float* alpha = bump.take(Mp);
   float* lim = bump.take(Mp);
+  float* lo = bump.take(Mp);
   uint16_t* Kb = nullptr;  // AMX: rotated K rows in bf16 [kBlockN][Dp]
   uint32_t* Vp = nullptr;  // AMX: bf16 pairs of V rows (2j, 2j + 1) [kBlockN / 2][Dp]
   uint32_t* Qp = nullptr;  // AMX: bf16 pairs of the transposed Q tile [Dp / 2][Mp]
@@ -866,9 +886,10 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   }
   zero_floats(O, static_cast<int64_t>(Mp) * Dp);
 
-  for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
     const int nb = static_cast<int>(lmin(kBlockN, j_end - j0));
-    const bool diagonal = p.causal && j0 + nb - 1 > i0 + off;
+    // Some row of the tile does not see every key of the block: the causal diagonal, or a window's edge.
+    const bool diagonal = j0 + nb > key_hi(i0) || j0 < key_lo(i1 - 1);
     // AMX off the diagonal: V's tile operand straight from the bf16 rows, no fp32 copy (the
     // diagonal keeps Vs for its check of masked non-finite values).
     const bool v_raw = amx && !diagonal;
@@ -904,9 +925,15 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       pv_block(St, 1, Mp, M, Vs, Dp, Dp, nb, O, alpha);
       continue;
     }
-    auto visible = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, i0 + r / G + off - j0 + 1))); };
+    // Row r sees the block's keys [first(r), visible(r)).
+    auto visible = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, key_hi(i0 + r / G) - j0))); };
+    auto first = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, key_lo(i0 + r / G) - j0))); };
     // Padding rows (r >= M) see nothing: their columns stay -inf/0 instead of reading stale scores.
-    for (int r = 0; r < Mp; ++r) lim[r] = static_cast<float>(r < M ? visible(r) : 0);
+    for (int r = 0; r < Mp; ++r) {
+      lim[r] = static_cast<float>(r < M ? visible(r) : 0);
+      lo[r] = static_cast<float>(r < M ? first(r) : 0);
+    }
+    const bool windowed = wl >= 0 && j0 < key_lo(i1 - 1);
     if (amx) {
       amx_scores(Kb, nbk, Dp, Qp, Mp, St);
     } else {
@@ -915,32 +942,40 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
         if (keys > 0) outer_block(Ks, keys, Dp, Qt + c0, Mp, imin(kNR, Mp - c0), St + c0, Mp);
       }
     }
-    softmax_cols<W>(St, Mp, Mp, nb, lim, scale2, m, l, alpha);
-    // A strip of rows runs to the keys its last row sees, multiplying the other rows' zero
+    softmax_cols<W>(St, Mp, Mp, nb, lim, scale2, m, l, alpha, windowed ? lo : nullptr);
+    // A strip of rows runs over the keys its rows see, multiplying the other rows' zero
     // probabilities of keys they cannot see by those keys' V: a NaN or an infinity there would
-    // reach them (0 * NaN = NaN). When the V rows some row cannot see, [visible(0), nb), hold one,
-    // each row runs alone over its own keys (only non-finite values in V take this path).
-    const int seen_by_all = M ? visible(0) : nb;
-    const bool one_by_one = !all_finite(Vs + static_cast<int64_t>(seen_by_all) * Dp,
-                                        static_cast<int64_t>(nb - seen_by_all) * Dp);
+    // reach them (0 * NaN = NaN). When the V rows some row cannot see, [0, first(M - 1)) and
+    // [visible(0), nb), hold one, each row runs alone over its own keys (only non-finite values in
+    // V take this path).
+    const int seen_by_all = M ? visible(0) : nb, seen_from = M ? first(M - 1) : 0;
+    const bool one_by_one =
+        !all_finite(Vs + static_cast<int64_t>(seen_by_all) * Dp, static_cast<int64_t>(nb - seen_by_all) * Dp) ||
+        !all_finite(Vs, static_cast<int64_t>(seen_from) * Dp);
     if (amx) {
       // The tiles multiply every probability, masked zeros included: the non-finite V entries of
       // keys some row cannot see go through them as 0 (the row that cannot see them gets what it
       // would with a 0 there) and are added afterwards, in fp32, to the rows that see them.
-      float* hidden = Vs + static_cast<int64_t>(seen_by_all) * Dp;
+      const auto hidden_key = [&](int jj) { return jj < seen_from || jj >= seen_by_all; };
       if (one_by_one) {
-        for (int64_t e = 0; e < static_cast<int64_t>(nb - seen_by_all) * Dp; ++e)
-          if (!(hidden[e] - hidden[e] == 0.0f)) hidden[e] = 0.0f;
+        for (int jj = 0; jj < nb; ++jj) {
+          if (!hidden_key(jj)) continue;
+          float* vrow = Vs + static_cast<int64_t>(jj) * Dp;
+          for (int c = 0; c < Dp; ++c)
+            if (!(vrow[c] - vrow[c] == 0.0f)) vrow[c] = 0.0f;
+        }
         amx_v_operand(Vs, nb, nbk, Dp, Vp);
       }
       amx_pv_step(St, Mp, nb, nbk, alpha, Pb, Vp, Dp, O);
-      for (int jj = seen_by_all; one_by_one && jj < nb; ++jj) {
+      for (int jj = 0; one_by_one && jj < nb; ++jj) {
+        if (!hidden_key(jj)) continue;
         const T* vr = kv.vrow(j0 + jj);
         for (int c = 0; c < D; ++c) {
           const float x = DT::to_float(vr[c]);
           if (x - x == 0.0f) continue;
           for (int r = 0; r < M; ++r)
-            if (visible(r) > jj) O[static_cast<int64_t>(r) * Dp + c] += St[static_cast<int64_t>(jj) * Mp + r] * x;
+            if (first(r) <= jj && visible(r) > jj)
+              O[static_cast<int64_t>(r) * Dp + c] += St[static_cast<int64_t>(jj) * Mp + r] * x;
         }
       }
       continue;
@@ -952,8 +987,11 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
                  alpha + r0);
         continue;
       }
-      for (int r = r0; r < r0 + rows; ++r)
-        pv_block(St + r, 1, Mp, 1, Vs, Dp, Dp, visible(r), O + static_cast<int64_t>(r) * Dp, alpha + r);
+      for (int r = r0; r < r0 + rows; ++r) {
+        const int j1 = first(r), keys = imax(visible(r) - j1, 0);
+        pv_block(St + r + static_cast<int64_t>(j1) * Mp, 1, Mp, 1, Vs + static_cast<int64_t>(j1) * Dp, Dp, Dp, keys,
+                 O + static_cast<int64_t>(r) * Dp, alpha + r);
+      }
     }
   }
 
@@ -990,7 +1028,7 @@ int64_t decode_scratch_floats(const DecodePlan& plan) {
   const int Dp = head_dim_pad_of(p.head_dim), cp = cs_pad_of(p.rope.rotary_dim);
   const int64_t rows = static_cast<int64_t>(p.num_heads) * p.seqlen_q;
   const int64_t rows8 = round8(static_cast<int>(rows));
-  return 2 * align16(rows * Dp) + 4 * align16(rows8) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * cp) +
+  return 2 * align16(rows * Dp) + 5 * align16(rows8) + align16(static_cast<int64_t>(p.seqlen_q) * 2 * cp) +
          2 * align16(kDecodeChunk * 2 * cp) + 2 * align16(static_cast<int64_t>(p.num_heads_k) * kDecodeHeadRows * Dp) +
          align16(rows8 * kDecodeChunk);
 }
@@ -1005,7 +1043,18 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   const int64_t cs_stride = 2 * cp;
   const int b = static_cast<int>(item / plan.num_splits), split = static_cast<int>(item % plan.num_splits);
   const int64_t n = static_cast<int64_t>(p.cache_seqlens[b]) + p.s_new;
-  const int64_t ks = split * plan.split_len, ke = lmin(n, ks + plan.split_len);
+  // Query i (at n - Sq + i) sees keys [key_lo(i), key_hi(i)): the causal diagonal and the sliding
+  // window; this split's keys are cut to those some query sees.
+  const int64_t wl = p.window_left, wr = p.causal ? -1 : p.window_right;
+  const auto key_hi = [&](int64_t i) {
+    int64_t h = n;
+    if (p.causal) h = lmin(h, n - Sq + i + 1);
+    if (wr >= 0) h = lmin(h, n - Sq + i + wr + 1);
+    return lmax_(h, 0);
+  };
+  const auto key_lo = [&](int64_t i) { return wl >= 0 ? lmin(n, lmax_(0, n - Sq + i - wl)) : int64_t{0}; };
+  const int64_t ks = lmax_(split * plan.split_len, key_lo(0));
+  const int64_t ke = lmin(lmin(n, split * plan.split_len + plan.split_len), key_hi(Sq - 1));
   const int rows = Hq * Sq, group_rows = G * Sq;
   float* part = plan.partial + (static_cast<int64_t>(b) * plan.num_splits + split) * rows * (Dp + 2);
   if (ks >= ke) {  // this split holds no key of sequence b
@@ -1030,6 +1079,7 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   float* l = bump.take(rows8);
   float* alpha = bump.take(rows8);
   float* lim = bump.take(rows8);
+  float* lo = bump.take(rows8);
   float* qcs = bump.take(static_cast<int64_t>(Sq) * cs_stride);
   float* kcs = bump.take(kDecodeChunk * cs_stride);
   float* kdelta = bump.take(kDecodeChunk * cs_stride);  // cos/sin of positions 0..kDecodeChunk-1, factor 1
@@ -1045,10 +1095,11 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   const int64_t row_bytes = static_cast<int64_t>(D) * sizeof(T);
   int64_t voff[kDecodeChunk];
 
-  // Queries: rows r = h * Sq + i at positions n - Sq + i.
+  // Queries: rows r = h * Sq + i at positions n - Sq + i, or 0 for the first Sq - n when the cache
+  // holds fewer keys than there are queries (those see no key under causal).
   const float scale2 = p.softmax_scale * kLog2e;
   for (int i = 0; i < Sq; ++i)
-    if (R) cos_sin_row(static_cast<int32_t>(n - Sq + i), table, cp, qcs + i * cs_stride);
+    if (R) cos_sin_row(static_cast<int32_t>(lmax_(n - Sq + i, 0)), table, cp, qcs + i * cs_stride);
   for (int h = 0; h < Hq; ++h) {
     for (int i = 0; i < Sq; ++i) {
       const int r = h * Sq + i;
@@ -1152,12 +1203,15 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
       }
     }
     // One online-softmax step for all rows, eight per vector. Causal with Sq > 1: query i sees
-    // keys j <= n - Sq + i, which cuts into the last chunks only.
-    const bool masked = p.causal && c0 + nc - 1 > n - Sq;
+    // keys j <= n - Sq + i, which cuts into the last chunks only; a window's left edge into the first.
+    const bool masked = c0 + nc > key_hi(0) || c0 < key_lo(Sq - 1);
+    const bool windowed = wl >= 0 && c0 < key_lo(Sq - 1);
     if (masked)
-      for (int r = 0; r < rows8; ++r)
-        lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, (n - Sq + r % Sq) - c0 + 1))) : nc;
-    softmax_cols<V>(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha);
+      for (int r = 0; r < rows8; ++r) {
+        lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, key_hi(r % Sq) - c0))) : nc;
+        lo[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, key_lo(r % Sq) - c0))) : 0.0f;
+      }
+    softmax_cols<V>(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha, windowed ? lo : nullptr);
     for (int hkv = 0; hkv < Hkv; ++hkv) {
       const int hr0 = hkv * group_rows;
       const T* vh = vc + hkv * p.vc_head_stride;
@@ -1165,25 +1219,32 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
       // With Sq > 1 a masked row must not multiply its zero probabilities by V rows it cannot see
       // holding a NaN or an infinity (as in the prefill's diagonal block): then each row runs alone.
       if (masked) {
-        int seen_by_all = nc;
-        for (int r = 0; r < group_rows; ++r) seen_by_all = imin(seen_by_all, static_cast<int>(lim[hr0 + r]));
+        int seen_by_all = nc, seen_from = 0;
+        for (int r = 0; r < group_rows; ++r) {
+          seen_by_all = imin(seen_by_all, static_cast<int>(lim[hr0 + r]));
+          if (windowed) seen_from = imax(seen_from, static_cast<int>(lo[hr0 + r]));
+        }
         bool finite = true;
         if (v_direct) {
           float sum = 0.0f;
-          for (int jj = seen_by_all; jj < nc; ++jj)
-            for (int d = 0; d < D; ++d) sum += DT::to_float(vh[voff[jj] + d]) * 0.0f;
+          for (int jj = 0; jj < nc; ++jj)
+            if (jj < seen_from || jj >= seen_by_all)
+              for (int d = 0; d < D; ++d) sum += DT::to_float(vh[voff[jj] + d]) * 0.0f;
           finite = sum == 0.0f;
         } else {
-          finite = all_finite(Vh + static_cast<int64_t>(seen_by_all) * Dp, static_cast<int64_t>(nc - seen_by_all) * Dp);
+          finite = all_finite(Vh + static_cast<int64_t>(seen_by_all) * Dp, static_cast<int64_t>(nc - seen_by_all) * Dp) &&
+                   all_finite(Vh, static_cast<int64_t>(seen_from) * Dp);
         }
         if (!finite) {
           for (int r = hr0; r < hr0 + group_rows; ++r) {
-            const int keys = static_cast<int>(lim[r]);
+            const int j1 = windowed ? static_cast<int>(lo[r]) : 0;
+            const int keys = imax(static_cast<int>(lim[r]) - j1, 0);
             float* o_r = O + static_cast<int64_t>(r) * Dp;
+            const float* st_r = St + r + static_cast<int64_t>(j1) * rows8;
             if (v_direct)
-              pv_block_direct<DT>(St + r, 1, rows8, 1, vh, voff, Dp, keys, o_r, alpha + r);
+              pv_block_direct<DT>(st_r, 1, rows8, 1, vh, voff + j1, Dp, keys, o_r, alpha + r);
             else
-              pv_block(St + r, 1, rows8, 1, Vh, Dp, Dp, keys, o_r, alpha + r);
+              pv_block(st_r, 1, rows8, 1, Vh + static_cast<int64_t>(j1) * Dp, Dp, Dp, keys, o_r, alpha + r);
           }
           continue;
         }

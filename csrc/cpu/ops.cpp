@@ -140,6 +140,7 @@ void run_tiled(const Kernels& kern, TiledPlan& plan, int64_t max_seqlen_q, doubl
 // What the CPU does with the filled params of each op (the ops themselves: op_args.h).
 struct CpuDevice {
   static constexpr const char* kWho = "ropekern (cpu)";
+  static constexpr bool kWindows = true;
   using DType = cpu::DType;
 
   static void check_device(const at::Tensor& t, const char* name) {
@@ -214,7 +215,6 @@ struct CpuDevice {
       const int64_t n = static_cast<int64_t>(l0[b]) + s_new;
       TORCH_CHECK_VALUE(l0[b] >= 0 && n <= c.capacity, kWho, ": sequence ", b, ": cache_seqlens ", l0[b], " + ", s_new,
                         " new tokens does not fit the cache capacity ", c.capacity);
-      TORCH_CHECK_VALUE(n >= Sq, kWho, ": sequence ", b, " holds ", n, " keys but has ", Sq, " queries");
       lens[b] = static_cast<int32_t>(n);
       n_max = std::max(n_max, n);
       if (c.paged) {
@@ -259,9 +259,10 @@ struct CpuDevice {
       return;
     }
 
-    // Tiled path over the cache: queries at positions n_b - Sq + i, keys j = 0..n_b-1.
+    // Tiled path over the cache: queries at positions max(n_b - Sq + i, 0), keys j = 0..n_b-1.
     at::Tensor lens_t = at::from_blob(lens.data(), {B}, at::kInt).clone();
-    at::Tensor q_pos = (lens_t.unsqueeze(1) - Sq + at::arange(Sq, at::kInt).unsqueeze(0)).to(at::kInt).contiguous();
+    at::Tensor q_pos =
+        (lens_t.unsqueeze(1) - Sq + at::arange(Sq, at::kInt).unsqueeze(0)).clamp_min(0).to(at::kInt).contiguous();
     const int batch = static_cast<int>(B);
     const at::Tensor q_cs = cos_sin_table(kern, p.rope, q_pos.data_ptr<int32_t>(), nullptr, Sq, B * Sq, batch);
     const at::Tensor k_cs = cos_sin_table(kern, p.rope, nullptr, nullptr, n_max, B * n_max, batch);
@@ -272,6 +273,8 @@ struct CpuDevice {
     args::set_view(c.k_cache, a.k, a.k_batch_stride, a.k_row_stride, a.k_head_stride);
     args::set_view(c.v_cache, a.v, a.v_batch_stride, a.v_row_stride, a.v_head_stride);
     args::set_shape(a, B, Sq, Hq, Hkv, D, p.softmax_scale, p.causal, p.rope, kWho);
+    a.window_left = p.window_left;
+    a.window_right = p.window_right;
     a.seqlen_k = static_cast<int>(n_max);
     plan.cache_lens = lens_t.data_ptr<int32_t>();
     plan.block_table = p.block_table;

@@ -62,6 +62,7 @@ RK_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 RK_INLINE int imin(int a, int b) { return a < b ? a : b; }
+RK_INLINE int imax(int a, int b) { return a > b ? a : b; }
 RK_INLINE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 RK_INLINE int64_t lmax_(int64_t a, int64_t b) { return a > b ? a : b; }
 RK_INLINE float fmax_(float a, float b) { return a > b ? a : b; }

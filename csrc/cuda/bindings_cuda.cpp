@@ -39,6 +39,7 @@ void raise_if(const std::string& err, const char* op) { TORCH_CHECK(err.empty(),
 // What the GPU does with the filled params of each op (the ops themselves: op_args.h).
 struct CudaDevice {
   static constexpr const char* kWho = "ropekern (cuda)";
+  static constexpr bool kWindows = false;  // sliding windows: not in the CUDA kernels (the backend refuses them)
   using DType = cuda::DType;
 
   static void check_device(const at::Tensor& t, const char* name) {

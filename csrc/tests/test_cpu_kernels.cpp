@@ -313,8 +313,14 @@ struct Case {
   bool strided_out = false;  // rope: out rows/heads with a gap (the gap must stay untouched)
   int small_bm_rows = 0;     // tiled: block_m for about this many query rows instead of ops.cpp's
   bool quick = false;        // also in the --quick list
+  int wl = -1, wr = -1;      // sliding window (AttnParams::window_left / right); wr unused under causal
 
   Case(std::string n, Mode m) : name(std::move(n)), mode(m) {}
+  Case& window(int left, int right) {
+    wl = left;
+    wr = right;
+    return *this;
+  }
   Case& seqs(std::vector<int> q, std::vector<int> k) {
     sq = std::move(q);
     sk = std::move(k);
@@ -441,6 +447,21 @@ std::vector<Case> make_cases() {
   c.push_back(Case("dense causal NaN/inf in masked V small block_m", M::kDense).seqs({100}, {100}).heads(2, 1)
                   .dims(64, 64).nan().small_bm(18));
   // ---- varlen (with empty sequences and sequences without keys)
+  // Sliding windows: the left edge masks the first keys of blocks and skips whole blocks / chunks.
+  c.push_back(Case("dense causal window 16 GQA4 200", M::kDense).seqs({200}, {200}).heads(8, 2).dims(64, 64)
+                  .window(16, -1).q());
+  c.push_back(Case("dense non-causal window 5/3 333x200", M::kDense).seqs({333}, {200}).heads(4, 1).dims(64, 64)
+                  .noncausal().window(5, 3));
+  c.push_back(Case("dense causal window 0 NaN/inf in masked V", M::kDense).seqs({100}, {100}).heads(4, 2)
+                  .dims(64, 64).window(0, -1).nan().q());
+  c.push_back(Case("varlen causal window 7", M::kVarlen).seqs({65, 0, 7, 200}, {65, 3, 70, 200}).heads(4, 1)
+                  .dims(64, 64).window(7, -1));
+  c.push_back(Case("cache causal paged window 20", M::kCache).seqs({40, 40}, {150, 67}).heads(8, 2).dims(64, 64)
+                  .page(16).window(20, -1));
+  c.push_back(Case("decode Sq3 causal window 30 splits3", M::kDecode).seqs({3, 3}, {300, 20}).heads(32, 8)
+                  .dims(64, 64).splits(3).window(30, -1).q());
+  c.push_back(Case("decode Sq3 non-causal window 4/1 NaN in masked V", M::kDecode).seqs({3}, {40}).heads(8, 2)
+                  .dims(64, 64).noncausal().window(4, 1).nan());
   c.push_back(Case("varlen causal GQA4 per-seq freqs", M::kVarlen).seqs({65, 0, 7, 1, 200, 5}, {65, 0, 70, 1, 200, 0})
                   .heads(8, 2).dims(64, 64).freqs_per_seq().q());
   c.push_back(Case("varlen non-causal GQA4", M::kVarlen).seqs({33, 0, 7, 0}, {65, 3, 0, 0}).heads(4, 1).dims(64, 64)
@@ -677,6 +698,8 @@ Problem make_problem(const Case& c, DType dt, uint64_t seed) {
       if (j_nan < sk)
         for (int d = 0; d < P.D; ++d) P.v[((P.koff[b] + j_nan) * P.Hkv + 0) * P.D + d] = NAN;
       if (j_inf < sk) P.v[((P.koff[b] + j_inf) * P.Hkv + (P.Hkv - 1)) * P.D + std::min(3, P.D - 1)] = INFINITY;
+      // a window's left edge: key 0, which only the first queries see
+      if (c.wl >= 0) P.v[((P.koff[b] + 0) * P.Hkv + 0) * P.D + 1] = NAN;
     }
   }
 
@@ -706,16 +729,19 @@ Problem make_problem(const Case& c, DType dt, uint64_t seed) {
   for (int b = 0; b < P.B; ++b) {
     const int sq = c.sq[b], sk = c.sk[b];
     for (int i = 0; i < sq; ++i) {
-      const int jn = c.causal ? std::min(sk, std::max(0, i + sk - sq + 1)) : sk;
+      // query i sees keys [j0, jn): the causal diagonal and the sliding window
+      int jn = c.causal ? std::min(sk, std::max(0, i + sk - sq + 1)) : sk;
+      if (!c.causal && c.wr >= 0) jn = std::min(jn, std::max(0, i + sk - sq + c.wr + 1));
+      const int j0 = c.wl >= 0 ? std::min(jn, std::max(0, i + sk - sq - c.wl)) : 0;
       for (int h = 0; h < P.Hq; ++h) {
         const int hk = h / G;
         const int64_t qt = P.qoff[b] + i;
-        if (jn == 0) continue;  // zeros, LSE -inf
+        if (jn == j0) continue;  // zeros, LSE -inf
         const double* qrow = &qr[(qt * P.Hq + h) * D];
-        sc.resize(jn);
-        sabs.resize(jn);
+        sc.assign(jn, -INFINITY);
+        sabs.assign(jn, 0.0);
         double mx = -INFINITY;
-        for (int j = 0; j < jn; ++j) {
+        for (int j = j0; j < jn; ++j) {
           const double* krow = &kr[((P.koff[b] + j) * P.Hkv + hk) * D];
           double s = 0.0, sa = 0.0;
           for (int d = 0; d < D; ++d) {
@@ -728,7 +754,7 @@ Problem make_problem(const Case& c, DType dt, uint64_t seed) {
         }
         double sum = 0.0;
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (int j = 0; j < jn; ++j) {
+        for (int j = j0; j < jn; ++j) {
           const double w = std::exp(sc[j] - mx);
           sum += w;
           const double* vrow = &P.v[((P.koff[b] + j) * P.Hkv + hk) * D];
@@ -741,7 +767,7 @@ Problem make_problem(const Case& c, DType dt, uint64_t seed) {
           constexpr double es = 0x1p-7 + 0x1p-16, ep = 0x1p-8;
           double* tol = &P.tile_out_tol[(qt * P.Hq + h) * D];
           double lse_tol = 0.0;
-          for (int j = 0; j < jn; ++j) {
+          for (int j = j0; j < jn; ++j) {
             const double w = std::exp(sc[j] - mx) / sum, ds = es * sabs[j];
             lse_tol += w * ds;
             const double* vrow = &P.v[((P.koff[b] + j) * P.Hkv + hk) * D];
@@ -1085,6 +1111,8 @@ Outputs run_tiled_case(const Unit& u, const Problem& P, int threads, Checker& ck
   p.head_dim = D;
   p.softmax_scale = static_cast<float>(P.scale);
   p.causal = c.causal;
+  p.window_left = c.wl;
+  p.window_right = c.causal ? -1 : c.wr;
   p.rope = rope;
 
   TiledPlan plan;
@@ -1251,6 +1279,8 @@ Outputs run_decode_case(const Unit& u, const Problem& P, int threads, Checker& c
   p.head_dim = D;
   p.softmax_scale = static_cast<float>(P.scale);
   p.causal = c.causal;
+  p.window_left = c.wl;
+  p.window_right = c.causal ? -1 : c.wr;
   p.num_splits = c.num_splits;
   p.rope = rope;
   plan.dtype = P.dt;

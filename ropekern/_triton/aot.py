@@ -78,15 +78,17 @@ def compile_attention(
     block: tuple[int, int, int, int] = (128, 64, 4, 3),
     rotate: bool = True,
     table: bool = False,
+    window: bool = False,
 ) -> dict[str, int]:
     """Compile the fused forward for ``sm_<arch>``; ``dtype`` in fp16/bf16/fp32; ``block`` is
     ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; ``table``: the caller's-table variant (cos/sin
-    rows looked up by position). Returns registers / local / shared."""
+    rows looked up by position); ``window``: the sliding-window variant. Returns registers / local /
+    shared."""
     r = head_dim if rotary_dim is None else rotary_dim
     bm, bn, warps, stages = block
     constexprs = dict(
         GROUP=group, **head_constants(head_dim, r), INTERLEAVED=interleaved, ROTATE=rotate, ROPE_TABLE=table,
-        CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+        CAUSAL=causal, WINDOW=window, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
         UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     fn = attention._rope_attn_fwd.fn
@@ -119,12 +121,13 @@ def compile_backward(
     rotate: bool = True,
     kernel: str = "dkdv",
     table: bool = False,
+    window: bool = False,
 ) -> dict[str, int]:
     """Compile a backward kernel (``kernel`` in dkdv / dq / preprocess / table) for ``sm_<arch>``;
     ``block`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, default the first config of the
     kernel's list (preprocess, table: the block ``backward.preprocess`` / ``rope_table`` pick).
     ``table``: the table kernel's variant that gathers a caller's table (the others read its output
-    either way)."""
+    either way); ``window``: the sliding-window variant of dkdv / dq."""
     _require_compiler()
     r = head_dim if rotary_dim is None else rotary_dim
     pointers = {"DLse": "fp32", "Delta": "fp32", "Lse": "fp32", "CSQ": "fp32", "CSK": "fp32", "CuQ": "i32"}
@@ -145,7 +148,7 @@ def compile_backward(
         bm, bn, warps, stages = block or (backward._DKDV if kernel == "dkdv" else backward._DQ)[0]
         constexprs = dict(
             GROUP=group, **head_constants(head_dim, r), INTERLEAVED=interleaved, ROTATE=rotate, CAUSAL=causal,
-        VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+            WINDOW=window, VARLEN=varlen, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
             UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
         )  # fmt: skip
         fn = (backward._bwd_dkdv if kernel == "dkdv" else backward._bwd_dq).fn
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--varlen", action="store_true")
     p.add_argument("--no-causal", action="store_true")
+    p.add_argument("--window", action="store_true", help="the sliding-window variant (forward, dkdv, dq)")
     a = p.parse_args(argv)
     if a.rope:
         usage = compile_rope(a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, a.table)
@@ -221,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         block = tuple(a.block) if "--block" in (argv if argv is not None else sys.argv) else None
         usage = compile_backward(
             a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, not a.no_causal, a.varlen, a.group, block,
-            not a.no_rotate, a.backward, a.table,
+            not a.no_rotate, a.backward, a.table, a.window,
         )  # fmt: skip
     else:
         usage = compile_attention(
-            a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, group=a.group, block=tuple(a.block),
-            rotate=not a.no_rotate, table=a.table,
+            a.arch, a.dtype, a.head_dim, a.rotary_dim, a.interleaved, not a.no_causal, a.varlen, a.group,
+            tuple(a.block), not a.no_rotate, a.table, a.window,
         )  # fmt: skip
     print(" ".join(f"{k}={v}" for k, v in usage.items()))
     return 0

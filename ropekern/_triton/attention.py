@@ -15,7 +15,9 @@ Tiling. A program owns ``BLOCK_M`` rows of one (sequence, kv head): row ``r`` is
 ``r // GROUP`` of query head ``kv_head * GROUP + r % GROUP``, i.e. the GQA group is folded into M,
 so each K/V tile (and its rotation) is loaded once for the whole group. Keys are visited in two
 phases: blocks that every row sees (no masks at all), then the causal diagonal / ragged tail with
-masks. q·k is the sum of three partial dots over the rotary halves and the pass-through block
+masks. A sliding window (``WINDOW``, flash-attn's ``window_size``) bounds the keys of a query tile
+on both sides: blocks outside every row's band are never loaded, and the masked phase covers both
+of its edges. q·k is the sum of three partial dots over the rotary halves and the pass-through block
 (see ``rope_tile``), so no in-register permute is needed for either pair layout.
 
 Outputs: ``out`` like q (contiguous) and the natural-log LSE in fp32, which is what a
@@ -131,6 +133,17 @@ _TABLE_SPILLS = {
     (8, 2, 64): frozenset({(128, 64, 8, 2)}),  # 268 B bf16
     (8, 2, 128): frozenset({(128, 32, 8, 2)}),  # 200 B bf16, 60 B fp16
 }
+# The sliding-window variant (``WINDOW``: the band's bounds and its mask) is spill-free wherever the
+# lists above are (every config of ``_SPILL_FREE`` / ``_SPILL_FREE_GQA`` compiled, bf16 and fp32,
+# causal, GROUP 1 and 4, Triton 3.9 ptxas) except these (bytes per thread):
+_WINDOW_SPILLS = {
+    (9, 2, 128): frozenset({(64, 64, 8, 3)}),  # 180 B
+    (9, 2, 256): frozenset({(32, 32, 8, 2)}),  # 16 B
+}
+_WINDOW_SPILLS_GQA = {
+    (9, 2, 256): frozenset({(32, 32, 8, 2)}),  # 124 B
+    (8, 2, 64): frozenset({(64, 64, 8, 3)}),  # 8 B
+}
 
 
 def head_class(head_dim_p: int, k_cols: int) -> int:
@@ -152,17 +165,21 @@ def select_configs(
     k_cols: int,
     group: int = 1,
     table: bool = False,
+    window: bool = False,
 ) -> list[triton.Config]:
     """The configs of this GPU generation (``major`` 9+: Hopper list, else Ampere) that fit
     ``smem_limit`` bytes of shared memory and were measured to compile without register spills
     (``_SPILL_FREE``, ``_SPILL_FREE_GQA`` when ``group`` > 1), for a padded head of ``head_dim_p``
     (V / accumulator) and ``k_cols`` = 2 * HALF_P + PASS_P (Q / K) columns. The RoPE-off variant
     gets the same configs as the rotated one, so its RoPE tax is measured at equal tiles. ``table``:
-    the caller's-table variant, without the configs it spills in (``_TABLE_SPILLS``)."""
+    the caller's-table variant, without the configs it spills in (``_TABLE_SPILLS``); ``window``:
+    the sliding-window variant, without those of ``_WINDOW_SPILLS`` (``_WINDOW_SPILLS_GQA``)."""
     key = (9 if major >= 9 else 8, 4 if elem_size >= 4 else 2, head_class(head_dim_p, k_cols))
     allowed = (_SPILL_FREE_GQA if group > 1 else _SPILL_FREE)[key]
     if table and group == 1:
         allowed = allowed - _TABLE_SPILLS.get(key, frozenset())
+    if window:
+        allowed = allowed - (_WINDOW_SPILLS_GQA if group > 1 else _WINDOW_SPILLS).get(key, frozenset())
     keep = []
     for c in configs:
         shape = config_shape(c)
@@ -186,7 +203,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     k_cols = 2 * kwargs["HALF_P"] + kwargs["PASS_P"]
     return select_configs(
         configs, major, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols, kwargs["GROUP"],
-        kwargs["ROPE_TABLE"],
+        kwargs["ROPE_TABLE"], kwargs["WINDOW"],
     )  # fmt: skip
 
 
@@ -199,6 +216,36 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b, acc, input_precision=DOT_PREC)
     return out
+
+
+@triton.jit
+def window_band(sq, sk, window_left, window_right, CAUSAL: tl.constexpr):
+    """flash-attn's window as key - query offsets ``(win_lo, win_hi)``: query i sees key j iff
+    ``win_lo <= j - i <= win_hi``. -1 (unbounded) becomes a bound that cuts no key: ``-Sq`` on the
+    left (``j - i > -Sq`` for every query i < Sq), ``Sk`` on the right (``j - i < Sk``); ``CAUSAL``
+    ends the band at the diagonal (flash-attn's right bound 0)."""
+    offset = sk - sq
+    win_lo = offset - tl.where(window_left >= 0, window_left, sk)
+    if CAUSAL:
+        win_hi = offset
+    else:
+        win_hi = offset + tl.where(window_right >= 0, window_right, sq)
+    return win_lo, win_hi
+
+
+@triton.jit
+def band_blocks(i_lo, i_hi, win_lo, win_hi, n, BLOCK: tl.constexpr):
+    """Blocks of ``BLOCK`` columns for the rows ``[i_lo, i_hi]`` of a band (row i sees columns
+    ``[i + win_lo, i + win_hi]`` of ``[0, n)``; ``win_lo <= win_hi`` and ``i_lo + win_lo < n``):
+    ``(lo, full_lo, full_hi, hi)`` with ``lo <= full_lo <= full_hi <= hi``. Columns ``[lo, hi)``
+    hold every column a row sees (``lo`` block-aligned); the blocks of ``[full_lo, full_hi)`` are
+    seen whole by every row (block-aligned, or empty at ``hi``)."""
+    lo = tl.maximum(i_lo + win_lo, 0) // BLOCK * BLOCK
+    hi = tl.maximum(tl.minimum(n, i_hi + win_hi + 1), 0)
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(i_hi + win_lo, 0), BLOCK) * BLOCK, hi)
+    full_hi = tl.maximum(tl.minimum(n, i_lo + win_hi + 1), 0) // BLOCK * BLOCK
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -222,8 +269,12 @@ def _attn_keys(
     k_start,
     sk,
     causal_offset,
+    win_lo,
+    win_hi,
     lo,
     hi,
+    gap_lo,
+    gap_hi,
     stride_ks,
     stride_vs,
     HEAD_DIM: tl.constexpr,
@@ -236,15 +287,31 @@ def _attn_keys(
     ROTATE: tl.constexpr,
     ROPE_TABLE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Online softmax over key blocks ``[lo, hi)``; ``MASKED`` blocks may be ragged or causal."""
+    """Online softmax over key blocks ``[lo, hi)``; ``MASKED`` blocks may be ragged, causal or
+    (``WINDOW``) cut by the band ``qi + win_lo <= key <= qi + win_hi``, and then skip the blocks of
+    ``[gap_lo, gap_hi)`` (the unmasked middle of the band: both edges run in one loop)."""
     d = tl.arange(0, HEAD_DIM_P)
-    for start in range(lo, hi, BLOCK_N):
+    if WINDOW and MASKED:
+        # One loop over both edges: with a third copy of the loop body ptxas spilled (sm_90, fp32,
+        # D = 256, 32 x 16 x 8 warps, the only config there: 284 B per thread; 12 B with one loop).
+        n_left = tl.cdiv(gap_lo - lo, BLOCK_N)
+        it_lo = 0
+        it_hi = n_left + tl.cdiv(hi - gap_hi, BLOCK_N)
+    else:
+        it_lo = lo
+        it_hi = hi
+    for it in range(it_lo, it_hi, 1 if WINDOW and MASKED else BLOCK_N):
+        if WINDOW and MASKED:
+            start = tl.where(it < n_left, lo + it * BLOCK_N, gap_hi + (it - n_left) * BLOCK_N)
+        else:
+            start = it
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < sk
         cols64 = (k_start + cols).to(tl.int64)
@@ -271,7 +338,10 @@ def _attn_keys(
         s = s * qk_scale
         if MASKED:
             keep = col_ok[None, :]
-            if CAUSAL:
+            if WINDOW:
+                # per-row bounds against the columns (a [M, N] difference cost that config its last 12 B)
+                keep = keep & (cols[None, :] >= qi[:, None] + win_lo) & (cols[None, :] <= qi[:, None] + win_hi)
+            elif CAUSAL:
                 keep = keep & (cols[None, :] <= qi[:, None] + causal_offset)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -303,7 +373,13 @@ def _attn_keys(
                 for jj in range(BLOCK_N):
                     key = start + jj
                     v_row = v_base + (k_start + key).to(tl.int64) * stride_vs
-                    acc = add_seen_nonfinite(acc, v_row, d, d < HEAD_DIM, key, sk, lim)
+                    if WINDOW:
+                        # a row sees the key iff it lies in its band: limit key there, -1 elsewhere
+                        rel = key - qi
+                        key_lim = tl.where((rel >= win_lo) & (rel <= win_hi), key, -1)
+                    else:
+                        key_lim = lim
+                    acc = add_seen_nonfinite(acc, v_row, d, d < HEAD_DIM, key, sk, key_lim)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -319,13 +395,14 @@ def _attn_keys(
         "ROTATE",
         "ROPE_TABLE",
         "CAUSAL",
+        "WINDOW",
         "VARLEN",
         "Q_BUCKET",
         "K_BUCKET",
     ],
     prune_configs_by={"early_config_prune": _prune},
 )
-@triton.jit(do_not_specialize=["Q_BUCKET", "K_BUCKET", "seqlen_q", "seqlen_k"])
+@triton.jit(do_not_specialize=["Q_BUCKET", "K_BUCKET", "seqlen_q", "seqlen_k", "window_left", "window_right"])
 def _rope_attn_fwd(
     Q,
     K,
@@ -359,6 +436,8 @@ def _rope_attn_fwd(
     qk_scale,
     attention_factor,
     table_positions,
+    window_left,
+    window_right,
     Q_BUCKET,
     K_BUCKET,
     GROUP: tl.constexpr,
@@ -372,6 +451,7 @@ def _rope_attn_fwd(
     ROTATE: tl.constexpr,
     ROPE_TABLE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -416,14 +496,24 @@ def _rope_attn_fwd(
         qp = q1  # never read: PASS == 0 compiles the third dot out
 
     causal_offset = sk - sq  # bottom-right alignment: query i sees key j iff j <= i + Sk - Sq
-    if CAUSAL:
+    if WINDOW:
+        win_lo, win_hi = window_band(sq, sk, window_left, window_right, CAUSAL)
         i_lo = r0 // GROUP
         i_hi = tl.minimum((r0 + BLOCK_M - 1) // GROUP, sq - 1)
-        hi = tl.maximum(tl.minimum(sk, i_hi + causal_offset + 1), 0)
-        full = tl.maximum(tl.minimum(sk, i_lo + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+        lo, full_lo, full_hi, hi = band_blocks(i_lo, i_hi, win_lo, win_hi, sk, BLOCK_N)
     else:
-        hi = sk
-        full = sk // BLOCK_N * BLOCK_N
+        win_lo = causal_offset  # unused: no window
+        win_hi = causal_offset
+        full_lo = 0
+        if CAUSAL:
+            i_lo = r0 // GROUP
+            i_hi = tl.minimum((r0 + BLOCK_M - 1) // GROUP, sq - 1)
+            hi = tl.maximum(tl.minimum(sk, i_hi + causal_offset + 1), 0)
+            full_hi = tl.maximum(tl.minimum(sk, i_lo + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+        else:
+            hi = sk
+            full_hi = sk // BLOCK_N * BLOCK_N
+        lo = full_hi
 
     hkv64 = hkv.to(tl.int64)
     k_base = K + b64 * stride_kb + hkv64 * stride_kh
@@ -439,18 +529,23 @@ def _rope_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    # Key blocks [full_lo, full_hi) are seen whole by every row (no mask); [lo, hi) less those are the
+    # causal diagonal or the window's edges and the ragged tail, masked.
     acc, l_i, m_i = _attn_keys(
         acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
-        table_positions, qk_scale, k_start, sk, causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
-        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        table_positions, qk_scale, k_start, sk, causal_offset, win_lo, win_hi, full_lo, full_hi, full_lo, full_hi,
+        stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL,
+        WINDOW, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _attn_keys(
         acc, l_i, m_i, q1, q2, qp, qi, k_base, v_base, kpos_base, split, step_cos, step_sin, attention_factor,
-        table_positions, qk_scale, k_start, sk, causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
-        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        table_positions, qk_scale, k_start, sk, causal_offset, win_lo, win_hi, lo, hi, full_lo, full_hi, stride_ks,
+        stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL, WINDOW,
+        True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
-    # Rows that saw no key (causal with Sq > Sk, or an empty key sequence): zeros and LSE -inf.
+    # Rows that saw no key (causal with Sq > Sk, a window that ends before key 0, or an empty key
+    # sequence): zeros and LSE -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -474,13 +569,17 @@ def forward(
     rope: RopeArgs,
     causal: bool,
     softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused kernel on validated inputs (the arguments of ``ATTENTION_SCHEMA``).
 
     Dense: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, positions int32 ``[B, S]`` (last stride 1,
     batch stride may be 0). Varlen: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, positions ``[T]``,
     ``cu_seqlens_*`` int32 ``[B + 1]``. ``rope.split`` float32 ``[nT, 4, R/2]`` with nT in {1, B}, or
-    a caller's table ``[P, 2, R/2]`` (``rope.table_positions`` P > 0).
+    a caller's table ``[P, 2, R/2]`` (``rope.table_positions`` P > 0). ``window_left/right``:
+    flash-attn's sliding window per sequence (query i sees key j iff
+    ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``; -1 unbounded), compiled in only when set.
     Returns ``out`` (contiguous, q's shape and dtype) and LSE float32 ``[B, Hq, Sq]`` / ``[Hq, Tq]``.
     """
     varlen = cu_seqlens_q is not None
@@ -532,10 +631,11 @@ def forward(
         sl[0], sl[1],
         spos[0], spos[1], stride_tb,
         seqlen_q, seqlen_k,
-        softmax_scale * LOG2E, rope.attention_factor, table_positions,
+        softmax_scale * LOG2E, rope.attention_factor, table_positions, window_left, window_right,
         triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
         GROUP=group, **head_constants(d, rotary_dim),
-        INTERLEAVED=rope.interleaved, ROTATE=rotate, ROPE_TABLE=table_positions > 0, CAUSAL=causal, VARLEN=varlen,
+        INTERLEAVED=rope.interleaved, ROTATE=rotate, ROPE_TABLE=table_positions > 0, CAUSAL=causal,
+        WINDOW=window_left >= 0 or window_right >= 0, VARLEN=varlen,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip

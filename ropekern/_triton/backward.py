@@ -33,8 +33,9 @@ Kernels, none with atomics, so every gradient is bitwise reproducible run to run
   tile rotated after it loads), accumulating dQ' over the key blocks.
 
 Masking follows the forward: loads outside the sequence are masked with ``other=0`` (a masked
-row gets ``lse = +inf``, so P = 0), causal blocks select masked probabilities to zero, and rows
-that saw no key (``lse = -inf``) get no gradient.
+row gets ``lse = +inf``, so P = 0), causal and sliding-window (``WINDOW``) blocks select masked
+probabilities and dS to zero, blocks outside every row's window are skipped by both kernels' loop
+bounds, and rows that saw no key (``lse = -inf``) get no gradient.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._validation import RopeArgs
-from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dot, config_shape
+from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, _dot, band_blocks, config_shape, window_band
 from .host import INTERPRET, LOG2E, MAX_GRID_YZ, head_constants, pow2, rotary_split, table_args
 from .rope_math import position_cos_sin
 from .rope_tile import load_2d, load_pairs, load_pass, pair_columns, rotate_pairs
@@ -65,15 +66,19 @@ _DKDV = ((16, 128, 8, 1), (32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 
 _DQ = ((64, 16, 4, 1), (128, 16, 8, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2))
 
 
-def spill_free(kernel: str, major: int, elem_size: int, head_dim_p: int, k_cols: int, has_pass: bool) -> set:
+def spill_free(
+    kernel: str, major: int, elem_size: int, head_dim_p: int, k_cols: int, has_pass: bool, window: bool = False
+) -> set:
     """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``kernel`` measured spill-free for this
-    head layout on a GPU generation (``major``); empty where none is known."""
+    head layout on a GPU generation (``major``); empty where none is known. ``window``: the
+    sliding-window variant, whose dQ spills in (64, 16, 4, 1) at D = 128, GROUP 1 (20 B per thread,
+    sm_90; none at GROUP 4, nor in (128, 16, 8, 1) or in dK/dV's (16, 128, 8, 1) at GROUP 1, 4, 8)."""
     if major != 9 or elem_size != 2:
         return set()
     if kernel == "dkdv" and head_dim_p <= 64 and k_cols <= 64:
         return {(16, 128, 8, 1)}
     if kernel == "dq" and head_dim_p <= 128 and k_cols <= 128 and not has_pass:
-        return {(64, 16, 4, 1), (128, 16, 8, 1)}
+        return {(128, 16, 8, 1)} if window else {(64, 16, 4, 1), (128, 16, 8, 1)}
     return set()
 
 
@@ -96,11 +101,13 @@ def select_configs(
     k_cols: int,
     major: int = 0,
     has_pass: bool = False,
+    window: bool = False,
 ) -> list[triton.Config]:
     """The configs of ``kernel`` ("dkdv" or "dq") whose operand tiles fit ``smem_limit`` bytes of
     shared memory, for a padded head of ``head_dim_p`` (V, dO) and ``k_cols`` = 2 * HALF_P + PASS_P
     (Q / K) columns; D = 256 keeps only the configs that leave registers for twice the accumulators.
-    Where ``spill_free`` knows configs for this layout on GPU generation ``major``, only those."""
+    Where ``spill_free`` knows configs for this layout on GPU generation ``major`` (and variant:
+    ``window``), only those."""
     keep = []
     for c in configs:
         bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
@@ -110,7 +117,7 @@ def select_configs(
         acc = bn * (k_cols + head_dim_p) if kernel == "dkdv" else bm * (2 * k_cols + head_dim_p) * elem_size // 4
         if smem <= smem_limit and acc // (32 * w) <= 128:
             keep.append(c)
-    known = spill_free(kernel, major, elem_size, head_dim_p, k_cols, has_pass)
+    known = spill_free(kernel, major, elem_size, head_dim_p, k_cols, has_pass, window)
     if any(config_shape(c) in known for c in keep):
         keep = [c for c in keep if config_shape(c) in known]
     if not keep:  # the smallest tile of the list
@@ -126,13 +133,17 @@ def _pruner(kernel: str):
         major = torch.cuda.get_device_capability(q.device)[0]
         return select_configs(
             configs, kernel, props["max_shared_mem"], q.element_size(), kwargs["HEAD_DIM_P"], k_cols, major,
-            kwargs["PASS"] > 0,
+            kwargs["PASS"] > 0, kwargs["WINDOW"],
         )  # fmt: skip
 
     return prune
 
 
-_KEY = ["HEAD_DIM_P", "HALF_P", "PASS_P", "GROUP", "INTERLEAVED", "ROTATE", "CAUSAL", "VARLEN", "Q_BUCKET", "K_BUCKET"]
+_KEY = [
+    "HEAD_DIM_P", "HALF_P", "PASS_P", "GROUP", "INTERLEAVED", "ROTATE", "CAUSAL", "WINDOW", "VARLEN", "Q_BUCKET",
+    "K_BUCKET",
+]  # fmt: skip
+_NO_SPECIALIZE = ["Q_BUCKET", "K_BUCKET", "seqlen_q", "seqlen_k", "window_left", "window_right"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -332,6 +343,8 @@ def _dkdv_block(
     q_start,
     sq,
     causal_offset,
+    win_lo,
+    win_hi,
     m_start,
     stride_qs,
     stride_qh,
@@ -347,6 +360,7 @@ def _dkdv_block(
     PASS_P: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
+    WINDOW: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -354,14 +368,18 @@ def _dkdv_block(
     BLOCK_N: tl.constexpr,
 ):
     """Add the contributions of queries ``[m_start, m_start + BLOCK_M)`` of every head of the
-    group to the key block's accumulators; ``MASKED`` applies the causal mask."""
+    group to the key block's accumulators; ``MASKED`` applies the causal mask, or with ``WINDOW``
+    the band ``win_lo <= key - query <= win_hi``."""
     rows = m_start + tl.arange(0, BLOCK_M)
     row_ok = rows < sq
     tok64 = (q_start + rows).to(tl.int64)
     d = tl.arange(0, HEAD_DIM_P)
     cs_rows = csq_base + tok64 * (2 * HALF)
     if MASKED:
-        keep = cols[:, None] <= rows[None, :] + causal_offset  # [BLOCK_N, BLOCK_M]
+        if WINDOW:
+            keep = (cols[:, None] >= rows[None, :] + win_lo) & (cols[:, None] <= rows[None, :] + win_hi)
+        else:
+            keep = cols[:, None] <= rows[None, :] + causal_offset  # [BLOCK_N, BLOCK_M]
     # Pointers are rebuilt per head from scalar bases: a [BLOCK_M, D] block of 64-bit pointers carried
     # across the loop would hold 64 registers per thread (BLOCK_M = 32, D = 128, 4 warps).
     for g in tl.range(GROUP, disable_licm=True):
@@ -396,7 +414,7 @@ def _dkdv_block(
 
 
 @triton.autotune(configs=_configs(_DKDV), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
-@triton.jit(do_not_specialize=["Q_BUCKET", "K_BUCKET", "seqlen_q", "seqlen_k"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv(
     Q,
     K,
@@ -436,6 +454,8 @@ def _bwd_dkdv(
     seqlen_k,
     qk_scale,
     softmax_scale,
+    window_left,
+    window_right,
     Q_BUCKET,
     K_BUCKET,
     GROUP: tl.constexpr,
@@ -448,6 +468,7 @@ def _bwd_dkdv(
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -490,30 +511,55 @@ def _bwd_dkdv(
     lse_base = b64 * stride_lb + head0 * stride_lh
     csq_base = CSQ + b64 * stride_csqb
     causal_offset = sk - sq  # bottom-right alignment: query i sees key j iff j <= i + Sk - Sq
-    if CAUSAL:
-        # Queries below n0 - offset see none of these keys; from the last valid key - offset on,
-        # they see all of them. The band in between is the masked diagonal.
-        m_lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
+    if WINDOW:
+        # Key j is seen by queries [j - win_hi, j - win_lo]: the band of the forward, transposed.
+        # Query blocks outside it are skipped; those that see every key of the block run unmasked,
+        # the edges of the band (and the ragged query tail) masked.
+        win_lo, win_hi = window_band(sq, sk, window_left, window_right, CAUSAL)
         last = tl.minimum(n0 + BLOCK_N, sk) - 1
-        m_full = tl.minimum(tl.cdiv(tl.maximum(last - causal_offset, 0), BLOCK_M) * BLOCK_M, sq)
-        m_full = tl.maximum(m_full, m_lo)
+        m_lo, m_full_lo, m_full_hi, m_hi = band_blocks(n0, last, -win_hi, -win_lo, sq, BLOCK_M)
+        for m_start in range(m_full_lo, m_full_hi, BLOCK_M):
+            dk1, dk2, dkp, dv = _dkdv_block(
+                dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
+                q_start, sq, causal_offset, win_lo, win_hi, m_start, stride_qs, stride_qh, stride_dos, stride_doh,
+                stride_lh, GROUP, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, True, False,
+                DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        # Both masked edges in one loop (one copy of the block's code fewer, as in the forward).
+        n_left = tl.cdiv(m_full_lo - m_lo, BLOCK_M)
+        for it in range(0, n_left + tl.cdiv(m_hi - m_full_hi, BLOCK_M)):
+            m_start = tl.where(it < n_left, m_lo + it * BLOCK_M, m_full_hi + (it - n_left) * BLOCK_M)
+            dk1, dk2, dkp, dv = _dkdv_block(
+                dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
+                q_start, sq, causal_offset, win_lo, win_hi, m_start, stride_qs, stride_qh, stride_dos, stride_doh,
+                stride_lh, GROUP, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, True, True,
+                DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
     else:
-        m_lo = 0
-        m_full = 0
-    for m_start in range(m_lo, m_full, BLOCK_M):
-        dk1, dk2, dkp, dv = _dkdv_block(
-            dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
-            q_start, sq, causal_offset, m_start, stride_qs, stride_qh, stride_dos, stride_doh, stride_lh, GROUP,
-            HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, True, DOT_PREC, UPCAST, BLOCK_M,
-            BLOCK_N,
-        )  # fmt: skip
-    for m_start in range(m_full, sq, BLOCK_M):
-        dk1, dk2, dkp, dv = _dkdv_block(
-            dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
-            q_start, sq, causal_offset, m_start, stride_qs, stride_qh, stride_dos, stride_doh, stride_lh, GROUP,
-            HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, False, DOT_PREC, UPCAST, BLOCK_M,
-            BLOCK_N,
-        )  # fmt: skip
+        if CAUSAL:
+            # Queries below n0 - offset see none of these keys; from the last valid key - offset on,
+            # they see all of them. The band in between is the masked diagonal.
+            m_lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
+            last = tl.minimum(n0 + BLOCK_N, sk) - 1
+            m_full = tl.minimum(tl.cdiv(tl.maximum(last - causal_offset, 0), BLOCK_M) * BLOCK_M, sq)
+            m_full = tl.maximum(m_full, m_lo)
+        else:
+            m_lo = 0
+            m_full = 0
+        for m_start in range(m_lo, m_full, BLOCK_M):
+            dk1, dk2, dkp, dv = _dkdv_block(
+                dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
+                q_start, sq, causal_offset, causal_offset, causal_offset, m_start, stride_qs, stride_qh, stride_dos,
+                stride_doh, stride_lh, GROUP, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE,
+                False, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        for m_start in range(m_full, sq, BLOCK_M):
+            dk1, dk2, dkp, dv = _dkdv_block(
+                dk1, dk2, dkp, dv, k1, k2, kp, v, cols, q_base, do_base, lse_base, Lse, Delta, csq_base, qk_scale,
+                q_start, sq, causal_offset, causal_offset, causal_offset, m_start, stride_qs, stride_qh, stride_dos,
+                stride_doh, stride_lh, GROUP, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE,
+                False, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
 
     dk_rows = DK + b64 * stride_dkb + ktok64 * stride_dks + hkv64 * stride_dkh
     _store_head(
@@ -544,8 +590,12 @@ def _dq_keys(
     k_start,
     sk,
     causal_offset,
+    win_lo,
+    win_hi,
     lo,
     hi,
+    gap_lo,
+    gap_hi,
     stride_ks,
     stride_vs,
     HEAD_DIM: tl.constexpr,
@@ -557,15 +607,29 @@ def _dq_keys(
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Accumulate dQ' over key blocks ``[lo, hi)``; ``MASKED`` blocks may be ragged or causal."""
+    """Accumulate dQ' over key blocks ``[lo, hi)``; ``MASKED`` blocks may be ragged, causal or
+    (``WINDOW``) cut by the band ``qi + win_lo <= key <= qi + win_hi``, and then skip the blocks of
+    ``[gap_lo, gap_hi)`` (both edges of the band in one loop, as in the forward's ``_attn_keys``)."""
     d = tl.arange(0, HEAD_DIM_P)
-    for start in range(lo, hi, BLOCK_N):
+    if WINDOW and MASKED:
+        n_left = tl.cdiv(gap_lo - lo, BLOCK_N)
+        it_lo = 0
+        it_hi = n_left + tl.cdiv(hi - gap_hi, BLOCK_N)
+    else:
+        it_lo = lo
+        it_hi = hi
+    for it in range(it_lo, it_hi, 1 if WINDOW and MASKED else BLOCK_N):
+        if WINDOW and MASKED:
+            start = tl.where(it < n_left, lo + it * BLOCK_N, gap_hi + (it - n_left) * BLOCK_N)
+        else:
+            start = it
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < sk
         cols64 = (k_start + cols).to(tl.int64)
@@ -582,7 +646,9 @@ def _dq_keys(
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             keep = col_ok[None, :]
-            if CAUSAL:
+            if WINDOW:
+                keep = keep & (cols[None, :] >= qi[:, None] + win_lo) & (cols[None, :] <= qi[:, None] + win_hi)
+            elif CAUSAL:
                 keep = keep & (cols[None, :] <= qi[:, None] + causal_offset)
             p = tl.where(keep, p, 0.0)  # select, never multiply
         v = load_2d(
@@ -601,7 +667,7 @@ def _dq_keys(
 
 
 @triton.autotune(configs=_configs(_DQ), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
-@triton.jit(do_not_specialize=["Q_BUCKET", "K_BUCKET", "seqlen_q", "seqlen_k"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq(
     Q,
     K,
@@ -637,6 +703,8 @@ def _bwd_dq(
     seqlen_k,
     qk_scale,
     softmax_scale,
+    window_left,
+    window_right,
     Q_BUCKET,
     K_BUCKET,
     GROUP: tl.constexpr,
@@ -649,6 +717,7 @@ def _bwd_dq(
     INTERLEAVED: tl.constexpr,
     ROTATE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -684,14 +753,24 @@ def _bwd_dq(
     lse, delta = _row_stats(Lse, Delta, b64 * stride_lb + head64 * stride_lh + tok64, row_ok)
 
     causal_offset = sk - sq
-    if CAUSAL:
+    if WINDOW:
+        win_lo, win_hi = window_band(sq, sk, window_left, window_right, CAUSAL)
         i_lo = r0 // GROUP
         i_hi = tl.minimum((r0 + BLOCK_M - 1) // GROUP, sq - 1)
-        hi = tl.maximum(tl.minimum(sk, i_hi + causal_offset + 1), 0)
-        full = tl.maximum(tl.minimum(sk, i_lo + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+        lo, full_lo, full_hi, hi = band_blocks(i_lo, i_hi, win_lo, win_hi, sk, BLOCK_N)
     else:
-        hi = sk
-        full = sk // BLOCK_N * BLOCK_N
+        win_lo = causal_offset  # unused: no window
+        win_hi = causal_offset
+        full_lo = 0
+        if CAUSAL:
+            i_lo = r0 // GROUP
+            i_hi = tl.minimum((r0 + BLOCK_M - 1) // GROUP, sq - 1)
+            hi = tl.maximum(tl.minimum(sk, i_hi + causal_offset + 1), 0)
+            full_hi = tl.maximum(tl.minimum(sk, i_lo + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+        else:
+            hi = sk
+            full_hi = sk // BLOCK_N * BLOCK_N
+        lo = full_hi
 
     hkv64 = hkv.to(tl.int64)
     k_base = K + b64 * stride_kb + hkv64 * stride_kh
@@ -700,15 +779,16 @@ def _bwd_dq(
     dq1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     dqp = tl.zeros([BLOCK_M, PASS_P if PASS > 0 else 16], dtype=tl.float32)
+    # Key phases as in the forward: [full_lo, full_hi) unmasked, the rest of [lo, hi) masked.
     dq1, dq2, dqp = _dq_keys(
         dq1, dq2, dqp, q1, q2, qp, do, lse, delta, qi, k_base, v_base, csk_base, qk_scale, k_start, sk,
-        causal_offset, 0, full, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED,
-        ROTATE, CAUSAL, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        causal_offset, win_lo, win_hi, full_lo, full_hi, full_lo, full_hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P,
+        HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, WINDOW, False, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     dq1, dq2, dqp = _dq_keys(
         dq1, dq2, dqp, q1, q2, qp, do, lse, delta, qi, k_base, v_base, csk_base, qk_scale, k_start, sk,
-        causal_offset, full, hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED,
-        ROTATE, CAUSAL, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
+        causal_offset, win_lo, win_hi, lo, hi, full_lo, full_hi, stride_ks, stride_vs, HEAD_DIM, HEAD_DIM_P, HALF,
+        HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, CAUSAL, WINDOW, True, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
     dq_rows = DQ + b64 * stride_dqb + tok64 * stride_dqs + head64 * stride_dqh
@@ -821,12 +901,15 @@ def backward(
     rope: RopeArgs,
     causal: bool,
     softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
     grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the dK/dV and dQ kernels on validated inputs (layouts and arguments as ``attention.forward``).
 
     ``dout`` like q; ``lse`` the forward's LSE and ``delta`` from ``preprocess`` (both float32 in
     the LSE layout; for a block of a longer sequence, the *global* LSE and delta of its queries).
+    ``window_left/right``: the forward's sliding window (-1 unbounded).
     Returns contiguous ``(dq, dk, dv)`` shaped like q, k, v in ``grad_dtype`` (default: the input
     dtype); dk/dv are summed over each GQA group.
     """
@@ -868,11 +951,12 @@ def backward(
     cu_k = cu_seqlens_k if varlen else dummy
     meta = dict(
         GROUP=group, **head_constants(d, rotary_dim), INTERLEAVED=rope.interleaved, ROTATE=rotate,
-        CAUSAL=causal, VARLEN=varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        CAUSAL=causal, WINDOW=window_left >= 0 or window_right >= 0, VARLEN=varlen,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip
     scalars = (
-        seqlen_q, seqlen_k, softmax_scale * LOG2E, softmax_scale,
+        seqlen_q, seqlen_k, softmax_scale * LOG2E, softmax_scale, window_left, window_right,
         triton.next_power_of_2(max_seqlen_q), triton.next_power_of_2(max_seqlen_k),
     )  # fmt: skip
     common = (*strides(q), *strides(k), *strides(v), *strides(dout))

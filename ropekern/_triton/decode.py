@@ -6,7 +6,13 @@ The cache holds **un-rotated** keys. Each call
 2. attends the last Sq tokens of every sequence to its ``n = cache_seqlens + S_new`` keys
    (``_decode_kernel``), rotating every key as it is loaded with the table of *that sequence's
    current n* (``split [B, 4, R/2]`` for dynamic NTK / LongRoPE, ``[1, 4, R/2]`` otherwise). This is
-   identical to recomputing the whole prefix, which is why length-dependent scaling stays exact;
+   identical to recomputing the whole prefix, which is why length-dependent scaling stays exact.
+   Query i sits at position ``n - Sq + i``. A sequence may hold fewer keys than queries (n < Sq,
+   n = 0 included): its first Sq - n queries are rotated at position 0 and, under ``causal``
+   (bottom-right: query i sees keys ``j <= n - Sq + i``), see no key (out 0, LSE -inf). With
+   flash-attn's sliding window (``_decode_window_kernel``) query i sees key j iff
+   ``j >= n - Sq + i - window_left`` and ``j <= n - Sq + i + window_right`` (-1: unbounded; the
+   diagonal under ``causal``), and each program streams only the keys that some of its rows see;
 3. with split-K (flash-decoding), merges the partial results by their LSE (``_merge_kernel``).
 
 One program owns one (sequence, KV head, block of query rows, key split). Its M rows are the
@@ -30,8 +36,9 @@ of its keys' positions (``rope_math.table_cos_sin``), a load instead of the trig
 Numerics: rotation, scores, online softmax and accumulation in fp32; Q and K are cast back to
 the I/O dtype after rotation for the fp16/bf16 tensor-core dots (fp32 I/O uses IEEE fp32 dots,
 never TF32). Masked probabilities are *selected* to zero, and slots at or past n are never loaded
-(nor their block-table entries), so NaN in unused cache slots or garbage in unused block-table
-entries cannot leak. All memory offsets are int64.
+(nor their block-table entries; with a window, neither are the keys left of every row's window),
+so NaN in unused cache slots or garbage in unused block-table entries cannot leak. All memory
+offsets are int64.
 
 Performance: no GPU was available while this was written; the tile sizes below are a reasoned,
 untimed heuristic (see ``_config``) and the kernel has only run under ``TRITONINTERPRET=1``.
@@ -118,7 +125,13 @@ def _append_kernel(
 def _cache_slots(TABLE, b64, keys, ok, stride_tb, PAGED: tl.constexpr, LOG2_BS: tl.constexpr):
     """(block, slot) of cache entries ``keys`` of sequence ``b64``, int64: the block-table entry and the
     slot in it when ``PAGED`` (entries of keys not ``ok`` are never read: slots >= n may point at
-    unallocated blocks, garbage), else the dense cache's batch row and the key itself."""
+    unallocated blocks, garbage), else the dense cache's batch row and the key itself.
+
+    Every key looks its own page up, so a tile may span any number of pages and every power of two
+    works, down to pages of one token (how a dense cache with per-sequence start slots is viewed):
+    only the shift and mask constants change. Measured at ``LOG2_BS`` 0, 3, 4, 6 (causal, paged,
+    rotated; fp16 D 128, bf16 D 256, fp32 D 80; sm_80 and sm_90, Triton 3.9, ptxas -v): the same
+    global loads, registers within 7 of each other, no spill."""
     if PAGED:
         blk = tl.load(TABLE + b64 * stride_tb + (keys >> LOG2_BS), mask=ok, other=0).to(tl.int64)
         slot = (keys & ((1 << LOG2_BS) - 1)).to(tl.int64)
@@ -148,6 +161,261 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, DT: tl.constexpr):
         return tl.dot(a.to(DT), b.to(DT), acc)
 
 
+@triton.jit
+def _decode_program(
+    Q,
+    KC,
+    VC,
+    SEQLENS,
+    TABLE,
+    SPLIT,
+    OUT,
+    LSE,
+    S_NEW,
+    SQ,
+    HKV,
+    NUM_SPLITS,
+    qk_scale,
+    attention_factor,
+    table_positions,
+    window_left,
+    window_right,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_fb,
+    stride_os,
+    stride_ob,
+    stride_oi,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    PASS: tl.constexpr,
+    PASS_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PAGED: tl.constexpr,
+    LOG2_BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """The body of ``_decode_kernel`` (``WINDOW`` False: ``window_left/right`` unread) and of
+    ``_decode_window_kernel`` (flash-attn's window ``window_left, window_right``, -1 unbounded; the
+    right one unread under ``CAUSAL``)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    DT: tl.constexpr = KC.dtype.element_ty
+    MASKED: tl.constexpr = CAUSAL or WINDOW  # rows of one program may see different keys
+    n = tl.load(SEQLENS + b) + S_NEW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_i = offs_m // G
+    head = h * G + offs_m % G
+    row_ok = row_i < SQ
+    # Query i sits at position n - Sq + i; the causal mask compares keys with that (negative when
+    # n < Sq: such a row sees no key), while rotation clamps it at 0, the position of the first token.
+    q_pos = n - SQ + row_i
+    rot_pos = tl.maximum(q_pos, 0)
+    if WINDOW:
+        # Row m sees key j iff win_lo <= j - q_pos <= win_hi: two scalars, where an unbounded edge
+        # becomes one that no key crosses (j - q_pos lies in [1 - n, Sq - 1]). Per-row bound
+        # vectors made the D 256 bf16 program (255 registers) spill 8-40 B (sm_90 / sm_80, ptxas -v).
+        win_lo = tl.where(window_left >= 0, -window_left, -n)
+        if CAUSAL:
+            win_hi = 0
+        else:
+            win_hi = tl.where(window_right >= 0, window_right, SQ)
+
+    pair = tl.arange(0, HALF_P)
+    pair_ok = pair < HALF
+    if INTERLEAVED:
+        c1 = 2 * pair
+        c2 = 2 * pair + 1
+    else:
+        c1 = pair
+        c2 = pair + HALF
+    q_row = Q + b64 * stride_qb + row_i.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
+    q_mask = row_ok[:, None] & pair_ok[None, :]
+    q1 = tl.load(q_row[:, None] + c1[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_row[:, None] + c2[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    if PASS > 0:
+        pp = tl.arange(0, PASS_P)
+        pass_ok = pp < PASS
+        qp = tl.load(q_row[:, None] + (2 * HALF + pp)[None, :], mask=row_ok[:, None] & pass_ok[None, :], other=0.0)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    if ROTATE and ROPE_TABLE:
+        cq, sq = table_cos_sin(rot_pos, SPLIT, pair, pair_ok, HALF, table_positions)
+        q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
+    elif ROTATE:
+        f_ptr = SPLIT + b64 * stride_fb  # this sequence's table (stride 0 when shared)
+        f1, f2, f3, f4 = load_split(f_ptr, pair, pair_ok, HALF)
+        cq, sq = _cos_sin(rot_pos, f1, f2, f3, f4)
+        cq = cq * attention_factor
+        sq = sq * attention_factor
+        q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
+        # R(j) for the offsets inside a tile, once per program; the attention factor rides here
+        # so that the rotated part of every product carries its square (docs/design.md §2).
+        cj, sj = _cos_sin(offs_n, f1, f2, f3, f4)
+        cj = cj * attention_factor
+        sj = sj * attention_factor
+
+    if WINDOW:
+        # The keys [lo, hi) that some row of this block sees, from the window edges of its first
+        # and last query: the splits partition only these, and the tiles start at lo itself (not
+        # at a multiple of BLOCK_N: every key row is addressed on its own), so keys below lo are
+        # never loaded nor their block-table entries read (a cache manager may have freed those
+        # pages), and the loop needs no lower-bound mask.
+        i_lo = pid_m * BLOCK_M // G
+        i_hi = tl.minimum(SQ - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // G)
+        lo = tl.maximum(n - SQ + i_lo + win_lo, 0)
+        hi = tl.maximum(tl.minimum(n - SQ + i_hi + win_hi + 1, n), lo)
+        chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + pid_s * chunk
+        kv_end = tl.minimum(start + chunk, hi)
+        loop_end = kv_end
+    else:
+        # This split's keys: per-sequence chunks, a multiple of BLOCK_N so tiles never straddle splits.
+        chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = pid_s * chunk
+        kv_end = tl.minimum(start + chunk, n)
+        loop_end = kv_end
+        if CAUSAL:
+            # At or below start (no iteration) when no row of this block sees a key of this split.
+            last_i = tl.minimum(SQ - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // G)
+            loop_end = tl.minimum(loop_end, n - SQ + last_i + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    d = tl.arange(0, HEAD_DIM_P)
+    d_ok = d < HEAD_DIM
+    for j0 in tl.range(start, loop_end, BLOCK_N, disable_licm=True):  # see the split reload below
+        offs_j = j0 + offs_n
+        key_ok = offs_j < kv_end
+        blk, slot = _cache_slots(TABLE, b64, offs_j, key_ok, stride_tb, PAGED, LOG2_BS)
+        k_row = KC + blk * stride_kb + slot * stride_ks + h64 * stride_kh
+        v_row = VC + blk * stride_vb + slot * stride_vs + h64 * stride_vh
+        k_mask = key_ok[:, None] & pair_ok[None, :]
+        k1 = tl.load(k_row[:, None] + c1[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_row[:, None] + c2[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        if ROTATE and ROPE_TABLE:
+            # Key j sits at position j: its own table row (keys past kv_end are masked, clamped rows).
+            ck, sk = table_cos_sin(offs_j, SPLIT, pair, pair_ok, HALF, table_positions)
+            qa = q1
+            qb = q2
+            ka = k1 * ck - k2 * sk
+            kb = k2 * ck + k1 * sk
+        elif ROTATE:
+            # q . R(j0 + j) k = (R(-j0) q) . (R(j) k): R(-j0) on the small Q tile, R(j) on K.
+            # The split table is reloaded per tile (from L1; disable_licm keeps the loads in the
+            # loop) rather than kept in registers across it: kept, its four rows made the D = 256
+            # bf16 program spill 200-244 B (sm_90, ptxas -v); reloaded it uses 255 registers, no spill.
+            t1, t2, t3, t4 = load_split(f_ptr, pair, pair_ok, HALF)
+            cb, sb = _cos_sin(j0 + tl.zeros([1], dtype=tl.int32), t1, t2, t3, t4)
+            qa = q1 * cb + q2 * sb
+            qb = q2 * cb - q1 * sb
+            ka = k1 * cj - k2 * sj
+            kb = k2 * cj + k1 * sj
+        else:
+            qa = q1
+            qb = q2
+            ka = k1
+            kb = k2
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s = _dot(qa, tl.trans(ka), s, DOT_F32, DT)
+        s = _dot(qb, tl.trans(kb), s, DOT_F32, DT)
+        if PASS > 0:
+            kp = tl.load(k_row[:, None] + (2 * HALF + pp)[None, :], mask=key_ok[:, None] & pass_ok[None, :], other=0.0)
+            s = _dot(qp, tl.trans(kp), s, DOT_F32, DT)
+        s = s * qk_scale  # softmax scale x log2(e): exp2 below
+        if WINDOW:
+            rel = offs_j[None, :] - q_pos[:, None]
+            valid = key_ok[None, :] & row_ok[:, None] & (rel >= win_lo) & (rel <= win_hi)
+        else:
+            valid = key_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                valid = valid & (offs_j[None, :] <= q_pos[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.where(valid, tl.exp2(s - m_use[:, None]), 0.0)  # select, never multiply: NaN cannot leak
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_row[:, None] + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        # As in the prefill kernel: a NaN or an infinity in V of a key some row cannot see (causal
+        # or windowed, Sq > 1) must not reach that row through its zero probability. The dot takes
+        # the finite part of V, and a tile whose V holds one (rare: a scalar branch) then adds the
+        # non-finite values each row sees, key by key. 16-bit V is sanitised in every masked tile;
+        # fp32 V only in such a tile (its own dot): sanitised always, the fp32 program (D 80) went
+        # from 112 registers to 255 and spilled, and the other way round the bf16 D 256 one spilled 1.9 KB.
+        nonfinite = 0
+        if MASKED:
+            nonfinite = tl.sum(tl.where(is_finite(v), 0, 1))
+        if DT == tl.float32:
+            if nonfinite > 0:
+                acc = _dot(p, finite_or_zero(v), acc, DOT_F32, DT)
+            else:
+                acc = _dot(p, v, acc, DOT_F32, DT)
+        else:
+            if MASKED:
+                v = finite_or_zero(v)
+            acc = _dot(p, v, acc, DOT_F32, DT)
+        if nonfinite > 0:
+            for jj in range(BLOCK_N):
+                key = j0 + jj
+                key_blk, key_slot = _cache_slots(TABLE, b64, key, key < kv_end, stride_tb, PAGED, LOG2_BS)
+                v_key = VC + key_blk * stride_vb + key_slot * stride_vs + h64 * stride_vh
+                if WINDOW:
+                    # left of a row's window the key is unseen, like one past its right edge
+                    lim = tl.where(row_ok & (key - q_pos >= win_lo), q_pos + win_hi, -1)
+                else:
+                    lim = tl.where(row_ok, q_pos, -1)
+                acc = add_seen_nonfinite(acc, v_key, d, d_ok, key, kv_end, lim)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptr = (
+        OUT
+        + pid_s.to(tl.int64) * stride_os
+        + b64 * stride_ob
+        + row_i.to(tl.int64) * stride_oi
+        + head.to(tl.int64) * stride_oh
+    )
+    tl.store(o_ptr[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    l_ptr = LSE + pid_s.to(tl.int64) * stride_ls + b64 * stride_lb + head.to(tl.int64) * stride_lh + row_i
+    tl.store(l_ptr, lse, mask=row_ok)
+
+
+# Two entry points over one body: the plain kernel keeps its parameter list, which the tests' ptxas
+# checks build signatures from, and its code (the same PTX instructions as before the window
+# existed: sm_90, Triton 3.9).
 @triton.jit
 def _decode_kernel(
     Q,
@@ -207,160 +475,81 @@ def _decode_kernel(
     the law's split tables ``[nT, 4, HALF]`` (batch stride ``stride_fb``), or with ``ROPE_TABLE`` a
     caller's table ``[table_positions, 2, HALF]`` shared by every sequence.
     """
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    DT: tl.constexpr = KC.dtype.element_ty
-    n = tl.load(SEQLENS + b) + S_NEW
+    _decode_program(
+        Q, KC, VC, SEQLENS, TABLE, SPLIT, OUT, LSE, S_NEW, SQ, HKV, NUM_SPLITS, qk_scale, attention_factor,
+        table_positions, -1, -1, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+        stride_vh, stride_tb, stride_fb, stride_os, stride_ob, stride_oi, stride_oh, stride_ls, stride_lb, stride_lh, G,
+        HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE, CAUSAL, False, PAGED,
+        LOG2_BS, BLOCK_M, BLOCK_N, DOT_F32,
+    )  # fmt: skip
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_i = offs_m // G
-    head = h * G + offs_m % G
-    row_ok = row_i < SQ
-    q_pos = n - SQ + row_i  # query i sits at position n - Sq + i
 
-    pair = tl.arange(0, HALF_P)
-    pair_ok = pair < HALF
-    if INTERLEAVED:
-        c1 = 2 * pair
-        c2 = 2 * pair + 1
-    else:
-        c1 = pair
-        c2 = pair + HALF
-    q_row = Q + b64 * stride_qb + row_i.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
-    q_mask = row_ok[:, None] & pair_ok[None, :]
-    q1 = tl.load(q_row[:, None] + c1[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_row[:, None] + c2[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    if PASS > 0:
-        pp = tl.arange(0, PASS_P)
-        pass_ok = pp < PASS
-        qp = tl.load(q_row[:, None] + (2 * HALF + pp)[None, :], mask=row_ok[:, None] & pass_ok[None, :], other=0.0)
-
-    offs_n = tl.arange(0, BLOCK_N)
-    if ROTATE and ROPE_TABLE:
-        cq, sq = table_cos_sin(q_pos, SPLIT, pair, pair_ok, HALF, table_positions)
-        q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
-    elif ROTATE:
-        f_ptr = SPLIT + b64 * stride_fb  # this sequence's table (stride 0 when shared)
-        f1, f2, f3, f4 = load_split(f_ptr, pair, pair_ok, HALF)
-        cq, sq = _cos_sin(q_pos, f1, f2, f3, f4)
-        cq = cq * attention_factor
-        sq = sq * attention_factor
-        q1, q2 = q1 * cq - q2 * sq, q2 * cq + q1 * sq
-        # R(j) for the offsets inside a tile, once per program; the attention factor rides here
-        # so that the rotated part of every product carries its square (docs/design.md §2).
-        cj, sj = _cos_sin(offs_n, f1, f2, f3, f4)
-        cj = cj * attention_factor
-        sj = sj * attention_factor
-
-    # This split's keys: per-sequence chunks, a multiple of BLOCK_N so tiles never straddle splits.
-    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    kv_end = tl.minimum(start + chunk, n)
-    loop_end = kv_end
-    if CAUSAL:
-        last_i = tl.minimum(SQ - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // G)
-        loop_end = tl.minimum(loop_end, n - SQ + last_i + 1)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
-    d = tl.arange(0, HEAD_DIM_P)
-    d_ok = d < HEAD_DIM
-    for j0 in tl.range(start, loop_end, BLOCK_N, disable_licm=True):  # see the split reload below
-        offs_j = j0 + offs_n
-        key_ok = offs_j < kv_end
-        blk, slot = _cache_slots(TABLE, b64, offs_j, key_ok, stride_tb, PAGED, LOG2_BS)
-        k_row = KC + blk * stride_kb + slot * stride_ks + h64 * stride_kh
-        v_row = VC + blk * stride_vb + slot * stride_vs + h64 * stride_vh
-        k_mask = key_ok[:, None] & pair_ok[None, :]
-        k1 = tl.load(k_row[:, None] + c1[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        k2 = tl.load(k_row[:, None] + c2[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        if ROTATE and ROPE_TABLE:
-            # Key j sits at position j: its own table row (keys past kv_end are masked, clamped rows).
-            ck, sk = table_cos_sin(offs_j, SPLIT, pair, pair_ok, HALF, table_positions)
-            qa = q1
-            qb = q2
-            ka = k1 * ck - k2 * sk
-            kb = k2 * ck + k1 * sk
-        elif ROTATE:
-            # q . R(j0 + j) k = (R(-j0) q) . (R(j) k): R(-j0) on the small Q tile, R(j) on K.
-            # The split table is reloaded per tile (from L1; disable_licm keeps the loads in the
-            # loop) rather than kept in registers across it: kept, its four rows made the D = 256
-            # bf16 program spill 200-244 B (sm_90, ptxas -v); reloaded it uses 255 registers, no spill.
-            t1, t2, t3, t4 = load_split(f_ptr, pair, pair_ok, HALF)
-            cb, sb = _cos_sin(j0 + tl.zeros([1], dtype=tl.int32), t1, t2, t3, t4)
-            qa = q1 * cb + q2 * sb
-            qb = q2 * cb - q1 * sb
-            ka = k1 * cj - k2 * sj
-            kb = k2 * cj + k1 * sj
-        else:
-            qa = q1
-            qb = q2
-            ka = k1
-            kb = k2
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        s = _dot(qa, tl.trans(ka), s, DOT_F32, DT)
-        s = _dot(qb, tl.trans(kb), s, DOT_F32, DT)
-        if PASS > 0:
-            kp = tl.load(k_row[:, None] + (2 * HALF + pp)[None, :], mask=key_ok[:, None] & pass_ok[None, :], other=0.0)
-            s = _dot(qp, tl.trans(kp), s, DOT_F32, DT)
-        s = s * qk_scale  # softmax scale x log2(e): exp2 below
-        valid = key_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (offs_j[None, :] <= q_pos[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no -inf - -inf
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.where(valid, tl.exp2(s - m_use[:, None]), 0.0)  # select, never multiply: NaN cannot leak
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_row[:, None] + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        # As in the prefill kernel: a NaN or an infinity in V of a key some row cannot see (causal,
-        # Sq > 1) must not reach that row through its zero probability. The dot takes the finite
-        # part of V, and a tile whose V holds one (rare: a scalar branch) then adds the non-finite
-        # values each row sees, key by key. 16-bit V is sanitised in every causal tile; fp32 V only
-        # in such a tile (its own dot): sanitised always, the fp32 program (D 80) went from 112
-        # registers to 255 and spilled, and the other way round the bf16 D 256 one spilled 1.9 KB.
-        nonfinite = 0
-        if CAUSAL:
-            nonfinite = tl.sum(tl.where(is_finite(v), 0, 1))
-        if DT == tl.float32:
-            if nonfinite > 0:
-                acc = _dot(p, finite_or_zero(v), acc, DOT_F32, DT)
-            else:
-                acc = _dot(p, v, acc, DOT_F32, DT)
-        else:
-            if CAUSAL:
-                v = finite_or_zero(v)
-            acc = _dot(p, v, acc, DOT_F32, DT)
-        if nonfinite > 0:
-            for jj in range(BLOCK_N):
-                key = j0 + jj
-                key_blk, key_slot = _cache_slots(TABLE, b64, key, key < kv_end, stride_tb, PAGED, LOG2_BS)
-                v_key = VC + key_blk * stride_vb + key_slot * stride_vs + h64 * stride_vh
-                acc = add_seen_nonfinite(acc, v_key, d, d_ok, key, kv_end, tl.where(row_ok, q_pos, -1))
-        m_i = m_new
-
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptr = (
-        OUT
-        + pid_s.to(tl.int64) * stride_os
-        + b64 * stride_ob
-        + row_i.to(tl.int64) * stride_oi
-        + head.to(tl.int64) * stride_oh
-    )
-    tl.store(o_ptr[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    l_ptr = LSE + pid_s.to(tl.int64) * stride_ls + b64 * stride_lb + head.to(tl.int64) * stride_lh + row_i
-    tl.store(l_ptr, lse, mask=row_ok)
+# The window bounds only enter integer compares: specialising them (value 1, multiples of 16) would
+# compile variants of their own for nothing.
+@triton.jit(do_not_specialize=["window_left", "window_right"])
+def _decode_window_kernel(
+    Q,
+    KC,
+    VC,
+    SEQLENS,
+    TABLE,
+    SPLIT,
+    OUT,
+    LSE,
+    S_NEW,
+    SQ,
+    HKV,
+    NUM_SPLITS,
+    qk_scale,
+    attention_factor,
+    table_positions,
+    window_left,
+    window_right,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_fb,
+    stride_os,
+    stride_ob,
+    stride_oi,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    PASS: tl.constexpr,
+    PASS_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PAGED: tl.constexpr,
+    LOG2_BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """``_decode_kernel`` with flash-attn's sliding window: query i (position ``p = n - Sq + i``) sees
+    key j iff ``j >= p - window_left`` (when >= 0) and ``j <= p + window_right`` (when >= 0; the
+    diagonal under ``CAUSAL``). Splits cover only the keys some row of the program sees."""
+    _decode_program(
+        Q, KC, VC, SEQLENS, TABLE, SPLIT, OUT, LSE, S_NEW, SQ, HKV, NUM_SPLITS, qk_scale, attention_factor,
+        table_positions, window_left, window_right, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_tb, stride_fb, stride_os, stride_ob, stride_oi, stride_oh, stride_ls,
+        stride_lb, stride_lh, G, HEAD_DIM, HEAD_DIM_P, HALF, HALF_P, PASS, PASS_P, INTERLEAVED, ROTATE, ROPE_TABLE,
+        CAUSAL, True, PAGED, LOG2_BS, BLOCK_M, BLOCK_N, DOT_F32,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -415,8 +604,8 @@ def limits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | N
         return f"head dim {d} > {_MAX_HEAD_DIM} (register budget of the decode kernel)"
     if block_table is not None:
         bs = k_cache.shape[1]
-        if bs < 16 or bs & (bs - 1):
-            return f"paged block size {bs} is not a power of two >= 16"
+        if bs < 1 or bs & (bs - 1):  # pages are addressed by shift and mask (LOG2_BS)
+            return f"paged block size {bs} is not a power of two"
     return None
 
 
@@ -523,13 +712,17 @@ def run(
     rope: RopeArgs,
     causal: bool,
     softmax_scale: float,
+    window_left: int,
+    window_right: int,
     num_splits: int = 0,
     *,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append the new tokens, then attend (the arguments of ``KVCACHE_SCHEMA``, rope bundled):
-    ``(out [B, Sq, Hq, D] like q, lse float32 [B, Hq, Sq])``. ``num_splits`` 0 lets the heuristic
-    choose; ``block_n`` overrides the key tile (tests reach positions near 2**20 quickly with it)."""
+    ``(out [B, Sq, Hq, D] like q, lse float32 [B, Hq, Sq])``. ``window_left/right``: flash-attn's
+    sliding window (-1 unbounded; ``window_right`` is -1 under ``causal``). ``num_splits`` 0 lets
+    the heuristic choose; ``block_n`` overrides the key tile (tests reach positions near 2**20
+    quickly with it)."""
     append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
     s_new = 0 if k_new is None else k_new.shape[1]  # sequence b now holds cache_seqlens[b] + s_new keys
     kc, vc = k_cache, v_cache
@@ -543,8 +736,20 @@ def run(
     block_n = block_n or cfg_n
     m_blocks = triton.cdiv(g * sq, block_m)
     capacity = block_table.shape[1] * kc.shape[1] if paged else kc.shape[1]
+    # A bound that no (query, key) pair can cross is no bound, and the unwindowed kernel serves it:
+    # query positions p are < capacity, so p - left < 0 for left >= capacity; p + right >= n - 1 for
+    # every query once right >= Sq - 1, and the diagonal is tighter under causal. This also keeps
+    # the kernel's int32 sums in range.
+    if window_left >= capacity:
+        window_left = -1
+    if causal or window_right >= sq - 1:
+        window_right = -1
+    windowed = window_left >= 0 or window_right >= 0
+    keys = capacity
+    if window_left >= 0:  # the keys one program sees: at most left + Sq (+ right) of them
+        keys = min(keys, window_left + sq + max(window_right, 0))
     if not num_splits:
-        num_splits = num_splits_heuristic(b, hkv, m_blocks, capacity, _num_sms(q.device))
+        num_splits = num_splits_heuristic(b, hkv, m_blocks, keys, _num_sms(q.device))
     split, stride_fb, table_positions = table_args(rope)
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -561,7 +766,9 @@ def run(
     table = block_table if paged else cache_seqlens
     log2_bs = int(math.log2(kc.shape[1])) if paged else 0
     grid = (b * hkv, m_blocks, num_splits)
-    _decode_kernel[grid](
+    kernel = _decode_window_kernel if windowed else _decode_kernel
+    window = (window_left, window_right) if windowed else ()
+    kernel[grid](
         q,
         kc,
         vc,
@@ -577,6 +784,7 @@ def run(
         softmax_scale * LOG2E,
         rope.attention_factor,
         table_positions,
+        *window,
         *q.stride()[:3],
         *kc.stride()[:3],
         *vc.stride()[:3],

@@ -81,7 +81,13 @@ class BackwardCall:
     rope: RopeArgs
     causal: bool
     softmax_scale: float
+    window_left: int
+    window_right: int
     delta: torch.Tensor | None = None
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def batch(self) -> int:
@@ -99,7 +105,7 @@ class BackwardCall:
         return (
             self.dout, self.out, self.lse, self.dlse, self.q, self.k, self.v, self.q_positions, self.k_positions,
             self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k, *self.rope, self.causal,
-            self.softmax_scale,
+            self.softmax_scale, self.window_left, self.window_right,
         )  # fmt: skip
 
 

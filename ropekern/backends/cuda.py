@@ -96,6 +96,8 @@ class CudaBackend(NativeBackend):
         return None
 
     def check_attention(self, call: AttentionCall) -> str | None:
+        if call.windowed:
+            return "sliding windows are not in the CUDA kernels"
         why = _device_reason(call.q)
         if why:
             return why
@@ -108,6 +110,10 @@ class CudaBackend(NativeBackend):
         why = _device_reason(call.q)
         if why:
             return why
+        if call.fewer_keys:
+            return "a sequence holds fewer keys than there are queries (n < Sq): not in the CUDA kernels"
+        if call.windowed:
+            return "sliding windows are not in the CUDA kernels"
         if call.q.shape[0] * call.k_cache.shape[2] > _GRID_YZ:
             return f"batch * kv heads exceeds the CUDA grid limit of {_GRID_YZ}"
         named = {"q": call.q, "k_cache": call.k_cache, "v_cache": call.v_cache}

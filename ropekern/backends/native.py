@@ -57,12 +57,16 @@ class NativeBackend:
         return None
 
     def check_attention(self, call: AttentionCall) -> str | None:
+        if call.windowed and self.device_type != "cpu":
+            return f"sliding windows are not in the {self.name} kernels"
         return self.check_device(call.q)
 
     def attention(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.ropekern.fwd(*call.op_args())
 
     def check_kvcache(self, call: KVCacheCall) -> str | None:
+        if call.windowed and self.device_type != "cpu":
+            return f"sliding windows are not in the {self.name} kernels"
         return self.check_device(call.q) or grad_reason(self.name, "kv-cache", *call.inputs)
 
     def kvcache(self, call: KVCacheCall, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ class TorchBackend:
         if call.delta is not None:
             return _autograd.dense_backward(
                 call.q, call.k, call.v, call.dout, call.lse, call.delta, call.q_positions, call.k_positions,
-                call.rope, call.causal, call.softmax_scale,
+                call.rope, call.causal, call.softmax_scale, False, (call.window_left, call.window_right),
             )  # fmt: skip
         return _autograd.recompute_backward(*call.op_args())
 

@@ -5,8 +5,9 @@ The kernels are registered as ``torch.library`` ops (namespace ``ropekern_triton
 ``*_SCHEMA``), so ``torch.compile(fullgraph=True)`` traces each as one opaque node and
 ``torch.library.opcheck`` passes:
 
-* ``attention_fwd`` (prefill / varlen), differentiable through the one attention autograd formula
-  (``ropekern._autograd``), whose backward here is the fused ``attention_bwd``;
+* ``attention_fwd`` (prefill / varlen, sliding windows included), differentiable through the one
+  attention autograd formula (``ropekern._autograd``), whose backward here is the fused
+  ``attention_bwd``;
 * ``kvcache``, which appends into the caches in place (declared in its schema) and attends;
 * ``apply_rope``.
 
@@ -104,8 +105,8 @@ class TritonBackend:
         return _backward.backward(
             call.dout, call.lse.to(torch.float32), call.delta.to(torch.float32), call.q, call.k, call.v,
             call.q_positions.to(torch.int32), call.k_positions.to(torch.int32), call.cu_seqlens_q, call.cu_seqlens_k,
-            call.max_seqlen_q, call.max_seqlen_k, call.rope, call.causal, call.softmax_scale,
-            grad_dtype=torch.float32,
+            call.max_seqlen_q, call.max_seqlen_k, call.rope, call.causal, call.softmax_scale, call.window_left,
+            call.window_right, grad_dtype=torch.float32,
         )  # fmt: skip
 
 

@@ -233,7 +233,7 @@ def block_backward(
     rope_args = RopeArgs.of(rope, split_turns(inv64))
     call = backends.BackwardCall(
         do, q, k, v, None, lse, None, q_pos, k_pos, None, None, q.shape[1], k.shape[1], rope_args, causal,
-        softmax_scale, delta=delta,
+        softmax_scale, -1, -1, delta=delta,
     )  # fmt: skip
     return backward_backend(call, backend).backward(call)
 

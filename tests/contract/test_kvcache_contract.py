@@ -26,7 +26,7 @@ from ropekern._validation import kvcache_call
 
 from contract_support import BF16, DTYPES, F32, HEAD_LAYOUTS, assert_rule, check_kvcache, law_rope, param_id, yarn_rope
 
-BLOCK = 16  # paged block size: the Triton decode kernel takes powers of two >= 16
+BLOCK = 16  # paged block size (the Triton decode kernel takes powers of two)
 PAGED = [None, BLOCK]
 
 

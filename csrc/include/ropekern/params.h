@@ -55,6 +55,10 @@ struct AttnParams {
   int head_dim = 0;
   float softmax_scale = 1.0f;
   bool causal = false;  // bottom-right: key j visible to query i iff j <= i + Sk - Sq
+  // Sliding window (flash-attn's window_size): key j visible to query i only if
+  // i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right; -1 is unbounded.
+  int window_left = -1;
+  int window_right = -1;
 
   RopeParams rope;
 };
@@ -62,7 +66,8 @@ struct AttnParams {
 // rope_attention_with_kvcache. q [B, Sq, Hq, D]; cache dense [B, Smax, Hkv, D] or paged
 // [num_blocks, block_size, Hkv, D] with block_table [B, max_blocks]. After appending k_new/v_new
 // at cache_seqlens[b], sequence b holds n_b = cache_seqlens[b] + s_new keys at positions 0..n_b-1
-// and query i sits at position n_b - Sq + i.
+// and query i sits at position max(n_b - Sq + i, 0) (n_b < Sq: under causal the first Sq - n_b
+// queries see no key).
 struct DecodeParams {
   const void* q = nullptr;
   void* k_cache = nullptr;
@@ -93,6 +98,8 @@ struct DecodeParams {
   int head_dim = 0;
   float softmax_scale = 1.0f;
   bool causal = true;
+  int window_left = -1;  // as in AttnParams, with Sk = n_b
+  int window_right = -1;
   int num_splits = 1;  // split-K partitions of the cache (flash-decoding)
 
   RopeParams rope;
