@@ -636,6 +636,99 @@ def bench_decode(
     return rows
 
 
+# ---------------------------------------------------------------------------------- forward + backward
+def backward_candidates(rope: rk.RopeConfig, s: int, heads: tuple[int, int], dtype: torch.dtype) -> dict:
+    """Forward + backward (through autograd, causal) on one set of leaves: ropekern's cpu backend
+    with its native backward (``ropekern::bwd``, the default) and with the PyTorch recompute it
+    replaced, eager RoPE + SDPA (torch's fused SDPA backward) and SDPA without RoPE."""
+    from ropekern.backends import native
+
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, s, hq, HEAD_DIM, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(1, s, hkv, HEAD_DIM, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(1, s, hkv, HEAD_DIM, generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(1, s, hq, HEAD_DIM, generator=gen).to(dtype)
+    pos = torch.arange(s)
+
+    def step(forward):
+        def run():
+            for t in (q, k, v):
+                t.grad = None
+            forward().backward(dout)
+
+        return run
+
+    def ours():
+        return rk.rope_attention(q, k, v, rope, causal=True, backend="cpu")
+
+    def ours_recompute():
+        check = native.cpu_backend.check_backward
+        native.cpu_backend.check_backward = lambda call: "the recompute, for comparison"
+        try:
+            step(ours)()
+        finally:
+            native.cpu_backend.check_backward = check
+
+    def base_gqa():
+        cos, sin = hf_cos_sin(rope, pos, dtype)
+        qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
+        out = F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def sdpa_only():
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    return {
+        "rk-cpu": step(ours),
+        "rk-cpu(recompute)": ours_recompute,
+        "rope+sdpa": step(base_gqa),
+        "sdpa": step(sdpa_only),
+    }
+
+
+def bench_backward(
+    seqlens: list[int], heads: list[tuple[int, int]], dtypes: list[torch.dtype], repeats: int
+) -> list[dict]:
+    """Forward + backward rows: median ms of each candidate, interleaved, and ropekern's speed-ups."""
+    rope = rk.RopeConfig(HEAD_DIM)
+    rows = []
+    for dtype in dtypes:
+        for hq, hkv in heads:
+            for s in seqlens:
+                t = interleaved(backward_candidates(rope, s, (hq, hkv), dtype), repeats)
+                ours = t["rk-cpu"]
+                row = {
+                    "op": "forward+backward",
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "heads": f"{hq}/{hkv}",
+                    "seqlen": s,
+                    "unit": native_isa(),
+                    "ms": {name: 1e3 * sec for name, sec in t.items()},
+                    "speedup_vs_baseline": t["rope+sdpa"] / ours,
+                    "speedup_vs_sdpa": t["sdpa"] / ours,
+                    "speedup_vs_recompute": t["rk-cpu(recompute)"] / ours,
+                }
+                rows.append(row)
+                print(
+                    f"fwd+bwd {row['dtype']:>8} {hq}/{hkv} S={s:>6}: rk-cpu {1e3 * ours:8.1f} ms | "
+                    f"rope+sdpa {row['ms']['rope+sdpa']:8.1f} ms x{row['speedup_vs_baseline']:.2f} | "
+                    f"sdpa {row['ms']['sdpa']:8.1f} ms x{row['speedup_vs_sdpa']:.2f} | "
+                    f"recompute {row['ms']['rk-cpu(recompute)']:8.1f} ms x{row['speedup_vs_recompute']:.2f}",
+                    flush=True,
+                )
+    return rows
+
+
+def native_isa() -> str:
+    from ropekern.backends import native
+
+    return native.cpu_isa()
+
+
 _MEMORY_CHILD = r"""
 import sys, torch, ropekern as rk
 import torch.nn.functional as F
@@ -651,6 +744,10 @@ rk.rope_attention(q[:, :64], k[:, :64], v[:, :64], rope, causal=True)  # load ev
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM) to the current RSS
     f.write("5")
 before = status("VmRSS:")
+backward = which.endswith("+bwd")
+if backward:
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    which = which[: -len("+bwd")]
 if which == "cpu":
     out = rk.rope_attention(q, k, v, rope, causal=True, backend="cpu")
 else:
@@ -658,13 +755,17 @@ else:
     cos, sin = hf_cos_sin(rope, torch.arange(s), dtype)
     qr, kr = hf_rope(q.transpose(1, 2), cos, sin), hf_rope(k.transpose(1, 2), cos, sin)
     out = F.scaled_dot_product_attention(qr, kr, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+if backward:
+    out.backward(torch.ones_like(out))
 print((status("VmHWM:") - before) * 1024)
 """
 
 
 def bench_memory(seqlen: int, dtype: torch.dtype, which: str) -> dict:
     """Peak memory of one prefill in a fresh process: the inputs plus the growth of the resident set
-    during the call (Linux VmHWM, reset just before it), which includes the output."""
+    during the call (Linux VmHWM, reset just before it), which includes the output. ``which`` is
+    ``cpu`` or ``baseline`` (eager RoPE + SDPA), ``+bwd`` appended for forward + backward (the
+    growth then includes the gradients)."""
     code = _MEMORY_CHILD.format(hq=HQ, hkv=HKV, d=HEAD_DIM)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.getcwd()]))
     res = subprocess.run(
@@ -689,7 +790,7 @@ def bench_memory(seqlen: int, dtype: torch.dtype, which: str) -> dict:
         "ratio": peak / qkvo,
     }
     print(
-        f"memory  {which:>8} {row['dtype']} S={seqlen}: peak {peak / 2**20:8.0f} MiB = {row['ratio']:.2f} x "
+        f"memory  {which:>12} {row['dtype']} S={seqlen}: peak {peak / 2**20:8.0f} MiB = {row['ratio']:.2f} x "
         f"bytes(q, k, v, out) ({qkvo / 2**20:.0f} MiB)",
         flush=True,
     )
@@ -731,10 +832,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short sweep (1K-4K prefill, 4K-16K decode)")
     parser.add_argument("--prefill", type=int, nargs="*", help="prefill lengths (default 1K..16K)")
     parser.add_argument("--decode", type=int, nargs="*", help="decode cache lengths (default 4K..64K)")
+    parser.add_argument(
+        "--backward", type=int, nargs="*", default=[], help="forward + backward lengths (default none: not timed)"
+    )
+    parser.add_argument(
+        "--backward-heads", nargs="*", default=["8/2", "16/4"], help="query/kv heads of the backward rows"
+    )
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 5, 3 above 4K)")
     parser.add_argument("--memory-seqlen", type=int, default=32768, help="0 skips the memory measurement")
     parser.add_argument("--memory-baseline", action="store_true", help="also measure the baseline's peak memory")
+    parser.add_argument(
+        "--memory-backward", action="store_true", help="measure forward + backward peak memory (ours and baseline)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for every candidate (default: torch's)")
     parser.add_argument(
         "--sweep-mb", type=int, default=0, help="read this many MB before every timed call (default 0: none)"
@@ -832,8 +942,14 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"] += bench_decode(
             [n], dtypes, args.repeats or 15, bw, units, ceilings, ggml, args.ggml_kv, skipped
         )
+    if args.backward:
+        heads = [tuple(int(x) for x in h.split("/")) for h in args.backward_heads]
+        results["rows"] += bench_backward(args.backward, heads, dtypes, args.repeats or 3)
     if args.memory_seqlen:
-        for which in ("cpu", "baseline") if args.memory_baseline else ("cpu",):
+        whiches = ["cpu", "baseline"] if args.memory_baseline else ["cpu"]
+        if args.memory_backward:
+            whiches += ["cpu+bwd", "baseline+bwd"]
+        for which in whiches:
             results["rows"].append(bench_memory(args.memory_seqlen, dtypes[0], which))
     if skipped:
         results["skipped"] = skipped

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "ropekern/params.h"
 #include "ropekern/rope_math.h"
@@ -185,6 +186,7 @@ struct RopeCall {
 //   using DType = ...;                                  its dtype enum (kFloat32, kBFloat16, kFloat16)
 //   static void check_device(const at::Tensor& first, const char* name);  the first tensor is on its device
 //   static void attention(AttnCall&, DType);            runs the kernels on the filled params
+//   static void backward(BwdCall&, DType);              (CPU only: ROPEKERN_REGISTER_BWD)
 //   static void kvcache(CacheCall&, DType, int64_t num_splits);
 //   static void rope(RopeCall&, DType);
 template <class Device>
@@ -193,16 +195,16 @@ typename Device::DType first_input(const at::Tensor& t, const char* name) {
   return dtype_of<typename Device::DType>(t, name, Device::kWho);
 }
 
+// The forward's inputs checked and AttnParams filled but for out and lse (ropekern::fwd, ropekern::bwd).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& q_pos, const at::Tensor& k_pos,
-                                       const std::optional<at::Tensor>& cu_seqlens_q,
-                                       const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                       int64_t max_seqlen_k, ROPEKERN_ROPE_PARAMS, bool causal,
-                                       double softmax_scale, int64_t window_left, int64_t window_right) {
+typename Device::DType attention_inputs(AttnCall& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                        const std::optional<at::Tensor>& cu_seqlens_q,
+                                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                        int64_t max_seqlen_k, ROPEKERN_ROPE_PARAMS, bool causal, double softmax_scale,
+                                        int64_t window_left, int64_t window_right) {
   const char* who = Device::kWho;
   const auto dtype = first_input<Device>(q, "q");
-  AttnCall c;
   c.varlen = cu_seqlens_q.has_value();
   TORCH_CHECK_VALUE(c.varlen == cu_seqlens_k.has_value(), who, ": `cu_seqlens_q` and `cu_seqlens_k` go together");
   const int64_t dims = c.varlen ? 3 : 4;
@@ -232,11 +234,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   c.q = q;
   c.k = k;
   c.v = v;
-  c.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  c.lse = c.varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(at::kFloat))
-                   : at::empty({B, Hq, q.size(1)}, q.options().dtype(at::kFloat));
   AttnParams& p = c.p;
-  set_q_out_lse(p, q, c.out, c.lse);
+  set_view(q, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
   set_view(k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
   set_view(v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   p.q_pos = c.q_pos.data_ptr<int32_t>();
@@ -251,8 +250,72 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   set_shape(p, B, c.varlen ? max_seqlen_q : q.size(1), Hq, Hkv, D, softmax_scale, causal, rope, who);
   set_window<Device>(p, window_left, window_right);
   p.seqlen_k = to_int(c.varlen ? max_seqlen_k : k.size(1), "seqlen_k", who);
+  return dtype;
+}
+
+#define ROPEKERN_ATTENTION_PARAMS                                                                              \
+  const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &q_pos, const at::Tensor &k_pos, \
+      const std::optional<at::Tensor>&cu_seqlens_q, const std::optional<at::Tensor>&cu_seqlens_k,                 \
+      int64_t max_seqlen_q, int64_t max_seqlen_k, ROPEKERN_ROPE_PARAMS, bool causal, double softmax_scale,       \
+      int64_t window_left, int64_t window_right
+#define ROPEKERN_ATTENTION_ARGS                                                                                  \
+  q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ROPEKERN_ROPE_ARGS, causal, \
+      softmax_scale, window_left, window_right
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> fwd(ROPEKERN_ATTENTION_PARAMS) {
+  AttnCall c;
+  const auto dtype = attention_inputs<Device>(c, ROPEKERN_ATTENTION_ARGS);
+  const int64_t Hq = q.size(-2);
+  c.out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  c.lse = c.varlen ? at::empty({Hq, q.size(0)}, q.options().dtype(at::kFloat))
+                   : at::empty({c.p.batch, Hq, q.size(1)}, q.options().dtype(at::kFloat));
+  set_q_out_lse(c.p, q, c.out, c.lse);
   Device::attention(c, dtype);
   return {c.out, c.lse};
+}
+
+// ropekern::bwd: the forward's call and its saved out / lse with the output gradients; dq, dk, dv
+// allocated contiguous (q, k, v shapes and dtype). lse and dlse are made contiguous.
+struct BwdCall {
+  AttnCall a;
+  at::Tensor dout, lse, dlse, dq, dk, dv;
+};
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& out,
+                                                   const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+                                                   ROPEKERN_ATTENTION_PARAMS) {
+  const char* who = Device::kWho;
+  BwdCall c;
+  const auto dtype = attention_inputs<Device>(c.a, ROPEKERN_ATTENTION_ARGS);
+  // The output gradient of a sum or a mean comes expanded (all strides 0): the kernels read rows.
+  const at::Tensor d_out = dout.numel() && dout.stride(-1) != 1 ? dout.contiguous() : dout;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{d_out, "dout"}, {out, "out"}}) {
+    check_float(t, name, q.dim(), q.scalar_type(), q, who);
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), who, ": `", name, "` shape ", t.sizes(), " differs from `q` ", q.sizes());
+  }
+  const int64_t Hq = q.size(-2);
+  const std::vector<int64_t> lse_shape =
+      c.a.varlen ? std::vector<int64_t>{Hq, q.size(0)} : std::vector<int64_t>{c.a.p.batch, Hq, q.size(1)};
+  const auto stats = [&](const at::Tensor& t, const char* name) {
+    check_same_device(t, name, q, who);
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, who, ": `", name, "` must be float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(lse_shape), who, ": `", name, "` must have shape ",
+                      at::IntArrayRef(lse_shape), ", got ", t.sizes());
+    return t.contiguous();
+  };
+  c.lse = stats(lse, "lse");
+  if (dlse) c.dlse = stats(*dlse, "dlse");
+  c.dout = d_out;
+  c.a.out = out;
+  set_q_out_lse(c.a.p, q, out, c.lse);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  c.dq = at::empty(q.sizes(), opts);
+  c.dk = at::empty(k.sizes(), opts);
+  c.dv = at::empty(v.sizes(), opts);
+  Device::backward(c, dtype);
+  return {c.dq, c.dk, c.dv};
 }
 
 template <class Device>
@@ -367,3 +430,5 @@ void apply_rope_inplace(const at::Tensor& x, const at::Tensor& positions, ROPEKE
     m.impl("apply_rope", &::ropekern::args::apply_rope<Device>);               \
     m.impl("apply_rope_", &::ropekern::args::apply_rope_inplace<Device>);      \
   }
+#define ROPEKERN_REGISTER_BWD(KEY, Device) \
+  TORCH_LIBRARY_IMPL(ropekern, KEY, m) { m.impl("bwd", &::ropekern::args::bwd<Device>); }

@@ -23,6 +23,10 @@ inline void define_schemas(torch::Library& m) {
         "Tensor? v_new, Tensor? block_table, " ROPEKERN_ROPE_SCHEMA
         ", bool causal, float softmax_scale, int window_left, int window_right, int num_splits) -> (Tensor out, "
         "Tensor lse)");
+  m.def("bwd(Tensor dout, Tensor out, Tensor lse, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor q_pos, "
+        "Tensor k_pos, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+        ROPEKERN_ROPE_SCHEMA ", bool causal, float softmax_scale, int window_left, int window_right) -> (Tensor dq, "
+        "Tensor dk, Tensor dv)");
   m.def("apply_rope(Tensor x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> Tensor");
   m.def("apply_rope_(Tensor(a!) x, Tensor positions, " ROPEKERN_ROPE_SCHEMA ") -> ()");
 }

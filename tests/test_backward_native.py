@@ -1,10 +1,14 @@
 """Gradients of ``rk.rope_attention(..., backend="cpu")``: the native CPU forward (``ropekern::fwd``)
-with the autograd formula that ``ropekern.backends.native`` registers on the op (the PyTorch FA2-style
-recompute from the saved out and LSE, inverse rotation on dq / dk).
+with the autograd formula that ``ropekern.backends.native`` registers on the op, whose backward is
+the native CPU kernel ``ropekern::bwd`` (csrc/cpu/kernels_bwd.h); the PyTorch FA2-style recompute
+(``ropekern._autograd``) stays as the fallback and is tested here too.
 
 Held to the docs/design.md §5 rule with factor 3 against fp64 autograd through the reference, with autograd
-through the reference in the test dtype with fp32 angles as the yardstick (as the Triton backward in
-tests/test_triton_backward.py).
+through the reference in the test dtype with fp32 angles as the yardstick. The backend-neutral sweep
+(lengths, head dims, GQA, every law, partial / interleaved, positions, varlen, strided views, the LSE
+gradient) runs the native kernel too, in tests/test_triton_backward.py; here: shapes that cross the
+kernel's own tiles (64 keys, ~192 query rows x heads), every ISA unit, thread-count invariance,
+windows, the op's checks and the recompute fallback.
 """
 
 from __future__ import annotations
@@ -88,10 +92,16 @@ def test_few_keys_fp32(sq, sk, hq):
     check(q, k, v, rk.RopeConfig(128, scaling={"rope_type": "linear", "factor": 4.0}), causal=True)
 
 
+@pytest.fixture
+def recompute(monkeypatch):
+    """Route the cpu forward's gradients to the PyTorch recompute (the fallback)."""
+    monkeypatch.setattr(native.cpu_backend, "check_backward", lambda call: "forced off by the test")
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_query_chunks(monkeypatch, causal):
-    """The recompute walks query chunks (each against the keys its last row sees when causal):
-    a score budget of 3 rows x 40 keys x 2 heads forces 3-row chunks, Sq > Sk and Sq < Sk."""
+def test_recompute_query_chunks(monkeypatch, recompute, causal):
+    """The fallback recompute walks query chunks (each against the keys its last row sees when
+    causal): a score budget of 3 rows x 40 keys x 2 heads forces 3-row chunks, Sq > Sk and Sq < Sk."""
     from ropekern import _autograd
 
     monkeypatch.setattr(_autograd, "_SCORE_BUDGET", 3 * 40 * 2)
@@ -140,7 +150,7 @@ def test_auto_keeps_the_native_forward_under_grad():
 
 def test_compiled_training_step():
     """fullgraph torch.compile (aot_eager) of a loss through the cpu backend: the backward graph
-    holds the recompute op (with its fake); gradients equal the eager ones bit for bit."""
+    holds the native backward op (with its fake); gradients equal the eager ones bit for bit."""
     rope = rk.RopeConfig(32, scaling=_YARN)
     q, k, v, _ = random_qkv(2, 9, 9, 2, 1, 32, seed=6)
 
@@ -152,3 +162,113 @@ def test_compiled_training_step():
     eager = grads(lambda *a: (loss(*a), None), q, k, v, one)
     compiled = grads(lambda *a: (torch.compile(loss, fullgraph=True, backend="aot_eager")(*a), None), q, k, v, one)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+# ---------------------------------------------------------------------------------- the native kernel
+def _bwd_ran(fn) -> bool:
+    """Whether ``fn()`` ran the native backward op."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return any(e.name == "ropekern::bwd" for e in prof.events())
+
+
+def test_native_kernel_is_the_default():
+    q, k, v, _ = random_qkv(1, 9, 9, 2, 1, 32, seed=11)
+    q.requires_grad_()
+    assert _bwd_ran(lambda: rk.rope_attention(q, k, v, rk.RopeConfig(32), causal=True).sum().backward())
+
+
+@pytest.mark.parametrize(
+    "sq,sk,hq,hkv,d,causal,dtype",
+    [
+        (200, 200, 2, 2, 64, True, F32),  # G 1: 192-row query blocks, 64-key blocks, ragged tails of both
+        (130, 300, 8, 2, 128, True, BF16),  # G 4: 48-query blocks; Sq < Sk
+        (300, 130, 6, 2, 80, True, F16),  # G 3, D 80 (not a multiple of 32); causal Sq > Sk: rows without keys
+        (300, 130, 6, 2, 80, False, F32),
+        (70, 257, 8, 1, 256, False, BF16),  # MQA, D 256
+    ],
+)
+def test_tile_crossing_shapes(sq, sk, hq, hkv, d, causal, dtype):
+    q, k, v, _ = random_qkv(2, sq, sk, hq, hkv, d, dtype=dtype, seed=12)
+    _, dq, dk, dv = check(q, k, v, rk.RopeConfig(d, scaling=_YARN, base=5e5), causal=causal)
+    if causal and sq > sk:
+        assert (dq[:, : sq - sk] == 0).all()
+
+
+@pytest.mark.parametrize("window,causal", [((50, 0), True), ((20, 70), False), ((100, -1), False)])
+def test_windows_across_tiles(window, causal):
+    """Sliding windows whose edges cut through key blocks and query blocks; keys no query sees get 0."""
+    q, k, v, _ = random_qkv(1, 260, 260, 4, 2, 64, dtype=F32, seed=13)
+    check(q, k, v, rk.RopeConfig(64, scaling=_YARN), causal=causal, window_size=window)
+
+
+def _units() -> list[str]:
+    units = []
+    for unit in ("generic", "avx2", "avx512", "amx", "neon"):
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("ROPEKERN_CPU_ISA", unit)
+                native.cpu_isa()
+        except (RuntimeError, ValueError):
+            continue
+        units.append(unit)
+    return units
+
+
+@pytest.mark.parametrize("unit", _units())
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_every_isa_unit(monkeypatch, unit, dtype):
+    """Each kernel unit this CPU runs (ROPEKERN_CPU_ISA) computes the backward under the rule."""
+    monkeypatch.setenv("ROPEKERN_CPU_ISA", unit)
+    q, k, v, _ = random_qkv(1, 150, 150, 4, 2, 128, dtype=dtype, seed=14)
+    check(q, k, v, rk.RopeConfig(128, rotary_dim=64, interleaved=True, scaling=_YARN), causal=True)
+
+
+def test_same_result_for_any_thread_count():
+    """No atomics, items fixed by the shape: 1 and 2 threads give bitwise equal gradients."""
+    q, k, v, _ = random_qkv(2, 150, 170, 4, 2, 64, dtype=BF16, seed=15)
+    rope = rk.RopeConfig(64, scaling=_YARN)
+    dout = _randn_like(q, 3)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(
+                grads(
+                    lambda *a: rk.rope_attention(*a, rope, causal=True, backend="cpu", return_lse=True), q, k, v, dout
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_opcheck_backward_op_and_autograd():
+    """opcheck of ``ropekern::bwd`` itself, and of ``ropekern::fwd`` with inputs that require grad
+    (its autograd formula eagerly and under AOTAutograd)."""
+    rope = rk.RopeConfig(32, rotary_dim=16, interleaved=True)
+    q, k, v, extra = random_qkv(2, 0, 0, 2, 2, 32, dtype=BF16, seed=16, varlen_lengths=([3, 5], [4, 6]))
+    args = attention_call(q, k, v, rope, **extra).op_args()
+    out, lse = torch.ops.ropekern.fwd(*args)
+    torch.library.opcheck(torch.ops.ropekern.bwd.default, (_randn_like(out, 1), out, lse, torch.randn_like(lse), *args))
+    q, k, v, _ = random_qkv(1, 8, 12, 2, 1, 32, seed=17)
+    args = attention_call(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), rope, causal=True).op_args()
+    torch.library.opcheck(torch.ops.ropekern.fwd.default, args)
+
+
+def test_backward_op_argument_errors():
+    rope = rk.RopeConfig(32)
+    q, k, v, _ = random_qkv(1, 8, 12, 2, 1, 32, seed=18)
+    args = attention_call(q, k, v, rope, causal=True).op_args()
+    out, lse = torch.ops.ropekern.fwd(*args)
+    with pytest.raises(ValueError, match="`dout`"):
+        torch.ops.ropekern.bwd(out[:, :4], out, lse, None, *args)
+    with pytest.raises(ValueError, match="`lse`"):
+        torch.ops.ropekern.bwd(out, out, lse[:, :1], None, *args)
+    with pytest.raises(TypeError, match="`dlse`"):
+        torch.ops.ropekern.bwd(out, out, lse, lse.double(), *args)
+    # an expanded output gradient (the backward of a sum) is read as the dense tensor it stands for
+    dq, _, _ = torch.ops.ropekern.bwd(torch.ones(()).expand_as(out), out, lse, None, *args)
+    dq_dense, _, _ = torch.ops.ropekern.bwd(torch.ones_like(out), out, lse, None, *args)
+    assert torch.equal(dq, dq_dense)

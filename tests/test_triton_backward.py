@@ -1,6 +1,7 @@
-"""The fused RoPE + FlashAttention-2 backward (Triton) and autograd on every backend.
+"""The fused RoPE + FlashAttention-2 backward (Triton; the sweep also runs the native CPU kernels)
+and autograd on every backend.
 
-Gradients of ``rk.rope_attention(..., backend="triton")`` are held to the docs/design.md §5 rule with
+Gradients of ``rk.rope_attention(..., backend=...)`` are held to the docs/design.md §5 rule with
 factor 3 against fp64 autograd through the reference (the oracle), with autograd through the
 reference in the test dtype with fp32 angles (``baseline_attention``) as the yardstick. On a
 CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (conftest) with 32 x 32 tiles: the
@@ -54,16 +55,16 @@ def grads(fn, q, k, v, dout, dtype=None, dlse=None):
     return (out.detach(), *(t.grad for t in leaves))
 
 
-def check(q, k, v, rope, *, seed=7, with_lse=False, **kw):
-    """Triton gradients of q, k, v against the oracle under the factor-3 rule; returns them."""
+def check(backend, q, k, v, rope, *, seed=7, with_lse=False, **kw):
+    """``backend``'s gradients of q, k, v against the oracle under the factor-3 rule; returns them."""
     dout = _randn_like(q, seed)
     dlse = None
     if with_lse:
         lse_shape = (q.shape[1], q.shape[0]) if "cu_seqlens_q" in kw else (q.shape[0], q.shape[2], q.shape[1])
         dlse = torch.randn(lse_shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.device)
 
-    def triton(q_, k_, v_):
-        return rk.rope_attention(q_, k_, v_, rope, backend="triton", return_lse=True, **kw)
+    def fused(q_, k_, v_):
+        return rk.rope_attention(q_, k_, v_, rope, backend=backend, return_lse=True, **kw)
 
     def oracle(q_, k_, v_):
         return reference.rope_attention(q_, k_, v_, rope, return_lse=True, **kw)
@@ -71,7 +72,7 @@ def check(q, k, v, rope, *, seed=7, with_lse=False, **kw):
     def baseline(q_, k_, v_):
         return baseline_attention(q_, k_, v_, rope, **kw)
 
-    got = grads(triton, q, k, v, dout, dlse=dlse)
+    got = grads(fused, q, k, v, dout, dlse=dlse)
     exact = grads(oracle, q, k, v, dout, torch.float64, dlse=dlse)
     base = grads(baseline, q, k, v, dout, dlse=dlse)
     for name, g, o, b, x in zip(("dq", "dk", "dv"), got[1:], exact[1:], base[1:], (q, k, v)):
@@ -88,6 +89,19 @@ def check(q, k, v, rope, *, seed=7, with_lse=False, **kw):
 
 
 # ---------------------------------------------------------------------------------- the sweep
+def _fused_backends() -> list[str]:
+    """The backends with a fused backward of their own that take this file's tensors: the Triton
+    kernels, and on CPU tensors also the native kernels (``ropekern::bwd``; their tile-crossing
+    shapes and ISA units: tests/test_backward_native.py)."""
+    cpu = DEVICE == "cpu" and rk.available_backends().get("cpu") is True
+    return ["triton", "cpu"] if cpu else ["triton"]
+
+
+@pytest.fixture(params=_fused_backends())
+def backend(request):
+    return request.param
+
+
 @pytest.mark.parametrize(
     "sq,sk,causal,dtype",
     [
@@ -101,33 +115,33 @@ def check(q, k, v, rope, *, seed=7, with_lse=False, **kw):
         (17, 40, False, BF16),
     ],
 )
-def test_seqlens(sq, sk, causal, dtype):
+def test_seqlens(sq, sk, causal, dtype, backend):
     """Lengths off the tile grid, Sq != Sk both ways; causal Sq > Sk leaves rows with no key
     (their dq is exactly zero), keys that no query sees get exactly zero dk/dv."""
     q, k, v, _ = qkv(1, sq, sk, 2, 1, 64, dtype)
-    _, dq, dk, dv = check(q, k, v, rk.RopeConfig(64), causal=causal)
+    _, dq, dk, dv = check(backend, q, k, v, rk.RopeConfig(64), causal=causal)
     if causal and sq > sk:
         assert (dq[:, : sq - sk] == 0).all()
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
-def test_fp16():
+def test_fp16(backend):
     q, k, v, _ = qkv(2, 27, 41, 4, 2, 64, F16)
-    check(q, k, v, rk.RopeConfig(64), causal=True)
+    check(backend, q, k, v, rk.RopeConfig(64), causal=True)
 
 
 @pytest.mark.parametrize("d,dtype", [(64, F16), (80, BF16), (96, F32), (128, BF16), (256, BF16), (48, F32)])
-def test_head_dims(d, dtype):
+def test_head_dims(d, dtype, backend):
     """Non-powers of two are padded with masked loads and masked stores."""
     q, k, v, _ = qkv(1, 19, 37, 2, 1, d, dtype)
-    check(q, k, v, rk.RopeConfig(d), causal=True)
+    check(backend, q, k, v, rk.RopeConfig(d), causal=True)
 
 
 @pytest.mark.parametrize("hq,hkv", [(3, 3), (6, 2), (8, 1)])
-def test_gqa(hq, hkv):
+def test_gqa(hq, hkv, backend):
     """dk/dv summed over the query-head group: G = 1, 3, 8 (MQA)."""
     q, k, v, _ = qkv(1, 19, 37, hq, hkv, 32, BF16)
-    check(q, k, v, rk.RopeConfig(32), causal=True)
+    check(backend, q, k, v, rk.RopeConfig(32), causal=True)
 
 
 def test_every_rope_type_is_covered():
@@ -135,7 +149,7 @@ def test_every_rope_type_is_covered():
 
 
 @pytest.mark.parametrize("rope_type", list(ropes_per_type(64)))
-def test_rope_types(rope_type):
+def test_rope_types(rope_type, backend):
     """Every scaling law; sequence 0 stays below the trained length (32), sequence 1 passes it, so
     length-dependent types use one table per sequence. YaRN / LongRoPE scale by their attention
     factor, which the inverse rotation must apply too."""
@@ -144,19 +158,19 @@ def test_rope_types(rope_type):
     q, k, v, _ = qkv(2, 9, 24, 2, 1, 64, dtype)
     k_pos = torch.stack([torch.arange(24), torch.arange(24) + 40]).to(DEVICE)
     q_pos = k_pos[:, -9:]
-    check(q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
+    check(backend, q, k, v, rope, causal=True, q_positions=q_pos, k_positions=k_pos)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("d,rotary_dim", [(64, 32), (80, 16), (128, 96)])
-def test_partial_and_interleaved(d, rotary_dim, interleaved):
+def test_partial_and_interleaved(d, rotary_dim, interleaved, backend):
     """Both pair layouts; pass-through widths 32, 64 (R/2 = 8 padded to 16) and 32."""
     rope = rk.RopeConfig(d, rotary_dim=rotary_dim, interleaved=interleaved)
     q, k, v, _ = qkv(1, 21, 35, 2, 1, d, BF16)
-    check(q, k, v, rope, causal=not interleaved)
+    check(backend, q, k, v, rope, causal=not interleaved)
 
 
-def test_pass_through_gradient_is_the_unrotated_one():
+def test_pass_through_gradient_is_the_unrotated_one(backend):
     """Channels >= rotary_dim take the plain gradient: equal, bit for bit, to the same kernel run
     without rotation, whose rotary channels differ (the rotation reaches the pass-through part only
     through P, which both runs recompute identically when all positions are 0)."""
@@ -168,20 +182,20 @@ def test_pass_through_gradient_is_the_unrotated_one():
 
     def fused(q_, k_, v_):
         return rk.rope_attention(
-            q_, k_, v_, rope, causal=True, q_positions=zq, k_positions=zk, backend="triton", return_lse=True
+            q_, k_, v_, rope, causal=True, q_positions=zq, k_positions=zk, backend=backend, return_lse=True
         )
 
     def unrotated(q_, k_, v_):
         call = attention_call(q_, k_, v_, rope, causal=True)
         call.rotate = False
-        return get_backend("triton").attention(call)
+        return get_backend(backend).attention(call)
 
     a, b = grads(fused, q, k, v, dout), grads(unrotated, q, k, v, dout)
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # position 0: cos = 1, sin = 0 exactly
 
 
 # ---------------------------------------------------------------------------------- positions
-def test_explicit_positions_repeats_and_jumps():
+def test_explicit_positions_repeats_and_jumps(backend):
     """Parallel context windows (repeated positions) and a prefix-reuse jump: K tiles whose
     positions are not consecutive take the direct cos/sin path in both kernels."""
     q, k, v, _ = qkv(2, 12, 40, 2, 2, 64, F32)
@@ -189,16 +203,16 @@ def test_explicit_positions_repeats_and_jumps():
     jump = torch.cat([torch.arange(10), torch.arange(30) + 5000])
     k_pos = torch.stack([windows, jump]).to(DEVICE)
     q_pos = torch.stack([torch.arange(20, 32), torch.arange(5030, 5042)]).to(DEVICE)
-    check(q, k, v, rk.RopeConfig(64, rotary_dim=48, interleaved=True), q_positions=q_pos, k_positions=k_pos)
+    check(backend, q, k, v, rk.RopeConfig(64, rotary_dim=48, interleaved=True), q_positions=q_pos, k_positions=k_pos)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_positions_near_2_pow_20(dtype):
+def test_positions_near_2_pow_20(dtype, backend):
     """Accurate angles in the backward too: at ~2**20 fp32 angles are off by ~0.06 rad."""
     q, k, v, _ = qkv(1, 16, 40, 2, 1, 64, dtype)
     k_pos = (torch.arange(40) + 2**20 - 20)[None].to(DEVICE)
     rope = rk.RopeConfig(64)
-    got = check(q, k, v, rope, causal=True, q_positions=k_pos[:, -16:], k_positions=k_pos)
+    got = check(backend, q, k, v, rope, causal=True, q_positions=k_pos[:, -16:], k_positions=k_pos)
     if dtype == F32:  # far inside the bound: the baseline's error is the angle, the kernel's is not
         kw = dict(causal=True, q_positions=k_pos[:, -16:], k_positions=k_pos)
         dout = _randn_like(q, 7)
@@ -213,25 +227,25 @@ def test_positions_near_2_pow_20(dtype):
 
 # ---------------------------------------------------------------------------------- varlen
 @pytest.mark.parametrize("causal,dtype", [(False, F32), (True, BF16)])
-def test_varlen(causal, dtype):
+def test_varlen(causal, dtype, backend):
     """Packed sequences, including an empty query sequence, an empty key sequence and Sq > Sk."""
     lens = ([1, 17, 0, 40, 9], [5, 17, 6, 40, 0])
     q, k, v, extra = qkv(5, 0, 0, 2, 1, 64, dtype, varlen=lens)
-    _, dq, dk, dv = check(q, k, v, rk.RopeConfig(64), causal=causal, **extra)
+    _, dq, dk, dv = check(backend, q, k, v, rk.RopeConfig(64), causal=causal, **extra)
     assert (dq[-9:] == 0).all()  # no keys at all
     assert (dk[22:28] == 0).all() and (dv[22:28] == 0).all()  # keys of the sequence with no queries
 
 
-def test_varlen_length_dependent_positions():
+def test_varlen_length_dependent_positions(backend):
     """Per-sequence dynamic-NTK tables with explicit (jumping) positions in the packed layout."""
     lens = ([7, 13], [20, 30])
     q, k, v, extra = qkv(2, 0, 0, 2, 1, 64, BF16, varlen=lens)
     k_pos = torch.cat([torch.arange(20), torch.arange(30) + 100]).to(DEVICE)
     q_pos = torch.cat([torch.arange(13, 20), torch.arange(117, 130)]).to(DEVICE)
-    check(q, k, v, ropes_per_type(64)["dynamic"], causal=True, q_positions=q_pos, k_positions=k_pos, **extra)
+    check(backend, q, k, v, ropes_per_type(64)["dynamic"], causal=True, q_positions=q_pos, k_positions=k_pos, **extra)
 
 
-def test_varlen_nan_in_other_sequences_does_not_leak():
+def test_varlen_nan_in_other_sequences_does_not_leak(backend):
     """Ragged tiles of sequence 0 overlap sequence 1's tokens (NaN, and NaN upstream gradients):
     masked loads, never multiplications, keep sequence 0's gradients finite and exact."""
     lens = ([9, 20], [21, 30])
@@ -242,7 +256,7 @@ def test_varlen_nan_in_other_sequences_does_not_leak():
     rope = rk.RopeConfig(64)
 
     def fused(q_, k_, v_):
-        return rk.rope_attention(q_, k_, v_, rope, causal=True, backend="triton", return_lse=True, **extra)
+        return rk.rope_attention(q_, k_, v_, rope, causal=True, backend=backend, return_lse=True, **extra)
 
     _, dq, dk, dv = grads(fused, q, k, v, dout)
     assert torch.isfinite(dq[:9]).all() and torch.isfinite(dk[:21]).all() and torch.isfinite(dv[:21]).all()
@@ -256,7 +270,7 @@ def test_varlen_nan_in_other_sequences_does_not_leak():
 
 
 # ---------------------------------------------------------------------------------- layouts
-def test_strided_views_of_packed_qkv_with_nan_padding():
+def test_strided_views_of_packed_qkv_with_nan_padding(backend):
     """q, k, v as strided views of one packed buffer whose padding (columns 80..95 of each head,
     keys beyond S) holds NaN: gradients reach the buffer through the views, the padding gets
     exactly zero gradient."""
@@ -268,7 +282,7 @@ def test_strided_views_of_packed_qkv_with_nan_padding():
     assert not q.is_contiguous() and k.stride(1) == (hq + 2 * hkv) * 96
     rope = rk.RopeConfig(d, rotary_dim=64)
     dout = _randn_like(q, 9)
-    rk.rope_attention(q, k, v, rope, causal=True, backend="triton").backward(dout)
+    rk.rope_attention(q, k, v, rope, causal=True, backend=backend).backward(dout)
     grad = buf.grad
     assert (grad[:, s:] == 0).all() and (grad[..., d:] == 0).all()
     exact = grads(lambda *a: reference.rope_attention(*a, rope, causal=True, return_lse=True), q, k, v, dout, F64)
@@ -278,17 +292,17 @@ def test_strided_views_of_packed_qkv_with_nan_padding():
         assert error_check(g, o, bb, BF16, factor=3.0).ok
 
 
-def test_lse_gradient():
+def test_lse_gradient(backend):
     """A loss that uses the LSE output too: delta = rowsum(dO * O) - dlse."""
     q, k, v, _ = qkv(2, 21, 33, 4, 2, 64, F32)
     rope = rk.RopeConfig(64, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
-    check(q, k, v, rope, causal=True, with_lse=True)
+    check(backend, q, k, v, rope, causal=True, with_lse=True)
     lens = ([5, 16], [9, 24])
     q, k, v, extra = qkv(2, 0, 0, 2, 1, 32, BF16, varlen=lens)
-    check(q, k, v, rk.RopeConfig(32), with_lse=True, **extra)
+    check(backend, q, k, v, rk.RopeConfig(32), with_lse=True, **extra)
 
 
-def test_deterministic_and_batch_invariant():
+def test_deterministic_and_batch_invariant(backend):
     """No atomics anywhere: two runs give bitwise equal gradients, also with torch's deterministic
     mode on (nothing in the backward raises under it); a sequence's gradients do not depend on its
     batch neighbours."""
@@ -297,7 +311,7 @@ def test_deterministic_and_batch_invariant():
     dout = _randn_like(q, 1)
 
     def fused(q_, k_, v_):
-        return rk.rope_attention(q_, k_, v_, rope, causal=True, backend="triton", return_lse=True)
+        return rk.rope_attention(q_, k_, v_, rope, causal=True, backend=backend, return_lse=True)
 
     first = grads(fused, q, k, v, dout)
     was = torch.are_deterministic_algorithms_enabled()
@@ -311,7 +325,7 @@ def test_deterministic_and_batch_invariant():
     assert all(torch.equal(a, b[1:2]) for a, b in zip(one, first))
 
 
-def test_inputs_not_modified_and_rotation_off():
+def test_inputs_not_modified_and_rotation_off(backend):
     """The backward leaves q, k, v alone; ``call.rotate = False`` (the benchmarks' RoPE-tax
     baseline) differentiates as plain attention."""
     q, k, v, _ = qkv(2, 30, 41, 4, 2, 64, F32)
@@ -327,7 +341,7 @@ def test_inputs_not_modified_and_rotation_off():
 
         return fn
 
-    got = grads(run("triton"), q, k, v, dout)
+    got = grads(run(backend), q, k, v, dout)
     exact = grads(run("torch"), q, k, v, dout, F64)
     base = grads(run("torch"), q, k, v, dout)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))

@@ -79,6 +79,37 @@ struct DecodePlan {
   float* partial = nullptr;
 };
 
+// Backward of the tiled forward (FlashAttention-2 from the saved LSE), in two passes with no
+// atomics, so the gradients do not depend on the thread count:
+//   prep:  per forward output row, delta = rowsum(dO * O) - dlse and the base-2 LSE;
+//   dK/dV: item = (sequence b, KV head, block of kBwdBlockN keys): rotates its keys once, walks the
+//          query blocks that see them (all G heads of the group) and sums dV = P^T dO and
+//          dK' = dS^T Q' over them; rows written once, rotated back;
+//   dQ:    item = (b, KV head, block of block_m queries x G heads), the forward's tiling, sums
+//          dQ' = dS K' over the key blocks.
+// q, k, v, out, lse and the layout are the forward's (p); dq, dk, dv are contiguous with the
+// shapes of q, k, v; delta and lse2 have the layout of lse.
+struct BwdPlan {
+  AttnParams p;
+  DType dtype = DType::kFloat32;
+  const void* dout = nullptr;
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  const float* dlse = nullptr;  // the layout of lse, or null
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  float* delta = nullptr;  // prep's outputs
+  float* lse2 = nullptr;   // lse * log2(e); +inf for a row that saw no key (lse -inf), so its P is 0
+  const float* q_cs = nullptr;
+  const float* k_cs = nullptr;
+  int block_m = 0;
+  int64_t num_q_blocks = 0;  // per (b, kv head), of the longest sequence
+  int64_t num_k_blocks = 0;
+};
+constexpr int kBwdBlockN = 128;
+
 // apply_rope: rows (b, s) of x [B, S, H, D]; out has the same shape.
 struct RopeJob {
   const void* x = nullptr;
@@ -102,6 +133,10 @@ struct Kernels {
   void (*decode_merge)(const DecodePlan& plan, int64_t begin, int64_t end);
   int64_t (*rope_scratch_floats)(const RopeJob& job);
   void (*rope_rows)(const RopeJob& job, int64_t begin, int64_t end, float* scratch);
+  void (*bwd_prep_rows)(const BwdPlan& plan, int64_t begin, int64_t end);  // rows of the lse layout
+  int64_t (*bwd_scratch_floats)(const BwdPlan& plan);
+  void (*bwd_dkdv_item)(const BwdPlan& plan, int64_t item, float* scratch);
+  void (*bwd_dq_item)(const BwdPlan& plan, int64_t item, float* scratch);
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -621,6 +621,7 @@ RK_INLINE void amx_begin() {}
 RK_INLINE void amx_end() {}
 RK_INLINE void amx_scores(const uint16_t*, int, int, const uint32_t*, int, float*) {}
 RK_INLINE void amx_pv(const uint16_t*, int, int, const uint32_t*, int, float*) {}
+RK_INLINE void amx_gemm(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int, int, int, bool) {}
 #endif
 
 // Eight floats rounded to bf16 for a tile operand. The AMX unit uses AVX512_BF16's one-instruction
@@ -675,8 +676,9 @@ static void amx_v_operand(float* Vs, int nb, int nbk, int Dp, uint32_t* Vp) {
 // O = O * alpha + P . V on the tile unit: the probabilities St [nb][Mp] (fp32, from softmax_cols)
 // to query rows Pb [Mp][nbk] in bf16 (keys past nb zero), O's rows rescaled where alpha != 1 (the
 // lazy running max leaves most at exactly 1), then amx_pv.
-static void amx_pv_step(const float* St, int Mp, int nb, int nbk, const float* alpha, uint16_t* Pb, const uint32_t* Vp,
-                        int Dp, float* O) {
+// St [nb][Mp] (fp32) transposed to rows Pb [Mp][nbk] in bf16, keys past nb zero: the A operand
+// of a product over keys (P.V; dS.K in the backward).
+static void amx_rows_of_transposed(const float* St, int Mp, int nb, int nbk, uint16_t* Pb) {
   for (int c0 = 0; c0 < Mp; c0 += 8)
     for (int j0 = 0; j0 < nbk; j0 += 8) {
       V r8[8];
@@ -684,9 +686,25 @@ static void amx_pv_step(const float* St, int Mp, int nb, int nbk, const float* a
       transpose8(r8);
       for (int u = 0; u < 8; ++u) vstore_bf16_operand(Pb + static_cast<int64_t>(c0 + u) * nbk + j0, r8[u]);
     }
+}
+
+static void amx_pv_step(const float* St, int Mp, int nb, int nbk, const float* alpha, uint16_t* Pb, const uint32_t* Vp,
+                        int Dp, float* O) {
+  amx_rows_of_transposed(St, Mp, nb, nbk, Pb);
   for (int r = 0; r < Mp; ++r)
     if (alpha[r] != 1.0f) scale_row(O + static_cast<int64_t>(r) * Dp, Dp, alpha[r]);
   amx_pv(Pb, Mp, nbk, Vp, Dp, O);
+}
+
+// Eight fp32 rows of Dp channels (Dp apart) into columns r0 .. r0 + 7 of a transposed tile
+// [Dp][Mp] (the B operand of outer_block).
+RK_INLINE void transpose_rows8(const float* rows, int Dp, float* t, int Mp, int r0) {
+  for (int d = 0; d < Dp; d += 8) {
+    V r8[8];
+    for (int i = 0; i < 8; ++i) r8[i] = vload(rows + i * Dp + d);
+    transpose8(r8);
+    for (int u = 0; u < 8; ++u) vstore(t + static_cast<int64_t>(d + u) * Mp + r0, r8[u]);
+  }
 }
 
 // ---------------------------------------------------------------- tiled forward
@@ -740,6 +758,25 @@ struct KVRows {
   }
 };
 
+// KV head hkv of sequence b (its first packed row k_row0 when varlen), not paged.
+template <class T>
+RK_INLINE KVRows<T> kv_rows(const AttnParams& p, int b, int hkv, int64_t k_row0) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  KVRows<T> kv;
+  kv.k = static_cast<const T*>(p.k) + hkv * p.k_head_stride;
+  kv.v = static_cast<const T*>(p.v) + hkv * p.v_head_stride;
+  kv.k_seq = varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride;
+  kv.v_seq = varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride;
+  kv.k_row = p.k_row_stride;
+  kv.v_row = p.v_row_stride;
+  kv.k_block = p.k_batch_stride;
+  kv.v_block = p.v_batch_stride;
+  kv.btab = nullptr;
+  kv.block_size = 0;
+  kv.row_bytes = static_cast<int64_t>(p.head_dim) * sizeof(T);
+  return kv;
+}
+
 // amx_v_operand from the bf16 rows themselves (the AMX unit's bf16 inputs, D = Dp): each pair of
 // keys' rows interleaved 16 bits at a time, rows past nb zeros.
 template <class KV>
@@ -762,6 +799,17 @@ static void amx_v_operand_raw(const KV& kv, int64_t j0, int nb, int nbk, int Dp,
 #endif
 }
 
+// Sequence b's query and key rows: its first packed row and length (varlen), or row 0 and the
+// dense lengths (keys: `sk_dense`, which a cache sets per sequence).
+struct SeqRows {
+  int64_t q0, sq, k0, sk;
+};
+RK_INLINE SeqRows seq_rows(const AttnParams& p, int b, int64_t sk_dense) {
+  if (!p.cu_seqlens_q) return {0, p.seqlen_q, 0, sk_dense};
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  return {q0, p.cu_seqlens_q[b + 1] - q0, k0, p.cu_seqlens_k[b + 1] - k0};
+}
+
 template <class DT>
 void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   using T = typename DT::T;
@@ -779,16 +827,8 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   const int b = static_cast<int>(bh / Hkv), hkv = static_cast<int>(bh % Hkv);
   const bool varlen = p.cu_seqlens_q != nullptr;
 
-  int64_t sq, sk, q_row0 = 0, k_row0 = 0;
-  if (varlen) {
-    q_row0 = p.cu_seqlens_q[b];
-    sq = p.cu_seqlens_q[b + 1] - q_row0;
-    k_row0 = p.cu_seqlens_k[b];
-    sk = p.cu_seqlens_k[b + 1] - k_row0;
-  } else {
-    sq = p.seqlen_q;
-    sk = plan.cache_lens ? plan.cache_lens[b] : p.seqlen_k;
-  }
+  const SeqRows rows = seq_rows(p, b, plan.cache_lens ? plan.cache_lens[b] : p.seqlen_k);
+  const int64_t sq = rows.sq, sk = rows.sk, q_row0 = rows.q0, k_row0 = rows.k0;
   const int64_t i0 = qb * plan.block_m;
   if (i0 >= sq) return;
   const int64_t i1 = lmin(sq, i0 + plan.block_m);
@@ -808,18 +848,9 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
 
   const T* q = static_cast<const T*>(p.q) + (varlen ? q_row0 * p.q_row_stride : b * p.q_batch_stride);
   T* out = static_cast<T*>(p.out) + (varlen ? q_row0 * p.o_row_stride : b * p.o_batch_stride);
-  KVRows<T> kv;
-  kv.k = static_cast<const T*>(p.k) + hkv * p.k_head_stride;
-  kv.v = static_cast<const T*>(p.v) + hkv * p.v_head_stride;
-  kv.k_seq = varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride;
-  kv.v_seq = varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride;
-  kv.k_row = p.k_row_stride;
-  kv.v_row = p.v_row_stride;
-  kv.k_block = p.k_batch_stride;
-  kv.v_block = p.v_batch_stride;
+  KVRows<T> kv = kv_rows<T>(p, b, hkv, k_row0);
   kv.btab = plan.block_table ? plan.block_table + b * plan.block_table_stride : nullptr;
   kv.block_size = plan.block_size;
-  kv.row_bytes = static_cast<int64_t>(D) * sizeof(T);
   const float* q_cs = R ? plan.q_cs + (varlen ? q_row0 : b * static_cast<int64_t>(p.seqlen_q)) * cs_stride : nullptr;
   const float* k_cs = R ? plan.k_cs + (varlen ? k_row0 : b * plan.k_cs_rows) * cs_stride : nullptr;
   const float scale2 = p.softmax_scale * kLog2e;
@@ -873,12 +904,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       bf16_pairs_transposed(Q8, Dp, Dp / 2, tmp, Qp, Mp, r0);
       continue;
     }
-    for (int d = 0; d < Dp; d += 8) {
-      V r8[8];
-      for (int t = 0; t < 8; ++t) r8[t] = vload(Q8 + t * Dp + d);
-      transpose8(r8);
-      for (int u = 0; u < 8; ++u) vstore(Qt + static_cast<int64_t>(d + u) * Mp + r0, r8[u]);
-    }
+    transpose_rows8(Q8, Dp, Qt, Mp, r0);
   }
   for (int r = 0; r < Mp; ++r) {
     m[r] = -kInf;
@@ -1365,6 +1391,8 @@ void rope_rows(const RopeJob& job, int64_t begin, int64_t end, float* scratch) {
   }
 }
 
+#include "kernels_bwd.h"
+
 }  // namespace RK_ISA
 
 // The unit's entry points, in namespace ropekern::cpu under the name chosen by the unit.
@@ -1380,6 +1408,10 @@ const Kernels RK_KERNELS_SYMBOL = {
     &RK_ISA::decode_merge,
     &RK_ISA::rope_scratch_floats,
     &RK_ISA::rope_rows,
+    &RK_ISA::bwd_prep_rows,
+    &RK_ISA::bwd_scratch_floats,
+    &RK_ISA::bwd_dkdv_item,
+    &RK_ISA::bwd_dq_item,
 };
 
 }  // namespace cpu

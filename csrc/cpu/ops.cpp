@@ -147,27 +147,59 @@ struct CpuDevice {
     TORCH_CHECK_VALUE(t.device().is_cpu(), kWho, ": `", name, "` must be a CPU tensor, got ", t.device());
   }
 
+  // Varlen: the sequence bounds are read on the host; check them and size the work by the longest
+  // (p.seqlen_q becomes the longest query sequence). Returns the longest key sequence (dense: Sk).
+  static int64_t check_seqlens(args::AttnCall& c) {
+    AttnParams& p = c.p;
+    if (!c.varlen) return p.seqlen_k;
+    const int64_t B = p.batch;
+    const int32_t* cq = p.cu_seqlens_q;
+    const int32_t* ck = p.cu_seqlens_k;
+    TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[B] == c.q.size(0) && ck[B] == c.k.size(0), kWho,
+                      ": `cu_seqlens_q`/`cu_seqlens_k` must run from 0 to the token counts");
+    int64_t longest = 0, longest_k = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], kWho, ": `cu_seqlens` must be non-decreasing");
+      longest = std::max<int64_t>(longest, cq[b + 1] - cq[b]);
+      longest_k = std::max<int64_t>(longest_k, ck[b + 1] - ck[b]);
+    }
+    TORCH_CHECK_VALUE(p.seqlen_q >= longest, kWho, ": `max_seqlen_q` (", p.seqlen_q,
+                      ") is smaller than the longest query sequence (", longest, ")");
+    p.seqlen_q = static_cast<int>(longest);
+    return longest_k;
+  }
+
+  // K/V whose rows are not adjacent per head ([.., S, Hkv, D]: 64 rows of one head 2 KiB apart
+  // alias into a few cache sets, and prefetching cannot keep up) are first copied head-major, in
+  // their own dtype and un-rotated: one pass over K and V, +13% measured on the tile loop.
+  static void head_major_kv(args::AttnCall& c) {
+    AttnParams& p = c.p;
+    const int kr = c.varlen ? 0 : 1;  // row dimension
+    if (c.k.stride(kr) == p.head_dim && c.v.stride(kr) == p.head_dim) return;
+    c.k = c.k.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1);
+    c.v = c.v.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1);
+    args::set_view(c.k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+    args::set_view(c.v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  }
+
+  // The cos/sin rows of every query and key (empty when rotation is off), and K/V head-major.
+  static std::pair<at::Tensor, at::Tensor> rope_tables(const Kernels& kern, args::AttnCall& c) {
+    const AttnParams& p = c.p;
+    const int64_t B = p.batch, Sq = p.seqlen_q, Sk = p.seqlen_k;
+    const int64_t q_rows = c.varlen ? c.q.size(0) : B * Sq;
+    const int64_t k_rows = c.varlen ? c.k.size(0) : B * Sk;
+    const int batch = static_cast<int>(B);
+    at::Tensor q_cs = cos_sin_table(kern, p.rope, p.q_pos, p.cu_seqlens_q, Sq, q_rows, batch);
+    at::Tensor k_cs = cos_sin_table(kern, p.rope, p.k_pos, p.cu_seqlens_k, Sk, k_rows, batch);
+    head_major_kv(c);
+    return {q_cs, k_cs};
+  }
+
   static void attention(args::AttnCall& c, DType dtype) {
     AttnParams& p = c.p;
-    const at::Tensor &q = c.q, &k = c.k, &v = c.v;
-    const int64_t B = p.batch, D = p.head_dim;
-    int64_t Sq = p.seqlen_q;
-    const int64_t Sk = p.seqlen_k;
-    if (c.varlen) {  // the sequence bounds are read on the host: check them, and size the work by the longest
-      const int32_t* cq = p.cu_seqlens_q;
-      const int32_t* ck = p.cu_seqlens_k;
-      TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[B] == q.size(0) && ck[B] == k.size(0), kWho,
-                        ": `cu_seqlens_q`/`cu_seqlens_k` must run from 0 to the token counts");
-      int64_t longest = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK_VALUE(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], kWho, ": `cu_seqlens` must be non-decreasing");
-        longest = std::max<int64_t>(longest, cq[b + 1] - cq[b]);
-      }
-      TORCH_CHECK_VALUE(Sq >= longest, kWho, ": `max_seqlen_q` (", Sq, ") is smaller than the longest query sequence (",
-                        longest, ")");
-      Sq = longest;
-      p.seqlen_q = static_cast<int>(longest);
-    }
+    check_seqlens(c);
+    const at::Tensor &q = c.q, &k = c.k;
+    const int64_t B = p.batch, D = p.head_dim, Sq = p.seqlen_q, Sk = p.seqlen_k;
     if (q.numel() == 0) return;
     if (k.numel() == 0) {  // no keys at all: zeros and LSE -inf (docs/design.md §2)
       c.out.zero_();
@@ -176,21 +208,7 @@ struct CpuDevice {
     }
     const Kernels& kern = kernels();
     const int64_t q_rows = c.varlen ? q.size(0) : B * Sq;
-    const int64_t k_rows = c.varlen ? k.size(0) : B * Sk;
-    const int batch = static_cast<int>(B);
-    const at::Tensor q_cs = cos_sin_table(kern, p.rope, p.q_pos, p.cu_seqlens_q, Sq, q_rows, batch);
-    const at::Tensor k_cs = cos_sin_table(kern, p.rope, p.k_pos, p.cu_seqlens_k, Sk, k_rows, batch);
-
-    // K/V whose rows are not adjacent per head ([.., S, Hkv, D]: 64 rows of one head 2 KiB apart
-    // alias into a few cache sets, and prefetching cannot keep up) are first copied head-major, in
-    // their own dtype and un-rotated: one pass over K and V, +13% measured on the tile loop.
-    const int kr = c.varlen ? 0 : 1;  // row dimension
-    if (k.stride(kr) != D || v.stride(kr) != D) {
-      c.k = k.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1);
-      c.v = v.transpose(kr, kr + 1).contiguous().transpose(kr, kr + 1);
-      args::set_view(c.k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-      args::set_view(c.v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-    }
+    const auto [q_cs, k_cs] = rope_tables(kern, c);
     TiledPlan plan;
     plan.p = p;
     plan.dtype = dtype;
@@ -199,6 +217,52 @@ struct CpuDevice {
     plan.k_cs_rows = Sk;
     const double tokens_q = static_cast<double>(q_rows);
     run_tiled(kern, plan, Sq, 4.0 * tokens_q * p.num_heads * static_cast<double>(Sk) * D);
+  }
+
+  // Gradients of `attention` (kernels.h: BwdPlan): the prep rows, then the dK/dV items, then the
+  // dQ items; each output row is written by exactly one item.
+  static void backward(args::BwdCall& c, DType dtype) {
+    args::AttnCall& a = c.a;
+    AttnParams& p = a.p;
+    const int64_t longest_k = check_seqlens(a);
+    const at::Tensor &q = a.q, &k = a.k;
+    const int64_t B = p.batch, D = p.head_dim, Sq = p.seqlen_q, Sk = p.seqlen_k;
+    if (q.numel() == 0 || k.numel() == 0) {  // no query sees a key: every gradient is 0
+      c.dq.zero_();
+      c.dk.zero_();
+      c.dv.zero_();
+      return;
+    }
+    const Kernels& kern = kernels();
+    const int64_t q_rows = a.varlen ? q.size(0) : B * Sq;
+    const auto [q_cs, k_cs] = rope_tables(kern, a);
+    at::Tensor delta = at::empty_like(c.lse), lse2 = at::empty_like(c.lse);
+    BwdPlan plan;
+    plan.p = p;
+    plan.dtype = dtype;
+    args::set_view(c.dout, plan.dout, plan.do_batch_stride, plan.do_row_stride, plan.do_head_stride);
+    plan.dlse = c.dlse.defined() ? c.dlse.data_ptr<float>() : nullptr;
+    args::set_view(c.dq, plan.dq, plan.dq_batch_stride, plan.dq_row_stride, plan.dq_head_stride);
+    args::set_view(c.dk, plan.dk, plan.dk_batch_stride, plan.dk_row_stride, plan.dk_head_stride);
+    plan.dv = c.dv.data_ptr();
+    plan.delta = delta.data_ptr<float>();
+    plan.lse2 = lse2.data_ptr<float>();
+    plan.q_cs = q_cs.defined() ? q_cs.data_ptr<float>() : nullptr;
+    plan.k_cs = k_cs.defined() ? k_cs.data_ptr<float>() : nullptr;
+    const int G = p.num_heads / p.num_heads_k;
+    plan.block_m = choose_block_m(G, kern.micro_rows);
+    plan.num_q_blocks = (Sq + plan.block_m - 1) / plan.block_m;
+    plan.num_k_blocks = (longest_k + kBwdBlockN - 1) / kBwdBlockN;
+    // ~D flops per row: 4096 rows per task keep short calls on one thread.
+    at::parallel_for(0, c.lse.numel(), 4096, [&](int64_t b, int64_t e) { kern.bwd_prep_rows(plan, b, e); });
+    // Each pass recomputes S and dP (2 of its 3 or 4 products): ~5x / ~3x the forward's 2 flops a score channel.
+    const double scores = static_cast<double>(q_rows) * p.num_heads * static_cast<double>(Sk) * D;
+    const int64_t scratch = kern.bwd_scratch_floats(plan);
+    const int64_t Hkv = p.num_heads_k;
+    run_items(B * Hkv * plan.num_k_blocks, scratch, 8.0 * scores, kMinFlopsPerThread,
+              [&](int64_t item, float* buf) { kern.bwd_dkdv_item(plan, item, buf); });
+    run_items(B * Hkv * plan.num_q_blocks, scratch, 6.0 * scores, kMinFlopsPerThread,
+              [&](int64_t item, float* buf) { kern.bwd_dq_item(plan, item, buf); });
   }
 
   static void kvcache(args::CacheCall& c, DType dtype, int64_t num_splits) {
@@ -365,6 +429,7 @@ std::string isa_reason() {
 }
 
 ROPEKERN_REGISTER_OPS(CPU, CpuDevice)
+ROPEKERN_REGISTER_BWD(CPU, CpuDevice)
 
 }  // namespace cpu
 }  // namespace ropekern

@@ -11,8 +11,9 @@ The fake (meta) implementations registered here let ``torch.compile`` trace the 
 q's shape and dtype, ``lse`` float32 ``[B, Hq, Sq]`` (varlen ``[Hq, Tq]``).
 
 Gradients: ``fwd`` gets the one attention autograd formula (``ropekern._autograd``) for every device
-it has kernels for: the backward of the first backend serving the call (the fused Triton kernels for
-CUDA tensors, else the PyTorch recompute). ``fwd_kvcache``, ``apply_rope`` and ``apply_rope_`` (in
+it has kernels for: the backward of the first backend serving the call (``ropekern::bwd``, the
+native CPU backward, for CPU tensors; the fused Triton kernels for CUDA tensors; else the PyTorch
+recompute). ``fwd_kvcache``, ``apply_rope`` and ``apply_rope_`` (in
 place, declaring the mutation of ``x``) have no formula: their
 calls that require grad are declined (``backends.grad_reason``) and fall back to ``torch``.
 """
@@ -84,10 +85,15 @@ class NativeBackend:
         torch.ops.ropekern.apply_rope_(*call.op_args())
 
     def check_backward(self, call: BackwardCall) -> str | None:
-        return f"the {self.name} backend has no backward kernel"
+        if self.device_type != "cpu":
+            return f"the {self.name} backend has no backward kernel"
+        if call.delta is not None:
+            return "blocks of a longer sequence (ring attention) are left to the PyTorch recompute"
+        return self.check_device(call.q)
 
     def backward(self, call: BackwardCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(self.check_backward(call))
+        """``(dq, dk, dv)`` in the input dtype (``ropekern::bwd``, csrc/cpu/kernels_bwd.h)."""
+        return torch.ops.ropekern.bwd(*call.op_args())
 
 
 cpu_backend = NativeBackend("cpu")
@@ -116,6 +122,12 @@ if _LOAD_ERROR is None:
     torch.library.register_fake("ropekern::fwd_kvcache", fake_kvcache)
     torch.library.register_fake("ropekern::apply_rope", fake_rope)
     torch.library.register_fake("ropekern::apply_rope_", lambda *args: None)
+    torch.library.register_fake(
+        "ropekern::bwd",
+        lambda dout, out, lse, dlse, q, k, v, *rest: tuple(
+            torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v)
+        ),
+    )
     # ``ropekern::fwd`` is differentiable on every device it has kernels for (the CPU ones here,
     # the CUDA ones in a CUDA build).
     from .._autograd import register_attention_autograd
