@@ -79,16 +79,17 @@ struct DecodePlan {
   float* partial = nullptr;
 };
 
-// Backward of the tiled forward (FlashAttention-2 from the saved LSE), in two passes with no
-// atomics, so the gradients do not depend on the thread count:
+// Backward of the tiled forward (FlashAttention-2 from the saved LSE), with no atomics, so the
+// gradients do not depend on the thread count:
 //   prep:  per forward output row, delta = rowsum(dO * O) - dlse and the base-2 LSE;
-//   dK/dV: item = (sequence b, KV head, block of kBwdBlockN keys): rotates its keys once, walks the
-//          query blocks that see them (all G heads of the group) and sums dV = P^T dO and
-//          dK' = dS^T Q' over them; rows written once, rotated back;
-//   dQ:    item = (b, KV head, block of block_m queries x G heads), the forward's tiling, sums
-//          dQ' = dS K' over the key blocks.
+//   items: (sequence b, KV head, split s of its key blocks): each block of kBwdBlockN keys is
+//          rotated once, walks the query blocks that see it (all G heads of the group) and sums
+//          dV = P^T dO and dK' = dS^T Q' (rows written once, rotated back), and adds
+//          dQ' = dS K' to the split's own partial sums of dQ' (dq_part);
+//   dq:    per query row, the splits' partial sums added in split order, rotated back.
+// The number of splits depends on the shape only (ops.cpp), never on the threads.
 // q, k, v, out, lse and the layout are the forward's (p); dq, dk, dv are contiguous with the
-// shapes of q, k, v; delta and lse2 have the layout of lse.
+// shapes of q, k, v (dk and dv share the dk strides); delta and lse2 have the layout of lse.
 struct BwdPlan {
   AttnParams p;
   DType dtype = DType::kFloat32;
@@ -104,9 +105,10 @@ struct BwdPlan {
   float* lse2 = nullptr;   // lse * log2(e); +inf for a row that saw no key (lse -inf), so its P is 0
   const float* q_cs = nullptr;
   const float* k_cs = nullptr;
-  int block_m = 0;
-  int64_t num_q_blocks = 0;  // per (b, kv head), of the longest sequence
-  int64_t num_k_blocks = 0;
+  int block_m = 0;             // queries per query block (the forward's, choose_block_m)
+  int num_splits = 1;          // splits of each sequence's key blocks
+  int64_t q_rows = 0;          // query rows: B * Sq dense, the packed total varlen
+  float* dq_part = nullptr;    // [num_splits][Hkv][q_rows][G][Dp] fp32, zeroed
 };
 constexpr int kBwdBlockN = 128;
 
@@ -135,8 +137,8 @@ struct Kernels {
   void (*rope_rows)(const RopeJob& job, int64_t begin, int64_t end, float* scratch);
   void (*bwd_prep_rows)(const BwdPlan& plan, int64_t begin, int64_t end);  // rows of the lse layout
   int64_t (*bwd_scratch_floats)(const BwdPlan& plan);
-  void (*bwd_dkdv_item)(const BwdPlan& plan, int64_t item, float* scratch);
-  void (*bwd_dq_item)(const BwdPlan& plan, int64_t item, float* scratch);
+  void (*bwd_item)(const BwdPlan& plan, int64_t item, float* scratch);  // item (b, kv head, split)
+  void (*bwd_dq_rows)(const BwdPlan& plan, int64_t begin, int64_t end);  // entries (kv head, q row)
 };
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -307,176 +307,168 @@ RK_INLINE void bf16_operand_rows(const float* x, int64_t n, uint16_t* out) {
   for (int64_t e = 0; e < n; e += kLanes) vstore_bf16_operand(out + e, vload(x + e));
 }
 
+// dQ' of the tile's M rows (dst, Dp apart) += dS K' over the key block (fp32). A strip of rows
+// multiplies the zero dS of keys some of its rows cannot see by those keys' K' rows: when one of
+// those holds a NaN or an infinity, each row runs alone over its own keys (as the forward's P.V).
+static void bwd_dq_fp32(const float* dPt, const float* Ks, const float* lim, const float* lo, int M, int Mp, int nb,
+                        int Dp, float* dst, const float* ones) {
+  const int seen_by_all = static_cast<int>(lim[0]), seen_from = static_cast<int>(lo[M - 1]);
+  const bool one_by_one =
+      !all_finite(Ks + static_cast<int64_t>(seen_by_all) * Dp, static_cast<int64_t>(nb - seen_by_all) * Dp) ||
+      !all_finite(Ks, static_cast<int64_t>(seen_from) * Dp);
+  if (!one_by_one) {  // over the keys some row sees, [lo of the first row, lim of the last)
+    const int k0 = static_cast<int>(lo[0]), k1 = static_cast<int>(lim[M - 1]);
+    if (k1 > k0)
+      pv_block(dPt + static_cast<int64_t>(k0) * Mp, 1, Mp, M, Ks + static_cast<int64_t>(k0) * Dp, Dp, Dp, k1 - k0, dst,
+               ones);
+    return;
+  }
+  for (int r = 0; r < M; ++r) {
+    const int first = static_cast<int>(lo[r]), keys = imax(static_cast<int>(lim[r]) - first, 0);
+    pv_block(dPt + r + static_cast<int64_t>(first) * Mp, 1, Mp, 1, Ks + static_cast<int64_t>(first) * Dp, Dp, Dp,
+             keys, dst + static_cast<int64_t>(r) * Dp, ones);
+  }
+}
+
+// Where the dQ' partial sums of split `split`, KV head hkv, start: [q rows][G][Dp] (BwdPlan::dq_part).
+RK_INLINE float* bwd_dq_part(const BwdPlan& plan, int split, int hkv) {
+  const AttnParams& p = plan.p;
+  const int64_t rows = plan.q_rows * (p.num_heads / p.num_heads_k) * head_dim_pad_of(p.head_dim);
+  return plan.dq_part + (static_cast<int64_t>(split) * p.num_heads_k + hkv) * rows;
+}
+
 template <class DT>
-void bwd_dkdv_item_t(const BwdPlan& plan, int64_t item, float* scratch) {
+void bwd_item_t(const BwdPlan& plan, int64_t item, float* scratch) {
   using T = typename DT::T;
   const AttnParams& p = plan.p;
   const int Hkv = p.num_heads_k, G = p.num_heads / Hkv, D = p.head_dim, Dp = head_dim_pad_of(D);
-  const int64_t bh = item / plan.num_k_blocks, kb = item % plan.num_k_blocks;
+  const int64_t bh = item / plan.num_splits;
+  const int split = static_cast<int>(item % plan.num_splits);
   const int b = static_cast<int>(bh / Hkv), hkv = static_cast<int>(bh % Hkv);
   const BwdSeq<T> s(plan, b, hkv);
-  const int64_t j0 = kb * kBwdBlockN;
-  if (j0 >= s.sk) return;
-  const int nb = static_cast<int>(lmin(kBwdBlockN, s.sk - j0));
   const KeySpan span(p, s.sq, s.sk);
   const int Mp = bwd_tile_cols(plan);
   const float scale2 = p.softmax_scale * kLog2e;
-
-  const BwdScratch sc(plan, scratch);
-  float *Qt = sc.Qt, *dOt = sc.dOt, *Qr = sc.Qr, *dOr = sc.dOr, *St = sc.St, *dPt = sc.dPt, *Ks = sc.Ks, *Vs = sc.Vs;
-  float *dK = sc.acc, *dV = sc.dV, *l2 = sc.l2, *dl = sc.dl, *lim = sc.lim, *lo = sc.lo, *ones = sc.ones;
-
-  const bool amx = bwd_amx<DT>(p);
-  const int nbk = amx ? (nb + 31) / 32 * 32 : nb;  // AMX: keys padded to whole tiles
-  bwd_key_block<DT>(p, s, j0, nb, Ks, Vs);
-  zero_floats(dK, static_cast<int64_t>(nbk) * Dp);
-  zero_floats(dV, static_cast<int64_t>(nbk) * Dp);
-  if (amx) {
-    bwd_amx_keys(sc, nb, nbk, Dp);
-    amx_begin();
-  }
-  for (int64_t i0 = 0; i0 < s.sq; i0 += plan.block_m) {
-    const int64_t i1 = lmin(s.sq, i0 + plan.block_m);
-    if (span.lo(i0) >= j0 + nb) break;     // this and every later block starts past the keys
-    if (span.hi(i1 - 1) <= j0) continue;   // ends before them
-    const int M = static_cast<int>(i1 - i0) * G;
-    bwd_query_tile<DT>(plan, s, hkv, i0, M, Mp, amx ? nullptr : Qt, amx ? nullptr : dOt, Qr, dOr, l2, dl, sc.tmp8);
-    bwd_limits(span, i0, G, M, Mp, j0, nb, lim, lo);
-    if (amx) {
-      bwd_amx_query(sc, Mp, Dp);
-      bwd_amx_scores(sc, nbk, Dp, Mp);
-      bwd_probs(St, dPt, Mp, nbk, lim, lo, scale2, l2, dl);  // keys past nb: zeros (lim <= nb)
-      bf16_operand_rows(St, static_cast<int64_t>(nbk) * Mp, sc.Pb);
-      bf16_operand_rows(dPt, static_cast<int64_t>(nbk) * Mp, sc.dSb);
-      amx_gemm(sc.Pb, Mp, sc.dOpairs, Dp, dV, Dp, nbk, Dp, Mp, true);   // dV += P^T dO
-      amx_gemm(sc.dSb, Mp, sc.Qpairs, Dp, dK, Dp, nbk, Dp, Mp, true);   // dK' += dS^T Q'
-      continue;
-    }
-    const bool masked = j0 + nb > span.hi(i0) || j0 < span.lo(i1 - 1);
-    bwd_scores(Ks, Vs, nb, Dp, Qt, dOt, M, Mp, lim, lo, masked, St, dPt);
-    bwd_probs(St, dPt, Mp, nb, lim, lo, scale2, l2, dl);
-    // Only the rows that see some key of the block, and the keys some row sees, reach dV and dK'.
-    int r0 = 0, r1 = M;
-    while (r0 < r1 && lim[r0] <= lo[r0]) ++r0;
-    while (r1 > r0 && lim[r1 - 1] <= lo[r1 - 1]) --r1;
-    if (r0 == r1) continue;
-    const int k0 = static_cast<int>(lo[r0]), k1 = static_cast<int>(lim[r1 - 1]);
-    const int64_t at = static_cast<int64_t>(k0) * Mp + r0;
-    const int64_t rows = static_cast<int64_t>(k0) * Dp, cols = static_cast<int64_t>(r0) * Dp;
-    pv_block(St + at, Mp, 1, k1 - k0, dOr + cols, Dp, Dp, r1 - r0, dV + rows, ones);  // dV += P^T dO
-    pv_block(dPt + at, Mp, 1, k1 - k0, Qr + cols, Dp, Dp, r1 - r0, dK + rows, ones);  // dK' += dS^T Q'
-  }
-
-  if (amx) amx_end();
   const bool varlen = p.cu_seqlens_q != nullptr;
+  // This sequence's rows of the split's dQ' partial sums, in tile order (query i, head g of the group).
+  float* dq_part = bwd_dq_part(plan, split, hkv) + (varlen ? s.q_row0 : b * static_cast<int64_t>(p.seqlen_q)) * G * Dp;
   T* dk = static_cast<T*>(plan.dk) + (varlen ? s.k_row0 * plan.dk_row_stride : b * plan.dk_batch_stride) +
           hkv * plan.dk_head_stride;
   T* dv = static_cast<T*>(plan.dv) + (varlen ? s.k_row0 * plan.dk_row_stride : b * plan.dk_batch_stride) +
           hkv * plan.dk_head_stride;
   const int64_t cs_stride = 2 * cs_pad_of(p.rope.rotary_dim);
-  for (int jj = 0; jj < nb; ++jj) {
-    const int64_t j = j0 + jj;
-    store_row<DT>(dv + j * plan.dk_row_stride, dV + static_cast<int64_t>(jj) * Dp, 1.0f, D);
-    bwd_store_rotated<DT>(dk + j * plan.dk_row_stride, dK + static_cast<int64_t>(jj) * Dp,
-                          p.rope.rotary_dim ? s.k_cs + j * cs_stride : nullptr, p.rope, D, p.softmax_scale, sc.neg_cs);
+
+  const BwdScratch sc(plan, scratch);
+  float *Qt = sc.Qt, *dOt = sc.dOt, *Qr = sc.Qr, *dOr = sc.dOr, *St = sc.St, *dPt = sc.dPt, *Ks = sc.Ks, *Vs = sc.Vs;
+  float *dK = sc.acc, *dV = sc.dV, *l2 = sc.l2, *dl = sc.dl, *lim = sc.lim, *lo = sc.lo, *ones = sc.ones;
+  const bool amx = bwd_amx<DT>(p);
+  if (amx) amx_begin();
+
+  // The split's key blocks: every num_splits-th, so that under causal every split gets early
+  // (long) and late (short) blocks alike.
+  for (int64_t j0 = static_cast<int64_t>(split) * kBwdBlockN; j0 < s.sk; j0 += plan.num_splits * kBwdBlockN) {
+    const int nb = static_cast<int>(lmin(kBwdBlockN, s.sk - j0));
+    const int nbk = amx ? (nb + 31) / 32 * 32 : nb;  // AMX: keys padded to whole tiles
+    bwd_key_block<DT>(p, s, j0, nb, Ks, Vs);
+    zero_floats(dK, static_cast<int64_t>(nbk) * Dp);
+    zero_floats(dV, static_cast<int64_t>(nbk) * Dp);
+    if (amx) {
+      bwd_amx_keys(sc, nb, nbk, Dp);
+      amx_v_operand(Ks, nb, nbk, Dp, sc.Kpairs);
+    }
+    for (int64_t i0 = 0; i0 < s.sq; i0 += plan.block_m) {
+      const int64_t i1 = lmin(s.sq, i0 + plan.block_m);
+      if (span.lo(i0) >= j0 + nb) break;    // this and every later block starts past the keys
+      if (span.hi(i1 - 1) <= j0) continue;  // ends before them
+      const int M = static_cast<int>(i1 - i0) * G;
+      float* dq = dq_part + i0 * G * Dp;
+      bwd_query_tile<DT>(plan, s, hkv, i0, M, Mp, amx ? nullptr : Qt, amx ? nullptr : dOt, Qr, dOr, l2, dl, sc.tmp8);
+      bwd_limits(span, i0, G, M, Mp, j0, nb, lim, lo);
+      if (amx) {
+        bwd_amx_query(sc, Mp, Dp);
+        bwd_amx_scores(sc, nbk, Dp, Mp);
+        bwd_probs(St, dPt, Mp, nbk, lim, lo, scale2, l2, dl);  // keys past nb: zeros (lim <= nb)
+        bf16_operand_rows(St, static_cast<int64_t>(nbk) * Mp, sc.Pb);
+        bf16_operand_rows(dPt, static_cast<int64_t>(nbk) * Mp, sc.dSb);
+        amx_gemm(sc.Pb, Mp, sc.dOpairs, Dp, dV, Dp, nbk, Dp, Mp, true);  // dV += P^T dO
+        amx_gemm(sc.dSb, Mp, sc.Qpairs, Dp, dK, Dp, nbk, Dp, Mp, true);  // dK' += dS^T Q'
+        if (!all_finite(Ks, static_cast<int64_t>(nb) * Dp)) {
+          bwd_dq_fp32(dPt, Ks, lim, lo, M, Mp, nb, Dp, dq, ones);  // keeps hidden non-finite K' out
+          continue;
+        }
+        // dQ' += dS K' into a tile of its own (the tile's padding rows must not touch the next
+        // tile's partial sums), then added to the M rows.
+        amx_rows_of_transposed(dPt, Mp, nbk, nbk, sc.dSb);
+        amx_gemm(sc.dSb, nbk, sc.Kpairs, Dp, Qt, Dp, Mp, Dp, nbk, false);
+        for (int64_t e = 0; e < static_cast<int64_t>(M) * Dp; e += kLanes) vstore(dq + e, vload(dq + e) + vload(Qt + e));
+        continue;
+      }
+      const bool masked = j0 + nb > span.hi(i0) || j0 < span.lo(i1 - 1);
+      bwd_scores(Ks, Vs, nb, Dp, Qt, dOt, M, Mp, lim, lo, masked, St, dPt);
+      bwd_probs(St, dPt, Mp, nb, lim, lo, scale2, l2, dl);
+      // Only the rows that see some key of the block, and the keys some row sees, reach dV and dK'.
+      int r0 = 0, r1 = M;
+      while (r0 < r1 && lim[r0] <= lo[r0]) ++r0;
+      while (r1 > r0 && lim[r1 - 1] <= lo[r1 - 1]) --r1;
+      if (r0 == r1) continue;
+      const int k0 = static_cast<int>(lo[r0]), k1 = static_cast<int>(lim[r1 - 1]);
+      const int64_t at = static_cast<int64_t>(k0) * Mp + r0;
+      const int64_t rows = static_cast<int64_t>(k0) * Dp, cols = static_cast<int64_t>(r0) * Dp;
+      pv_block(St + at, Mp, 1, k1 - k0, dOr + cols, Dp, Dp, r1 - r0, dV + rows, ones);  // dV += P^T dO
+      pv_block(dPt + at, Mp, 1, k1 - k0, Qr + cols, Dp, Dp, r1 - r0, dK + rows, ones);  // dK' += dS^T Q'
+      bwd_dq_fp32(dPt, Ks, lim, lo, M, Mp, nb, Dp, dq, ones);                          // dQ' += dS K'
+    }
+    for (int jj = 0; jj < nb; ++jj) {
+      const int64_t j = j0 + jj;
+      store_row<DT>(dv + j * plan.dk_row_stride, dV + static_cast<int64_t>(jj) * Dp, 1.0f, D);
+      bwd_store_rotated<DT>(dk + j * plan.dk_row_stride, dK + static_cast<int64_t>(jj) * Dp,
+                            p.rope.rotary_dim ? s.k_cs + j * cs_stride : nullptr, p.rope, D, p.softmax_scale,
+                            sc.neg_cs);
+    }
   }
+  if (amx) amx_end();
 }
 
+// dq rows: entries e = hkv * q_rows + row of [Hkv][q rows] (global rows: dense b * Sq + i, varlen
+// the packed row), each the G heads of the group; the splits' partial sums added in split order.
 template <class DT>
-void bwd_dq_item_t(const BwdPlan& plan, int64_t item, float* scratch) {
+void bwd_dq_rows_t(const BwdPlan& plan, int64_t begin, int64_t end) {
   using T = typename DT::T;
   const AttnParams& p = plan.p;
   const int Hkv = p.num_heads_k, G = p.num_heads / Hkv, D = p.head_dim, Dp = head_dim_pad_of(D);
-  const int64_t bh = item / plan.num_q_blocks, rank = item % plan.num_q_blocks;
-  const int64_t qb = p.causal ? plan.num_q_blocks - 1 - rank : rank;  // the longest causal blocks first
-  const int b = static_cast<int>(bh / Hkv), hkv = static_cast<int>(bh % Hkv);
-  const BwdSeq<T> s(plan, b, hkv);
-  const int64_t i0 = qb * plan.block_m;
-  if (i0 >= s.sq) return;
-  const int64_t i1 = lmin(s.sq, i0 + plan.block_m);
-  const int M = static_cast<int>(i1 - i0) * G;
-  const KeySpan span(p, s.sq, s.sk);
-  const int64_t j_begin = span.lo(i0), j_end = lmax_(j_begin, span.hi(i1 - 1));
-  const int Mp = bwd_tile_cols(plan);
-  const float scale2 = p.softmax_scale * kLog2e;
-
-  const BwdScratch sc(plan, scratch);
-  float *Qt = sc.Qt, *dOt = sc.dOt, *St = sc.St, *dPt = sc.dPt, *Ks = sc.Ks, *Vs = sc.Vs, *dQ = sc.acc;
-  float *l2 = sc.l2, *dl = sc.dl, *lim = sc.lim, *lo = sc.lo, *ones = sc.ones;
-
-  const bool amx = bwd_amx<DT>(p);
-  if (amx) {
-    bwd_query_tile<DT>(plan, s, hkv, i0, M, Mp, nullptr, nullptr, sc.Qr, sc.dOr, l2, dl, sc.tmp8);
-    bwd_amx_query(sc, Mp, Dp);
-    amx_begin();
-  } else {
-    bwd_query_tile<DT>(plan, s, hkv, i0, M, Mp, Qt, dOt, nullptr, nullptr, l2, dl, sc.tmp8);
-  }
-  zero_floats(dQ, static_cast<int64_t>(Mp) * Dp);
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
-    const int nb = static_cast<int>(lmin(kBlockN, j_end - j0));
-    const int nbk = amx ? (nb + 31) / 32 * 32 : nb;
-    bwd_key_block<DT>(p, s, j0, nb, Ks, Vs);
-    bwd_limits(span, i0, G, M, Mp, j0, nb, lim, lo);
-    if (amx) {
-      bwd_amx_keys(sc, nb, nbk, Dp);
-      bwd_amx_scores(sc, nbk, Dp, Mp);
-    } else {
-      const bool masked = j0 + nb > span.hi(i0) || j0 < span.lo(i1 - 1);
-      bwd_scores(Ks, Vs, nb, Dp, Qt, dOt, M, Mp, lim, lo, masked, St, dPt);
-    }
-    bwd_probs(St, dPt, Mp, nbk, lim, lo, scale2, l2, dl);
-    // dQ' += dS K'. A strip of rows multiplies the zero dS of keys some of its rows cannot see by
-    // those keys' K' rows: when one of those holds a NaN or an infinity, each row runs alone
-    // over its own keys (as the forward's P.V).
-    const int seen_by_all = static_cast<int>(M ? lim[0] : nb), seen_from = static_cast<int>(M ? lo[M - 1] : 0);
-    const bool one_by_one =
-        !all_finite(Ks + static_cast<int64_t>(seen_by_all) * Dp, static_cast<int64_t>(nb - seen_by_all) * Dp) ||
-        !all_finite(Ks, static_cast<int64_t>(seen_from) * Dp);
-    if (!one_by_one && amx) {  // dQ' += dS K' on the tile unit (K' pairs of rows; keys past nb zero)
-      amx_v_operand(Ks, nb, nbk, Dp, sc.Kpairs);
-      amx_rows_of_transposed(dPt, Mp, nbk, nbk, sc.dSb);
-      amx_gemm(sc.dSb, nbk, sc.Kpairs, Dp, dQ, Dp, Mp, Dp, nbk, true);
-      continue;
-    }
-    if (!one_by_one) {  // over the keys some row sees, [lo of the first row, lim of the last)
-      const int k0 = static_cast<int>(lo[0]), k1 = static_cast<int>(lim[M - 1]);
-      if (k1 > k0)
-        pv_block(dPt + static_cast<int64_t>(k0) * Mp, 1, Mp, M, Ks + static_cast<int64_t>(k0) * Dp, Dp, Dp, k1 - k0,
-                 dQ, ones);
-      continue;
-    }
-    for (int r = 0; r < M; ++r) {
-      const int first = static_cast<int>(lo[r]), keys = imax(static_cast<int>(lim[r]) - first, 0);
-      pv_block(dPt + r + static_cast<int64_t>(first) * Mp, 1, Mp, 1, Ks + static_cast<int64_t>(first) * Dp, Dp, Dp,
-               keys, dQ + static_cast<int64_t>(r) * Dp, ones);
-    }
-  }
-
-  if (amx) amx_end();
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  T* dq = static_cast<T*>(plan.dq) + (varlen ? s.q_row0 * plan.dq_row_stride : b * plan.dq_batch_stride);
   const int64_t cs_stride = 2 * cs_pad_of(p.rope.rotary_dim);
-  for (int r = 0; r < M; ++r) {
-    const int64_t i = i0 + r / G;
-    const int h = hkv * G + r % G;
-    bwd_store_rotated<DT>(dq + i * plan.dq_row_stride + h * plan.dq_head_stride, dQ + static_cast<int64_t>(r) * Dp,
-                          p.rope.rotary_dim ? s.q_cs + i * cs_stride : nullptr, p.rope, D, p.softmax_scale, sc.neg_cs);
+  alignas(64) float row[256];  // Dp <= 256
+  alignas(64) float neg_cs[256];
+  for (int64_t e = begin; e < end; ++e) {
+    const int hkv = static_cast<int>(e / plan.q_rows);
+    const int64_t r = e % plan.q_rows;
+    const int64_t b = p.cu_seqlens_q ? 0 : r / p.seqlen_q, i = p.cu_seqlens_q ? r : r % p.seqlen_q;
+    T* dq = static_cast<T*>(plan.dq) + b * plan.dq_batch_stride + i * plan.dq_row_stride;
+    for (int g = 0; g < G; ++g) {
+      const int64_t at = (r * G + g) * Dp;
+      for (int c = 0; c < Dp; c += kLanes) {
+        V acc = vload(bwd_dq_part(plan, 0, hkv) + at + c);
+        for (int split = 1; split < plan.num_splits; ++split) acc = acc + vload(bwd_dq_part(plan, split, hkv) + at + c);
+        vstore(row + c, acc);
+      }
+      bwd_store_rotated<DT>(dq + (hkv * G + g) * plan.dq_head_stride, row,
+                            p.rope.rotary_dim ? plan.q_cs + r * cs_stride : nullptr, p.rope, D, p.softmax_scale, neg_cs);
+    }
   }
 }
 
-void bwd_dkdv_item(const BwdPlan& plan, int64_t item, float* scratch) {
+void bwd_item(const BwdPlan& plan, int64_t item, float* scratch) {
   switch (plan.dtype) {
-    case DType::kFloat32: bwd_dkdv_item_t<F32>(plan, item, scratch); break;
-    case DType::kBFloat16: bwd_dkdv_item_t<BF16>(plan, item, scratch); break;
-    case DType::kFloat16: bwd_dkdv_item_t<F16>(plan, item, scratch); break;
+    case DType::kFloat32: bwd_item_t<F32>(plan, item, scratch); break;
+    case DType::kBFloat16: bwd_item_t<BF16>(plan, item, scratch); break;
+    case DType::kFloat16: bwd_item_t<F16>(plan, item, scratch); break;
   }
 }
 
-void bwd_dq_item(const BwdPlan& plan, int64_t item, float* scratch) {
+void bwd_dq_rows(const BwdPlan& plan, int64_t begin, int64_t end) {
   switch (plan.dtype) {
-    case DType::kFloat32: bwd_dq_item_t<F32>(plan, item, scratch); break;
-    case DType::kBFloat16: bwd_dq_item_t<BF16>(plan, item, scratch); break;
-    case DType::kFloat16: bwd_dq_item_t<F16>(plan, item, scratch); break;
+    case DType::kFloat32: bwd_dq_rows_t<F32>(plan, begin, end); break;
+    case DType::kBFloat16: bwd_dq_rows_t<BF16>(plan, begin, end); break;
+    case DType::kFloat16: bwd_dq_rows_t<F16>(plan, begin, end); break;
   }
 }

@@ -1410,8 +1410,8 @@ const Kernels RK_KERNELS_SYMBOL = {
     &RK_ISA::rope_rows,
     &RK_ISA::bwd_prep_rows,
     &RK_ISA::bwd_scratch_floats,
-    &RK_ISA::bwd_dkdv_item,
-    &RK_ISA::bwd_dq_item,
+    &RK_ISA::bwd_item,
+    &RK_ISA::bwd_dq_rows,
 };
 
 }  // namespace cpu

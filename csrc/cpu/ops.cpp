@@ -219,8 +219,8 @@ struct CpuDevice {
     run_tiled(kern, plan, Sq, 4.0 * tokens_q * p.num_heads * static_cast<double>(Sk) * D);
   }
 
-  // Gradients of `attention` (kernels.h: BwdPlan): the prep rows, then the dK/dV items, then the
-  // dQ items; each output row is written by exactly one item.
+  // Gradients of `attention` (kernels.h: BwdPlan): the prep rows, the items (dK, dV and the
+  // splits' partial sums of dQ), then the dq rows; each output row is written by exactly one task.
   static void backward(args::BwdCall& c, DType dtype) {
     args::AttnCall& a = c.a;
     AttnParams& p = a.p;
@@ -249,20 +249,26 @@ struct CpuDevice {
     plan.lse2 = lse2.data_ptr<float>();
     plan.q_cs = q_cs.defined() ? q_cs.data_ptr<float>() : nullptr;
     plan.k_cs = k_cs.defined() ? k_cs.data_ptr<float>() : nullptr;
-    const int G = p.num_heads / p.num_heads_k;
-    plan.block_m = choose_block_m(G, kern.micro_rows);
-    plan.num_q_blocks = (Sq + plan.block_m - 1) / plan.block_m;
-    plan.num_k_blocks = (longest_k + kBwdBlockN - 1) / kBwdBlockN;
+    const int64_t G = p.num_heads / p.num_heads_k, Hkv = p.num_heads_k, Dp = head_dim_pad_of(static_cast<int>(D));
+    plan.block_m = choose_block_m(static_cast<int>(G), kern.micro_rows);
+    plan.q_rows = q_rows;
+    // Splits of the key blocks: enough items for 8 threads, at most one per block, and partial sums
+    // of dQ' (one fp32 copy of dq each) within 128 MiB unless one copy is larger. A function of
+    // the shape alone, so the gradients are the same for any thread count.
+    const int64_t k_blocks = (longest_k + kBwdBlockN - 1) / kBwdBlockN;
+    const int64_t copy_bytes = q_rows * p.num_heads * Dp * static_cast<int64_t>(sizeof(float));
+    int64_t splits = std::min<int64_t>((8 + B * Hkv - 1) / (B * Hkv), std::max<int64_t>(k_blocks, 1));
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{128} << 20) / std::max<int64_t>(copy_bytes, 1)));
+    plan.num_splits = static_cast<int>(splits);
+    at::Tensor dq_part = at::zeros({splits * copy_bytes / static_cast<int64_t>(sizeof(float))}, at::kFloat);
+    plan.dq_part = dq_part.data_ptr<float>();
     // ~D flops per row: 4096 rows per task keep short calls on one thread.
     at::parallel_for(0, c.lse.numel(), 4096, [&](int64_t b, int64_t e) { kern.bwd_prep_rows(plan, b, e); });
-    // Each pass recomputes S and dP (2 of its 3 or 4 products): ~5x / ~3x the forward's 2 flops a score channel.
+    // Five products of the forward's two: ~2.5x its flops (4 a score channel).
     const double scores = static_cast<double>(q_rows) * p.num_heads * static_cast<double>(Sk) * D;
-    const int64_t scratch = kern.bwd_scratch_floats(plan);
-    const int64_t Hkv = p.num_heads_k;
-    run_items(B * Hkv * plan.num_k_blocks, scratch, 8.0 * scores, kMinFlopsPerThread,
-              [&](int64_t item, float* buf) { kern.bwd_dkdv_item(plan, item, buf); });
-    run_items(B * Hkv * plan.num_q_blocks, scratch, 6.0 * scores, kMinFlopsPerThread,
-              [&](int64_t item, float* buf) { kern.bwd_dq_item(plan, item, buf); });
+    run_items(B * Hkv * splits, kern.bwd_scratch_floats(plan), 10.0 * scores, kMinFlopsPerThread,
+              [&](int64_t item, float* buf) { kern.bwd_item(plan, item, buf); });
+    at::parallel_for(0, Hkv * q_rows, 256, [&](int64_t b, int64_t e) { kern.bwd_dq_rows(plan, b, e); });
   }
 
   static void kvcache(args::CacheCall& c, DType dtype, int64_t num_splits) {
