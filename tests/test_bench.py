@@ -426,3 +426,23 @@ def test_bench_cpu_script_tiny(tmp_path, capsys):
     assert prefill["op"] == "prefill" and decode["op"] == "decode" and decode["cache_len"] == 64
     assert decode["speedup_vs_baseline"] > 0 and 0 < decode["pct_of_memcpy"]
     assert "decode   float32 N=    64" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(backends.available_backends()["cpu"] is not True, reason="needs the native CPU extension")
+def test_bench_cpu_backward_rows_tiny(tmp_path, capsys):
+    """bench_cpu.py's forward + backward rows and the forward + backward peak memory, on tiny shapes:
+    every candidate timed, the speed-ups the README quotes recorded."""
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cpu)
+    out = tmp_path / "cpu.json"
+    argv = ["--prefill", "--decode", "--backward", "64", "--backward-heads", "4/2", "--dtypes", "float32"]
+    argv += ["--repeats", "1", "--memory-seqlen", "64", "--memory-backward", "--ceilings", "none", "--ggml", "none"]
+    assert bench_cpu.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    bwd = next(r for r in rows if r["op"] == "forward+backward")
+    assert bwd["heads"] == "4/2" and set(bwd["ms"]) == {"rk-cpu", "rk-cpu(recompute)", "rope+sdpa", "sdpa"}
+    assert bwd["speedup_vs_baseline"] > 0 and bwd["speedup_vs_recompute"] > 0
+    memory = {r["which"]: r for r in rows if r["op"] == "memory"}
+    assert set(memory) == {"cpu", "cpu+bwd", "baseline+bwd"} and memory["cpu+bwd"]["peak_bytes"] > 0
+    assert "fwd+bwd  float32 4/2 S=    64" in capsys.readouterr().out
