@@ -1,11 +1,12 @@
 // The backward of the tiled forward (kernels.h: BwdPlan), written against vec.h and the forward's
 // blocks (kernels_impl.h includes this inside namespace ropekern::cpu::RK_ISA, once per unit).
 //
-// Numerics: fp32 throughout. P = exp2(S * scale * log2 e - lse * log2 e) from the saved LSE, with
-// masked entries selected to 0 (never multiplied); dS = P o (dP - delta). Scores are S^T tiles
-// (keys x query rows) as in the forward, so every product is one of the forward's micro-kernels:
-// S^T and dP^T by outer_block (K' or V rows against the transposed Q' or dO tile), the three
-// gradient sums by pv_block. softmax_scale multiplies each finished dQ'/dK' row once, and the
+// Numerics: fp32 arithmetic (the AMX unit: bf16 operands for bf16 inputs, bwd_amx). P =
+// exp2(S * scale * log2 e - lse * log2 e) from the saved LSE, with masked entries selected to 0
+// (never multiplied); dS = P o (dP - delta). Scores are S^T tiles (keys x query rows) as in the
+// forward, so every product is one of the forward's micro-kernels: S^T and dP^T by outer_block
+// (K' or V rows against the transposed Q' or dO tile), the three gradient sums by pv_block (or
+// amx_gemm). softmax_scale multiplies each finished dQ'/dK' row once, and the
 // inverse rotation (the forward's with sin negated, attention factor included) is applied once per
 // output row.
 
@@ -67,22 +68,6 @@ static void bwd_probs(float* st, float* dpt, int Mp, int nb, const float* lim, c
     }
   }
 }
-
-// Which keys each query of one sequence sees: [lo(i), hi(i)), the causal diagonal (bottom-right)
-// and the sliding window; both bounds grow with i.
-struct KeySpan {
-  int64_t sk, off, wl, wr;
-  bool causal;
-  KeySpan(const AttnParams& p, int64_t sq, int64_t sk_)
-      : sk(sk_), off(sk_ - sq), wl(p.window_left), wr(p.causal ? -1 : p.window_right), causal(p.causal) {}
-  RK_INLINE int64_t hi(int64_t i) const {
-    int64_t h = sk;
-    if (causal) h = lmin(h, i + off + 1);
-    if (wr >= 0) h = lmin(h, i + off + wr + 1);
-    return lmax_(h, 0);
-  }
-  RK_INLINE int64_t lo(int64_t i) const { return wl >= 0 ? lmin(sk, lmax_(0, i + off - wl)) : int64_t{0}; }
-};
 
 // One (sequence, KV head) of a backward item: its rows, lengths and tables.
 template <class T>

@@ -799,6 +799,24 @@ static void amx_v_operand_raw(const KV& kv, int64_t j0, int nb, int nbk, int Dp,
 #endif
 }
 
+// Which keys each query of one sequence sees, [lo(i), hi(i)): the causal diagonal (bottom-right:
+// query i sits at key position i + sk - sq) and the sliding window; both bounds grow with i.
+// P: AttnParams or DecodeParams.
+struct KeySpan {
+  int64_t sk, off, wl, wr;
+  bool causal;
+  template <class P>
+  KeySpan(const P& p, int64_t sq, int64_t sk_)
+      : sk(sk_), off(sk_ - sq), wl(p.window_left), wr(p.causal ? -1 : p.window_right), causal(p.causal) {}
+  RK_INLINE int64_t hi(int64_t i) const {
+    int64_t h = sk;
+    if (causal) h = lmin(h, i + off + 1);
+    if (wr >= 0) h = lmin(h, i + off + wr + 1);
+    return lmax_(h, 0);
+  }
+  RK_INLINE int64_t lo(int64_t i) const { return wl >= 0 ? lmin(sk, lmax_(0, i + off - wl)) : int64_t{0}; }
+};
+
 // Sequence b's query and key rows: its first packed row and length (varlen), or row 0 and the
 // dense lengths (keys: `sk_dense`, which a cache sets per sequence).
 struct SeqRows {
@@ -833,18 +851,9 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   if (i0 >= sq) return;
   const int64_t i1 = lmin(sq, i0 + plan.block_m);
   const int nq = static_cast<int>(i1 - i0), M = nq * G;
-  const int64_t off = sk - sq;  // causal: query i sees key j iff j <= i + off
-  // Query i sees keys [key_lo(i), key_hi(i)): the causal diagonal and the sliding window (both
-  // bounds grow with i, so a tile's keys run from its first row's lo to its last row's hi).
-  const int64_t wl = p.window_left, wr = p.causal ? -1 : p.window_right;
-  const auto key_hi = [&](int64_t i) {
-    int64_t h = sk;
-    if (p.causal) h = lmin(h, i + off + 1);
-    if (wr >= 0) h = lmin(h, i + off + wr + 1);
-    return lmax_(h, 0);
-  };
-  const auto key_lo = [&](int64_t i) { return wl >= 0 ? lmin(sk, lmax_(0, i + off - wl)) : int64_t{0}; };
-  const int64_t j_begin = key_lo(i0), j_end = lmax_(j_begin, key_hi(i1 - 1));
+  // A tile's keys run from its first row's lo to its last row's hi (both grow with the row).
+  const KeySpan span(p, sq, sk);
+  const int64_t j_begin = span.lo(i0), j_end = lmax_(j_begin, span.hi(i1 - 1));
 
   const T* q = static_cast<const T*>(p.q) + (varlen ? q_row0 * p.q_row_stride : b * p.q_batch_stride);
   T* out = static_cast<T*>(p.out) + (varlen ? q_row0 * p.o_row_stride : b * p.o_batch_stride);
@@ -915,7 +924,7 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
     const int nb = static_cast<int>(lmin(kBlockN, j_end - j0));
     // Some row of the tile does not see every key of the block: the causal diagonal, or a window's edge.
-    const bool diagonal = j0 + nb > key_hi(i0) || j0 < key_lo(i1 - 1);
+    const bool diagonal = j0 + nb > span.hi(i0) || j0 < span.lo(i1 - 1);
     // AMX off the diagonal: V's tile operand straight from the bf16 rows, no fp32 copy (the
     // diagonal keeps Vs for its check of masked non-finite values).
     const bool v_raw = amx && !diagonal;
@@ -952,14 +961,14 @@ void tiled_item_t(const TiledPlan& plan, int64_t item, float* scratch) {
       continue;
     }
     // Row r sees the block's keys [first(r), visible(r)).
-    auto visible = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, key_hi(i0 + r / G) - j0))); };
-    auto first = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, key_lo(i0 + r / G) - j0))); };
+    auto visible = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, span.hi(i0 + r / G) - j0))); };
+    auto first = [&](int r) { return static_cast<int>(lmin(nb, lmax_(0, span.lo(i0 + r / G) - j0))); };
     // Padding rows (r >= M) see nothing: their columns stay -inf/0 instead of reading stale scores.
     for (int r = 0; r < Mp; ++r) {
       lim[r] = static_cast<float>(r < M ? visible(r) : 0);
       lo[r] = static_cast<float>(r < M ? first(r) : 0);
     }
-    const bool windowed = wl >= 0 && j0 < key_lo(i1 - 1);
+    const bool windowed = span.wl >= 0 && j0 < span.lo(i1 - 1);
     if (amx) {
       amx_scores(Kb, nbk, Dp, Qp, Mp, St);
     } else {
@@ -1069,18 +1078,10 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
   const int64_t cs_stride = 2 * cp;
   const int b = static_cast<int>(item / plan.num_splits), split = static_cast<int>(item % plan.num_splits);
   const int64_t n = static_cast<int64_t>(p.cache_seqlens[b]) + p.s_new;
-  // Query i (at n - Sq + i) sees keys [key_lo(i), key_hi(i)): the causal diagonal and the sliding
-  // window; this split's keys are cut to those some query sees.
-  const int64_t wl = p.window_left, wr = p.causal ? -1 : p.window_right;
-  const auto key_hi = [&](int64_t i) {
-    int64_t h = n;
-    if (p.causal) h = lmin(h, n - Sq + i + 1);
-    if (wr >= 0) h = lmin(h, n - Sq + i + wr + 1);
-    return lmax_(h, 0);
-  };
-  const auto key_lo = [&](int64_t i) { return wl >= 0 ? lmin(n, lmax_(0, n - Sq + i - wl)) : int64_t{0}; };
-  const int64_t ks = lmax_(split * plan.split_len, key_lo(0));
-  const int64_t ke = lmin(lmin(n, split * plan.split_len + plan.split_len), key_hi(Sq - 1));
+  // Query i sits at n - Sq + i; this split's keys are cut to those some query sees.
+  const KeySpan span(p, Sq, n);
+  const int64_t ks = lmax_(split * plan.split_len, span.lo(0));
+  const int64_t ke = lmin(lmin(n, split * plan.split_len + plan.split_len), span.hi(Sq - 1));
   const int rows = Hq * Sq, group_rows = G * Sq;
   float* part = plan.partial + (static_cast<int64_t>(b) * plan.num_splits + split) * rows * (Dp + 2);
   if (ks >= ke) {  // this split holds no key of sequence b
@@ -1230,12 +1231,12 @@ void decode_item_t(const DecodePlan& plan, int64_t item, float* scratch) {
     }
     // One online-softmax step for all rows, eight per vector. Causal with Sq > 1: query i sees
     // keys j <= n - Sq + i, which cuts into the last chunks only; a window's left edge into the first.
-    const bool masked = c0 + nc > key_hi(0) || c0 < key_lo(Sq - 1);
-    const bool windowed = wl >= 0 && c0 < key_lo(Sq - 1);
+    const bool masked = c0 + nc > span.hi(0) || c0 < span.lo(Sq - 1);
+    const bool windowed = span.wl >= 0 && c0 < span.lo(Sq - 1);
     if (masked)
       for (int r = 0; r < rows8; ++r) {
-        lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, key_hi(r % Sq) - c0))) : nc;
-        lo[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, key_lo(r % Sq) - c0))) : 0.0f;
+        lim[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, span.hi(r % Sq) - c0))) : nc;
+        lo[r] = r < rows ? static_cast<float>(lmin(nc, lmax_(0, span.lo(r % Sq) - c0))) : 0.0f;
       }
     softmax_cols<V>(St, rows8, rows8, nc, masked ? lim : nullptr, scale2, m, l, alpha, windowed ? lo : nullptr);
     for (int hkv = 0; hkv < Hkv; ++hkv) {
