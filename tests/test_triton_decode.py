@@ -17,14 +17,13 @@ from ropekern._validation import KVCACHE_SCHEMA, bundle_rope, kvcache_call, rope
 from ropekern.backends import get_backend
 from ropekern.testing import baseline_kvcache, error_check, exact_angle, oracle_kvcache
 
-from cases import rope_kwargs_per_type
+from cases import GARBAGE_BLOCK, paged_cache, rope_kwargs_per_type
 
 pytestmark = pytest.mark.skipif(
     rk.available_backends()["triton"] is not True, reason="triton backend unavailable (no GPU, no interpreter)"
 )
 
 ROPES = rope_kwargs_per_type(16)  # head_dim 32
-GARBAGE_BLOCK = 2**30  # what an allocator may leave in unused block-table entries
 
 
 def make_rope(kind="default", head_dim=32, rotary_dim=None, interleaved=False, base=100.0):
@@ -58,19 +57,8 @@ def make_cache(lens, s_new, sq, hq, hkv, d, dtype, block=None, smax=None, seed=0
         case.update(k_new=None, v_new=None)
     if block is None:
         return dict(case, k_cache=k_full, v_cache=v_full, block_table=None)
-    nblk = -(-smax // block)
-    spare = 3
-    pool = torch.full((b * nblk + spare, block, hkv, d), float("nan"), dtype=dtype)
-    vpool = pool.clone()
-    table = torch.randperm(b * nblk + spare, generator=gen)[: b * nblk].view(b, nblk).to(torch.int32)
-    for i, n in enumerate(lens):
-        for j in range(nblk):
-            lo, hi = j * block, min((j + 1) * block, smax)
-            pool[table[i, j], : hi - lo] = k_full[i, lo:hi]
-            vpool[table[i, j], : hi - lo] = v_full[i, lo:hi]
-        used = -(-(n + s_new) // block)
-        table[i, used:] = GARBAGE_BLOCK
-    return dict(case, k_cache=pool, v_cache=vpool, block_table=table)
+    k_pool, v_pool, table = paged_cache(k_full, v_full, lens, s_new, block, gen)
+    return dict(case, k_cache=k_pool, v_cache=v_pool, block_table=table)
 
 
 def clone_case(case):

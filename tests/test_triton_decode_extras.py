@@ -28,13 +28,12 @@ from ropekern._triton import decode
 from ropekern._validation import KVCACHE_SCHEMA, bundle_rope, kvcache_call, rope_position
 from ropekern.testing import baseline_kvcache, error_check, oracle_kvcache
 
-from cases import rope_kwargs_per_type
+from cases import paged_cache, rope_kwargs_per_type
 
 pytestmark = pytest.mark.skipif(
     rk.available_backends()["triton"] is not True, reason="triton backend unavailable (no GPU, no interpreter)"
 )
 
-GARBAGE_BLOCK = 2**30  # what an allocator may leave in unused block-table entries
 KEYS = ("cache_seqlens", "k_new", "v_new", "block_table")
 
 
@@ -65,22 +64,14 @@ def make_case(lens, s_new, sq, hq, hkv, d, dtype, block=None, seed=0):
     if s_new:
         case["k_new"] = torch.stack([k[n0:] for k, n0 in zip(keys, lens)])
         case["v_new"] = torch.stack([v[n0:] for v, n0 in zip(values, lens)])
-    if block is None:
-        kc = torch.full((b, smax, hkv, d), float("nan"), dtype=dtype)
-        vc = kc.clone()
-        for i, n0 in enumerate(lens):
-            kc[i, :n0], vc[i, :n0] = keys[i][:n0], values[i][:n0]
-        return dict(case, k_cache=kc, v_cache=vc, block_table=None), keys, values
-    nblk = -(-smax // block)
-    kc = torch.full((b * nblk + 2, block, hkv, d), float("nan"), dtype=dtype)
+    kc = torch.full((b, smax, hkv, d), float("nan"), dtype=dtype)
     vc = kc.clone()
-    table = torch.randperm(b * nblk + 2, generator=gen)[: b * nblk].view(b, nblk).to(torch.int32)
     for i, n0 in enumerate(lens):
-        for t in range(n0):
-            kc[table[i, t // block], t % block] = keys[i][t]
-            vc[table[i, t // block], t % block] = values[i][t]
-        table[i, -(-(n0 + s_new) // block) :] = GARBAGE_BLOCK
-    return dict(case, k_cache=kc, v_cache=vc, block_table=table), keys, values
+        kc[i, :n0], vc[i, :n0] = keys[i][:n0], values[i][:n0]
+    if block is None:
+        return dict(case, k_cache=kc, v_cache=vc, block_table=None), keys, values
+    k_pool, v_pool, table = paged_cache(kc, vc, lens, s_new, block, gen)
+    return dict(case, k_cache=k_pool, v_cache=v_pool, block_table=table), keys, values
 
 
 def clone_case(case):

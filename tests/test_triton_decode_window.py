@@ -33,13 +33,12 @@ from ropekern._triton.host import INTERPRET
 from ropekern._validation import KVCACHE_SCHEMA, bundle_rope, kvcache_call, rope_position
 from ropekern.testing import baseline_kvcache, error_check, oracle_kvcache
 
-from cases import rope_kwargs_per_type
+from cases import GARBAGE_BLOCK, paged_cache, rope_kwargs_per_type
 
 pytestmark = pytest.mark.skipif(
     rk.available_backends()["triton"] is not True, reason="triton backend unavailable (no GPU, no interpreter)"
 )
 
-GARBAGE_BLOCK = 2**30  # what an allocator may leave in unused (or freed) block-table entries
 KEYS = ("cache_seqlens", "k_new", "v_new", "block_table")
 LSE_FACTOR = {torch.bfloat16: 4.0} if INTERPRET else {}  # see the module docstring
 
@@ -70,16 +69,8 @@ def make_case(lens, s_new, sq, hq, hkv, d, dtype, block=None, spare=3, seed=0):
         case.update(k_new=None, v_new=None)
     if block is None:
         return dict(case, k_cache=k_full, v_cache=v_full, block_table=None)
-    nblk = -(-smax // block)
-    kc = torch.full((b * nblk + 2, block, hkv, d), float("nan"), dtype=dtype)
-    vc = kc.clone()
-    table = torch.randperm(b * nblk + 2, generator=gen)[: b * nblk].view(b, nblk).to(torch.int32)
-    for i, n0 in enumerate(lens):
-        for t in range(n0):
-            kc[table[i, t // block], t % block] = k_full[i, t]
-            vc[table[i, t // block], t % block] = v_full[i, t]
-        table[i, -(-(n0 + s_new) // block) :] = GARBAGE_BLOCK
-    return dict(case, k_cache=kc, v_cache=vc, block_table=table)
+    k_pool, v_pool, table = paged_cache(k_full, v_full, lens, s_new, block, gen)
+    return dict(case, k_cache=k_pool, v_cache=v_pool, block_table=table)
 
 
 def clone_case(case):
