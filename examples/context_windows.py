@@ -36,25 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_model import TinyLM, load  # noqa: E402
 
-from ropekern.context import nbce_combine  # noqa: E402
+from ropekern.context import nbce_combine, split_windows  # noqa: E402
 from ropekern.eval import PasskeySample, PasskeyTemplate, passkey_samples  # noqa: E402
 
 METHODS = ("extrapolation", "NBCE (min-entropy)", "NBCE (mean)", "PCW")
-
-
-def windows(context: list[int], size: int, overlap: int) -> list[list[int]]:
-    """Windows of ``size`` tokens starting every ``size - overlap`` tokens, covering ``context``.
-
-    Any span of at most ``overlap`` tokens lies whole inside at least one window.
-    """
-    if not 0 <= overlap < size:
-        raise ValueError(f"windows: need 0 <= overlap ({overlap}) < size ({size})")
-    stride, out, start = size - overlap, [], 0
-    while True:
-        out.append(context[start : start + size])
-        if start + size >= len(context):
-            return out
-        start += stride
 
 
 def score(
@@ -66,7 +51,7 @@ def score(
     task = sample.input_ids[-n_question:] + sample.answer_ids
     context = sample.input_ids[n_prefix:-n_question]
     size = model.config.train_len - n_prefix - len(task)  # prefix + window + task fit the trained positions
-    wins = [prefix + w for w in windows(context, size, needle_len)]
+    wins = [prefix + w for w in split_windows(context, size, needle_len)]
     answer = torch.tensor(sample.answer_ids)
 
     def verdict(logits: torch.Tensor) -> tuple[bool, float]:

@@ -1,11 +1,12 @@
-"""NBCE (ropekern.context.nbce_combine) against a direct, loop-by-loop transcription of the formula."""
+"""NBCE (ropekern.context.nbce_combine) against a direct, loop-by-loop transcription of the formula;
+the window splitter both context methods read long inputs through."""
 
 import math
 
 import pytest
 import torch
 
-from ropekern.context import POOLINGS, nbce_combine
+from ropekern.context import POOLINGS, nbce_combine, split_windows
 
 
 def direct(logits: torch.Tensor, beta: float, pooling: str) -> torch.Tensor:
@@ -97,3 +98,24 @@ def test_errors():
         nbce_combine(x, pooling="min")
     with pytest.raises(ValueError, match="NaN"):
         nbce_combine(torch.tensor([[0.0, float("nan")], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("size, overlap", [(20, 7), (20, 0), (1, 0), (100, 99), (150, 10)])
+def test_split_windows_hold_every_span_of_overlap_items(size, overlap):
+    ctx = list(range(100))
+    wins = split_windows(ctx, size, overlap)
+    assert wins[0][0] == 0 and wins[-1][-1] == 99 and all(len(w) <= size for w in wins)
+    assert all(w == ctx[w[0] : w[0] + len(w)] for w in wins)  # contiguous slices
+    for start in range(len(ctx) - overlap + 1):
+        assert any(w[0] <= start and start + overlap - 1 <= w[-1] for w in wins)
+    assert split_windows(torch.arange(100), size, overlap)[-1][-1] == 99  # tensors slice the same way
+    assert split_windows([], 4, 1) == [[]]
+
+
+@pytest.mark.parametrize(
+    "size, overlap, exc",
+    [(0, 0, ValueError), (5, 5, ValueError), (5, -1, ValueError), (5.0, 1, TypeError), (5, True, TypeError)],
+)
+def test_split_windows_errors(size, overlap, exc):
+    with pytest.raises(exc, match="split_windows"):
+        split_windows([1, 2, 3], size, overlap)

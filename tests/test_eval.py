@@ -138,6 +138,12 @@ def test_teacher_forced_scores():
             self.logits = logits
 
     assert passkey_accuracy(lambda ids: Output(oracle_fn(vocab=vocab)(ids)), samples) == 1.0
+    # Logits of the last k positions only (transformers' logits_to_keep) score the same, down to the nll.
+    for k in (6, 16):
+        tail = passkey_scores(lambda ids, k=k: wrong_last(ids)[:, -k:], samples, batch_size=3)
+        assert tail == scores
+    with pytest.raises(ValueError, match=r"with 6 <= k <= S"):
+        passkey_scores(lambda ids: wrong_last(ids)[:, -5:], samples)  # one position short of the answer
 
 
 def test_batches_keep_sample_order():

@@ -6,11 +6,13 @@
   one batch, one shared token per step).
 * ``pcw_generate``: Parallel Context Windows decoding of a transformers model (windows share the
   positions 0..n_w-1; task tokens attend to all of them), one fused ``rk.rope_attention`` per layer.
+* ``split_windows``: a long context cut into overlapping windows for either.
 
 The generation functions import ``transformers`` (through ``ropekern.integrations.hf``) on first use.
 """
 
 from .generate import nbce_generate, pcw_generate
 from .nbce import POOLINGS, nbce_combine
+from .windows import split_windows
 
-__all__ = ["nbce_combine", "nbce_generate", "pcw_generate", "POOLINGS"]
+__all__ = ["nbce_combine", "nbce_generate", "pcw_generate", "split_windows", "POOLINGS"]

@@ -61,9 +61,13 @@ def as_token_ids(name: str, ids: Any) -> list[int]:
     return out
 
 
-def call_logits(logits_fn: LogitsFn, ids: torch.Tensor) -> torch.Tensor:
+def call_logits(logits_fn: LogitsFn, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
     """``logits_fn(ids)`` checked to be ``[B, S, V]`` (a ``.logits`` attribute is unwrapped), as
-    float32 (float64 kept) so that log-softmax is never taken in half precision."""
+    float32 (float64 kept) so that log-softmax is never taken in half precision.
+
+    With ``last``, the caller reads only the last ``last`` positions: ``logits_fn`` may then return
+    ``[B, k, V]`` for the last ``k >= last`` positions (transformers' ``logits_to_keep=k``; at 32K
+    tokens full logits over a 49K vocabulary are 6 GB), and ``[B, last, V]`` is returned."""
     if not callable(logits_fn):
         raise TypeError(f"`logits_fn` must be callable input_ids -> logits, got {type(logits_fn).__name__}")
     out = logits_fn(ids)
@@ -71,10 +75,12 @@ def call_logits(logits_fn: LogitsFn, ids: torch.Tensor) -> torch.Tensor:
         out = out.logits
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"`logits_fn` must return a tensor [B, S, V], got {type(out).__name__}")
-    if out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
-        raise ValueError(
-            f"`logits_fn` returned shape {tuple(out.shape)} for input_ids {tuple(ids.shape)}; want [B, S, V]"
-        )
+    tail = last is not None and out.dim() == 3 and out.shape[0] == ids.shape[0] and last <= out.shape[1] <= ids.shape[1]
+    if not tail and (out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape)):
+        want = "[B, S, V]" if last is None else f"[B, k, V] with {last} <= k <= S"
+        raise ValueError(f"`logits_fn` returned shape {tuple(out.shape)} for input_ids {tuple(ids.shape)}; want {want}")
+    if last is not None:
+        out = out[:, out.shape[1] - last :]
     if not out.dtype.is_floating_point:
         raise TypeError(f"`logits_fn` must return floating logits, got {out.dtype}")
     return out if out.dtype == torch.float64 else out.float()

@@ -253,18 +253,21 @@ def passkey_scores(logits_fn: LogitsFn, samples: Sequence[PasskeySample], *, bat
 
     ``logits_fn(input_ids int64 [b, L]) -> logits [b, L, V]`` (or an object with ``.logits``), where
     ``logits[:, i]`` predicts token ``i + 1``; input ids are on the CPU (move them in ``logits_fn``).
-    Samples of equal length are batched, ``batch_size`` at a time, under ``torch.no_grad``.
+    Only the last positions are read, so ``logits_fn`` may return just the last ``k`` of them
+    (``k`` >= the answer's length + 1), e.g. ``model(ids, logits_to_keep=16).logits``: that keeps
+    long prompts from materialising ``[b, L, V]``. Samples of equal length are batched,
+    ``batch_size`` at a time, under ``torch.no_grad``.
     """
     rows = [s.full_ids for s in _samples(samples)]
     scores: list[PasskeyScore | None] = [None] * len(rows)
     with torch.no_grad():
         for idx, ids in batches_by_length(rows, batch_size):
-            logp = torch.log_softmax(call_logits(logits_fn, ids), dim=-1).cpu()
+            n_read = 1 + max(len(samples[i].answer_ids) for i in idx)
+            logp = torch.log_softmax(call_logits(logits_fn, ids, last=n_read), dim=-1).cpu()
             for row, i in enumerate(idx):
                 n_ans = len(samples[i].answer_ids)
-                start = ids.shape[1] - n_ans
-                pred = logp[row, start - 1 : -1]  # predictions of the answer tokens
-                target = ids[row, start:]
+                pred = logp[row, n_read - n_ans - 1 : -1]  # predictions of the answer tokens
+                target = ids[row, ids.shape[1] - n_ans :]
                 hits = pred.argmax(-1) == target
                 nll = -pred.gather(-1, target[:, None]).sum()
                 scores[i] = PasskeyScore(bool(hits.all()), float(hits.float().mean()), float(nll), n_ans)
