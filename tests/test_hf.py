@@ -390,6 +390,49 @@ def test_unrotated_layer_follows_cache_operations():
     assert layer.positions is None and layer.inputs is None and layer.get_seq_length() == 0
 
 
+def test_decoding_reads_the_cache_by_slot(monkeypatch):
+    """Decoding after a prefix at positions 0..T-1 goes through ``rope_attention_with_kvcache`` (the
+    decode kernel, keys addressed by slot); a left-padded batch keeps explicit positions. Both give
+    stock's tokens."""
+    calls = []
+    real = rk.rope_attention_with_kvcache
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(rk, "rope_attention_with_kvcache", spy)
+    model = stock("llama", "yarn")
+    ids = tokens(b=1, s=8)
+    expected = generate(model, ids, max_new_tokens=6)
+    assert torch.equal(generate(hf.patch(model), ids, max_new_tokens=6), expected)
+    assert calls == [1] * (5 * model.config.num_hidden_layers)  # 5 steps after the prefill, every layer
+    calls.clear()
+    ids, mask = tokens(b=2, s=8), torch.ones(2, 8, dtype=torch.int64)
+    mask[1, :3] = 0
+    hf.unpatch(model)
+    expected = generate(model, ids, attention_mask=mask, max_new_tokens=4)
+    assert torch.equal(generate(hf.patch(model), ids, attention_mask=mask, max_new_tokens=4), expected)
+    assert calls == []
+
+
+def test_unrotated_layer_knows_sequential_positions():
+    layer = hf.UnrotatedLayer()
+    k = torch.randn(2, 2, 3, 8)
+    layer.update(k, k, positions=torch.arange(3).expand(2, 3))
+    assert layer.sequential
+    layer.update(k[:, :, :1], k[:, :, :1], positions=torch.tensor([[3], [3]]))
+    assert layer.sequential
+    layer.update(k[:, :, :1], k[:, :, :1], positions=torch.tensor([[4], [7]]))  # a row skips ahead
+    assert not layer.sequential
+    layer.crop(-1)
+    assert not layer.sequential  # kept conservatively: nothing re-reads the positions
+    layer.reset()
+    assert layer.sequential
+    layer.update(k, k, positions=torch.tensor([[1, 2, 3], [0, 1, 2]]))  # a row not starting at 0
+    assert not layer.sequential
+
+
 def test_mask_forms():
     """Every form transformers hands the module reduces to the same key validity; others are refused."""
     valid = torch.tensor([[False, True, True, True], [True, True, True, True]])

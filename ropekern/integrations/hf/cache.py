@@ -87,12 +87,15 @@ class UnrotatedLayer(DynamicLayer):
     with a length-dependent RoPE: what a recompute of the whole prefix starts from). Writes must
     come from a patched module (``update(..., positions=...)``); cache operations that reorder or
     cut the batch or the sequence keep ``positions`` and ``inputs`` aligned with the keys.
+    ``sequential``: every row's positions are ``0..T-1`` (plain decoding; cropping, reordering and
+    batch selection keep it), so attention may address the keys by slot.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.positions: torch.Tensor | None = None
         self.inputs: torch.Tensor | None = None
+        self.sequential = True
 
     def update(self, key_states, value_states, *args, positions: torch.Tensor | None = None, **kwargs):
         if positions is None:
@@ -102,6 +105,10 @@ class UnrotatedLayer(DynamicLayer):
             )
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         positions = positions.to(device=keys.device, dtype=torch.int32)
+        if self.sequential:  # only the new positions are compared: O(new tokens) per update
+            n0 = 0 if self.positions is None else self.positions.shape[1]
+            slots = torch.arange(n0, n0 + positions.shape[1], device=positions.device, dtype=torch.int32)
+            self.sequential = bool((positions == slots).all())
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
         return keys, values
 
@@ -136,6 +143,7 @@ class UnrotatedLayer(DynamicLayer):
         self.is_initialized = False
         super().reset()
         self.positions = self.inputs = None
+        self.sequential = True
 
 
 def _cache_layer(cache: Any, layer_idx: int, where: str) -> UnrotatedLayer:
