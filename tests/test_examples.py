@@ -131,10 +131,21 @@ def test_parallel_context_windows_and_nbce(tmp_path):
 def test_readme_real_model_table_is_the_example_output():
     """The README's real-model table is ``examples/real_model.py``'s ``table.md``, not typed; its rows
     are ropekern's, with transformers' beside them where it has the law (and they agree)."""
-    table = (ROOT / "examples" / "results" / "real_model" / "table.md").read_text().strip()
-    assert table in (ROOT / "README.md").read_text()
-    rows = json.loads((ROOT / "examples" / "results" / "real_model" / "results.json").read_text())["rows"]
+    out = ROOT / "examples" / "results" / "real_model"
+    table = (out / "table.md").read_text()
+    assert table.strip() in (ROOT / "README.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import real_model
+    finally:
+        sys.path.pop(0)
+    assert real_model.table(results) == table  # table.md is the report of results.json
+    rows = results["ppl"]
     ours = {(r["law"], r["factor"], r["length"]): r for r in rows if r["impl"] == "ropekern"}
     for r in (r for r in rows if r["impl"] == "transformers"):
         mine = ours[(r["law"], r["factor"], r["length"])]["buckets"]
-        assert all(abs(a - b) <= 1e-4 * b for a, b in zip(mine, r["buckets"]))
+        # 1e-4 wherever the model reads the text. Where it has lost it (extrapolation at 16K-32K,
+        # bucket perplexities 1,000-6,000) its predictions swing with any change of the angles, and
+        # stock's fp32 angles there are p * 2^-24 ~ 1-2e-3 rad off ropekern's exact ones: up to 2e-3.
+        assert all(abs(a - b) <= (1e-4 if b < 1000 else 1e-2) * b for a, b in zip(mine, r["buckets"]))

@@ -112,8 +112,10 @@ def test_check_model_cli_passes(smollm, tmp_path, capsys):
 
 
 def test_real_model_example_quick(tmp_path):
-    """``examples/real_model.py --quick`` (YaRN x2, 2K tokens of the book): ropekern and stock
-    transformers agree bucket by bucket, and the JSON, table and plot are written."""
+    """``examples/real_model.py --quick`` (YaRN x2 on 2K tokens of the book, every task): ropekern and
+    stock transformers agree bucket by bucket, the passkey is found in one pass and through PCW and
+    NBCE windows, the speed rows of the three attentions decode the same tokens, and the JSON,
+    table and plot are written; a rerun measures nothing again."""
     import json
     import sys
 
@@ -128,8 +130,22 @@ def test_real_model_example_quick(tmp_path):
     finally:
         sys.path.pop(0)
     assert real_model.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    ours, stock = (next(r for r in rows if r["impl"] == impl) for impl in ("ropekern", "transformers"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    ours, stock = (next(r for r in results["ppl"] if r["impl"] == impl) for impl in ("ropekern", "transformers"))
     assert all(abs(a - b) <= 1e-4 * b for a, b in zip(ours["buckets"], stock["buckets"]))
-    assert ours["ppl_0_4k"] < 100  # a language model reading English
-    assert (tmp_path / "table.md").read_text().startswith("| law |") and (tmp_path / "perplexity.png").stat().st_size
+    assert ours["buckets"][0] < 100  # a language model reading English
+    assert [(r["law"], r["correct"], r["total"]) for r in results["passkey"]] == [("yarn", 1, 1)]
+    assert sorted((r["method"], r["correct"], r["windows"]) for r in results["windows"]) == [
+        ("nbce", 1, 3),
+        ("pcw", 1, 3),
+    ]
+    speed = {r["impl"]: r for r in results["speed"]}
+    assert set(speed) == {"ropekern", "sdpa", "eager"} and speed["ropekern"]["profile"]["attention_share"] > 0
+    first = {impl: r["rounds"][0]["decode_tokens"][:8] for impl, r in speed.items()}
+    assert first["ropekern"] == first["sdpa"] == first["eager"], first
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"#### {part}" in table for part in ("Perplexity", "Passkey retrieval", "Speed and memory"))
+    assert (tmp_path / "perplexity.png").stat().st_size
+    before = (tmp_path / "results.json").read_text()
+    assert real_model.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "results.json").read_text() == before

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from .config import Shape, make_rope
 from .providers import Point, Skip, build_providers, make_inputs
 
-__all__ = ["measure_memory", "cpu_method_available", "CPU_METHOD", "CUDA_METHOD"]
+__all__ = ["measure_memory", "cpu_method_available", "cpu_peak_bytes", "CPU_METHOD", "CUDA_METHOD"]
 
 CPU_METHOD = "rss-hwm (fresh subprocess per point, VmHWM - VmRSS around one call)"
 CUDA_METHOD = "torch.cuda.max_memory_allocated - memory_allocated before the call"
@@ -52,6 +53,18 @@ def cpu_method_available() -> bool:
     except OSError:
         return False
     return True
+
+
+def cpu_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``(fn(), bytes)``: the resident memory ``fn`` added at its peak over what the process held
+    before it (freed heap returned to the OS first, then the kernel's peak-RSS mark reset), so
+    what ``fn`` returns and keeps counts too. Linux only (``cpu_method_available``); run it in a
+    process that has already paged in the code ``fn`` uses, or that code is charged to ``fn``."""
+    _trim()
+    rss0 = _status_kb("VmRSS")
+    _reset_hwm()
+    result = fn()
+    return result, max(0, _status_kb("VmHWM") - rss0) * 1024
 
 
 def _trim() -> None:
@@ -94,11 +107,7 @@ def _measure_here(shape: Shape, variants: list[tuple[str, str]], backends: list[
                 torch.cuda.synchronize()
                 entry["bytes"] = torch.cuda.max_memory_allocated() - before
             else:
-                _trim()
-                rss0 = _status_kb("VmRSS")
-                _reset_hwm()
-                result = fn()
-                entry["bytes"] = max(0, _status_kb("VmHWM") - rss0) * 1024
+                result, entry["bytes"] = cpu_peak_bytes(fn)
             del result
         except Skip as exc:
             entry["error"] = f"skipped: {exc}"
